@@ -1,0 +1,66 @@
+"""EngineConfig: the one frozen configuration of the EngineCore process, with vLLM's names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the EngineCore (and its TP workers) need; sent to them as msgspec JSON."""
+
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    tokenizer: str | None = None
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) capped below
+    max_model_len: int | None = None  # None: the model's context, capped at 8192
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    long_prefill_token_threshold: int = 0  # 0: a long prompt may take the whole budget
+    # CPU: bytes for the KV cache (vLLM reads VLLM_CPU_KVCACHE_SPACE; we take a flag).
+    kv_cache_space_gib: float = 2.0
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    load_format: str = "auto"  # auto | dummy
+    hf_config: str | None = None  # with load_format=dummy: a config.json path
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads in the core; None: all cores
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}.")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}.")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}."
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}.")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
+            raise ValueError(
+                f"num_gpu_blocks_override must be at least 2, got {self.num_gpu_blocks_override}."
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}."
+            )
+        if self.kv_cache_space_gib <= 0:
+            raise ValueError(f"kv_cache_space_gib must be positive, got {self.kv_cache_space_gib}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}.")
+        if self.load_format == "dummy" and self.hf_config is None and self.model is None:
+            raise ValueError("load_format='dummy' needs hf_config (a config.json) or model (a directory).")
