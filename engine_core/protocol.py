@@ -7,6 +7,7 @@ msgpack (array_like, so field names never travel). Nothing here is ever pickled.
 from __future__ import annotations
 
 import enum
+import math
 
 import msgspec
 
@@ -14,6 +15,8 @@ _STRUCT = dict(array_like=True, omit_defaults=True, gc=False)
 
 # Sampling defaults follow vLLM's SamplingParams.
 _DEFAULT_MAX_TOKENS = 16
+# vLLM's default max_logprobs: the most top logprobs one request may ask for.
+MAX_LOGPROBS = 20
 
 
 class SamplingParams(msgspec.Struct, **_STRUCT):
@@ -46,8 +49,8 @@ class SamplingParams(msgspec.Struct, **_STRUCT):
         """Raise ValueError naming the first out-of-range field."""
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be non-negative and finite, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < -1:
@@ -58,8 +61,10 @@ class SamplingParams(msgspec.Struct, **_STRUCT):
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(
+                f"repetition_penalty must be greater than zero and finite, got {self.repetition_penalty}."
+            )
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
         if self.min_tokens < 0:
@@ -68,14 +73,16 @@ class SamplingParams(msgspec.Struct, **_STRUCT):
             raise ValueError(
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
             )
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}.")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}.")
         for tid in self.stop_token_ids or ():
             if tid < 0:
                 raise ValueError(f"stop_token_ids must be non-negative, got {tid}.")
         for tid, bias in (self.logit_bias or {}).items():
+            if tid < 0:
+                raise ValueError(f"logit_bias keys must be token ids (non-negative), got {tid}.")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias for token {tid} must be in [-100, 100], got {bias}.")
 
@@ -231,3 +238,21 @@ def encoder() -> msgspec.msgpack.Encoder:
 
 def decoder(type_: type) -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder(type_)
+
+
+# ---------------------------------------------------------------- start-up handshake (over ZMQ)
+
+
+class EngineHandshake(msgspec.Struct, **_STRUCT):
+    """Frontend -> core, once: the configuration and the input queue to attach to."""
+
+    config_json: bytes  # msgspec JSON of EngineConfig
+    input_queue: bytes  # msgpack of ipc.MessageQueueHandle
+
+
+class EngineHandshakeReply(msgspec.Struct, **_STRUCT):
+    """Core -> frontend, once: ready (with its output queue) or the error that stopped start-up."""
+
+    ready: EngineReady | None = None
+    output_queue: bytes = b""  # msgpack of ipc.MessageQueueHandle
+    error: str | None = None

@@ -1,0 +1,401 @@
+"""The Sampler: turns one step's logits into one token per request, as vLLM V1's Sampler does.
+
+Order of operations (vLLM V1's):
+  1. logprobs, if any row asks: log_softmax of the RAW model logits. This is vLLM V1's default
+     ``logprobs_mode="raw_logprobs"``: what a client sees is the model's own distribution, before
+     logit bias, min_tokens masking, penalties, temperature, min-p, top-k and top-p.
+  2. logit bias, then min_tokens masking (EOS and stop_token_ids set to -inf while a request has
+     fewer than min_tokens outputs).
+  3. penalties: repetition (tokens in prompt or output: positive logits divided, others
+     multiplied), then frequency * count + presence * (count > 0) over output tokens, subtracted.
+  4. greedy rows (temperature < 1e-5) take the argmax (lowest index on ties, as HF greedy).
+  5. random rows: temperature, min-p, top-k and top-p (vLLM's order), then the exponential race
+     argmax(probs / E), E ~ Exp(1) i.i.d., which draws from probs exactly. Rows with a seed draw E
+     from their own torch.Generator, so their tokens do not depend on the rest of the batch.
+
+Each stage is skipped when no row needs it: an all-greedy batch without penalties, bias or
+logprobs costs one argmax. The logits tensor is modified in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from engine_core.protocol import Logprobs, SamplingParams
+
+_SAMPLING_EPS = 1e-5  # below this temperature a request is greedy (vLLM's _SAMPLING_EPS)
+# Top-p looks for its nucleus among this many best tokens and sorts a whole row only when the
+# nucleus is larger: a full sort of 256 x 49152 logits takes over a second on a CPU.
+_TOP_P_CANDIDATES = 1024
+
+Rows = slice | torch.Tensor  # which batch rows a stage touches: slice(None) when all of them
+
+
+@dataclass(slots=True)
+class Penalties:
+    """Repetition, frequency and presence penalties for the rows that have any."""
+
+    rows: Rows
+    seen: torch.Tensor | None  # [P, V] bool: in prompt or output (None: no repetition penalty)
+    repetition: torch.Tensor | None  # [P, 1]
+    # [P, V]: frequency * count + presence * (count > 0) over output tokens (None: both zero)
+    subtract: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class SamplingMetadata:
+    """One step's sampling parameters as batched tensors; None marks a stage no row needs."""
+
+    num_rows: int
+    vocab_size: int
+    all_greedy: bool
+    random_rows: Rows | None  # rows sampled at random (None: all greedy)
+    temperature: torch.Tensor | None  # [R, 1] for random rows
+    min_p: torch.Tensor | None  # [R, 1]
+    top_k: torch.Tensor | None  # [R] long, vocab_size where off
+    max_top_k: int  # largest top_k in use (0: none)
+    top_p: torch.Tensor | None  # [R] float, inf where off
+    seeded: list[tuple[int, torch.Generator]]  # (index among random rows, its generator)
+    any_unseeded: bool
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, biases
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids
+    penalties: Penalties | None
+    logprob_rows: Rows | None
+    num_logprobs: list[int]  # per logprob row: how many top tokens besides the sampled one
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+        eos_token_ids: list[int] | None = None,
+    ) -> SamplingMetadata:
+        """Batch the requests' parameters; row i of the logits belongs to params[i]."""
+        n = len(params)
+        if not len(prompt_token_ids) == len(output_token_ids) == len(generators) == n:
+            raise ValueError(
+                f"params, prompt_token_ids, output_token_ids and generators must have one entry "
+                f"per row, got {n}, {len(prompt_token_ids)}, {len(output_token_ids)} and "
+                f"{len(generators)}."
+            )
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be at least 1, got {vocab_size}.")
+        random_rows: list[int] = []
+        temps: list[float] = []
+        min_ps: list[float] = []
+        top_ks: list[int] = []
+        top_ps: list[float] = []
+        seeded: list[tuple[int, torch.Generator]] = []
+        penalty_rows: list[int] = []
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
+        mask_rows: list[int] = []
+        mask_ids: list[int] = []
+        logprob_rows: list[int] = []
+        num_logprobs: list[int] = []
+        for i, sp in enumerate(params):
+            if sp.temperature >= _SAMPLING_EPS:
+                gen = generators[i]
+                if gen is not None:
+                    seeded.append((len(random_rows), gen))
+                elif sp.seed is not None:
+                    raise ValueError(f"row {i} has seed={sp.seed} but no torch.Generator.")
+                random_rows.append(i)
+                temps.append(sp.temperature)
+                min_ps.append(sp.min_p)
+                top_ks.append(sp.top_k if 0 < sp.top_k < vocab_size else vocab_size)
+                top_ps.append(sp.top_p if sp.top_p < 1.0 else math.inf)
+            if sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty:
+                penalty_rows.append(i)
+            if sp.logit_bias:
+                for token_id, value in sp.logit_bias.items():
+                    bias_rows.append(i)
+                    bias_ids.append(_token_id(token_id, vocab_size, "logit_bias"))
+                    bias_values.append(value)
+            if sp.min_tokens and len(output_token_ids[i]) < sp.min_tokens:
+                stops = chain(sp.stop_token_ids or (), () if sp.ignore_eos else eos_token_ids or ())
+                # A stop id outside the vocabulary can never be sampled: nothing to mask.
+                for token_id in stops:
+                    if 0 <= token_id < vocab_size:
+                        mask_rows.append(i)
+                        mask_ids.append(token_id)
+            if sp.logprobs is not None:
+                logprob_rows.append(i)
+                num_logprobs.append(min(sp.logprobs, vocab_size))
+
+        def tensor(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        num_random = len(random_rows)
+        top_k_in_use = [k for k in top_ks if k < vocab_size]
+        penalties = None
+        if penalty_rows:
+            penalties = _build_penalties(
+                params, penalty_rows, prompt_token_ids, output_token_ids, vocab_size, device
+            )
+        return cls(
+            num_rows=n,
+            vocab_size=vocab_size,
+            all_greedy=num_random == 0,
+            random_rows=_rows(random_rows, n, device) if num_random else None,
+            temperature=tensor(temps)[:, None] if any(t != 1.0 for t in temps) else None,
+            min_p=tensor(min_ps)[:, None] if any(min_ps) else None,
+            top_k=tensor(top_ks, torch.long) if top_k_in_use else None,
+            max_top_k=max(top_k_in_use, default=0),
+            top_p=tensor(top_ps) if any(p != math.inf for p in top_ps) else None,
+            seeded=seeded,
+            any_unseeded=len(seeded) < num_random,
+            logit_bias=(
+                (tensor(bias_rows, torch.long), tensor(bias_ids, torch.long), tensor(bias_values))
+                if bias_rows
+                else None
+            ),
+            min_tokens_mask=(
+                (tensor(mask_rows, torch.long), tensor(mask_ids, torch.long)) if mask_rows else None
+            ),
+            penalties=penalties,
+            logprob_rows=_rows(logprob_rows, n, device) if logprob_rows else None,
+            num_logprobs=num_logprobs,
+        )
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """One step's sampled tokens and, for rows that asked, their logprobs."""
+
+    token_ids: torch.Tensor  # [B] long
+    logprobs: list[Logprobs | None]  # per row: None where params.logprobs is None
+
+
+class Sampler:
+    """Samples one token per row of a [B, V] float32 logits tensor (see the module docstring)."""
+
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        if logits.dim() != 2 or tuple(logits.shape) != (md.num_rows, md.vocab_size):
+            raise ValueError(
+                f"logits must have shape ({md.num_rows}, {md.vocab_size}), got {tuple(logits.shape)}."
+            )
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        raw_logprobs = None
+        if md.logprob_rows is not None:
+            raw_logprobs = torch.log_softmax(logits[md.logprob_rows], dim=-1)
+        if md.logit_bias is not None:
+            rows, cols, values = md.logit_bias
+            logits.index_put_((rows, cols), values, accumulate=True)
+        if md.min_tokens_mask is not None:
+            logits.index_put_(md.min_tokens_mask, torch.tensor(-math.inf, device=logits.device))
+        if md.penalties is not None:
+            _apply_penalties(logits, md.penalties)
+        token_ids = _sample(logits, md)
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids, [None] * md.num_rows)
+        return SamplerOutput(token_ids, _gather_logprobs(raw_logprobs, token_ids, md))
+
+
+# ------------------------------------------------------------------------------ metadata
+
+
+def _rows(rows: list[int], n: int, device: torch.device | str) -> Rows:
+    # A slice indexes a view, so a stage that covers the whole batch copies nothing.
+    return slice(None) if len(rows) == n else torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _token_id(token_id: int, vocab_size: int, field: str) -> int:
+    if not 0 <= token_id < vocab_size:
+        raise ValueError(
+            f"{field} token id {token_id} is outside the vocabulary [0, {vocab_size})."
+        )
+    return token_id
+
+
+def _flat_token_index(
+    token_ids: list[list[int]], vocab_size: int, device: torch.device | str, field: str
+) -> torch.Tensor:
+    """row * V + token for every token of every row: where it lands in a flat [rows, V] tensor."""
+    flat = torch.tensor(list(chain.from_iterable(token_ids)), dtype=torch.long, device=device)
+    if flat.numel() == 0:
+        return flat
+    if flat.min() < 0 or flat.max() >= vocab_size:
+        _token_id(flat[(flat < 0) | (flat >= vocab_size)][0].item(), vocab_size, field)
+    lengths = torch.tensor([len(t) for t in token_ids], device=device)
+    rows = torch.repeat_interleave(torch.arange(len(token_ids), device=device), lengths)
+    return rows * vocab_size + flat
+
+
+def _build_penalties(
+    params: list[SamplingParams],
+    rows: list[int],
+    prompt_token_ids: list[list[int]],
+    output_token_ids: list[list[int]],
+    vocab_size: int,
+    device: torch.device | str,
+) -> Penalties:
+    shape = (len(rows), vocab_size)
+    output = _flat_token_index(
+        [output_token_ids[i] for i in rows], vocab_size, device, "output_token_ids"
+    )
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+    repetition = seen = None
+    if any(params[i].repetition_penalty != 1.0 for i in rows):
+        prompt = _flat_token_index(
+            [prompt_token_ids[i] for i in rows], vocab_size, device, "prompt_token_ids"
+        )
+        seen = torch.zeros(shape, dtype=torch.bool, device=device)
+        seen.view(-1)[prompt] = True
+        seen.view(-1)[output] = True
+        repetition = column([params[i].repetition_penalty for i in rows])
+    subtract = None
+    if any(params[i].frequency_penalty or params[i].presence_penalty for i in rows):
+        counts = torch.zeros(shape, device=device)
+        counts.view(-1).index_add_(0, output, torch.ones(output.shape, device=device))
+        frequency = column([params[i].frequency_penalty for i in rows])
+        presence = column([params[i].presence_penalty for i in rows])
+        generated = counts > 0  # before counts is scaled in place
+        subtract = counts.mul_(frequency).add_(presence * generated)
+    return Penalties(_rows(rows, len(params), device), seen, repetition, subtract)
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def _apply_penalties(logits: torch.Tensor, pen: Penalties) -> None:
+    x = logits[pen.rows]  # a view when every row has penalties, else a copy written back below
+    if pen.seen is not None:
+        # vLLM's rule: divide positive logits, multiply the others, for tokens seen anywhere.
+        rep = torch.where(pen.seen, pen.repetition, 1.0)
+        x.copy_(torch.where(x > 0, x / rep, x * rep))
+    if pen.subtract is not None:
+        x.sub_(pen.subtract)
+    if not isinstance(pen.rows, slice):
+        logits[pen.rows] = x
+
+
+def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    if md.all_greedy:
+        return logits.argmax(dim=-1)
+    # Greedy rows take their argmax before random rows are scaled (a copy unless all are random).
+    greedy = None if isinstance(md.random_rows, slice) else logits.argmax(dim=-1)
+    x = logits[md.random_rows]
+    if md.temperature is not None:
+        x.div_(md.temperature)
+    if md.min_p is not None:
+        # p_i < min_p * p_max, in log space: no softmax needed.
+        x.masked_fill_(x < x.amax(dim=-1, keepdim=True) + md.min_p.log(), -math.inf)
+    if md.top_p is not None:
+        _apply_top_k_top_p(x, md.top_k, md.max_top_k, md.top_p)
+    elif md.top_k is not None:
+        _apply_top_k(x, md.top_k, md.max_top_k)
+    sampled = _exponential_race(x, md.seeded, md.any_unseeded)
+    if greedy is None:
+        return sampled
+    greedy[md.random_rows] = sampled
+    return greedy
+
+
+def _exponential_race(
+    x: torch.Tensor, seeded: list[tuple[int, torch.Generator]], any_unseeded: bool
+) -> torch.Tensor:
+    """argmax(softmax(x) / E) with E ~ Exp(1), computed as argmax(x - log E): a sample of softmax(x)."""
+    noise = torch.empty_like(x)
+    if any_unseeded:
+        noise.uniform_()
+    # A seeded row draws V numbers from its own generator every step, wherever it sits.
+    for j, gen in seeded:
+        noise[j].uniform_(generator=gen)
+    # E = -log(U), U in [0, 1): on a CPU this is ~4x faster than Tensor.exponential_. U = 0 gives
+    # E = inf, a token that never wins; masked tokens stay at -inf.
+    noise.log_().neg_().log_()
+    return x.sub_(noise).argmax(dim=-1)
+
+
+def _apply_top_k(x: torch.Tensor, k: torch.Tensor, max_k: int) -> None:
+    """Keep each row's k best logits (ties with the k-th kept, as vLLM); k = V keeps all."""
+    vocab_size = x.shape[1]
+    kth = x.topk(max_k, dim=-1).values.gather(1, (k.clamp(max=max_k) - 1)[:, None])
+    kth.masked_fill_((k == vocab_size)[:, None], -math.inf)
+    x.masked_fill_(x < kth, -math.inf)
+
+
+def _apply_top_k_top_p(
+    x: torch.Tensor, k: torch.Tensor | None, max_k: int, p: torch.Tensor
+) -> None:
+    """vLLM's top-k then top-p: keep a token while the mass of the tokens above it is below p.
+
+    The nucleus is searched among the best max(_TOP_P_CANDIDATES, max_k) tokens; rows whose
+    nucleus may be larger are sorted whole.
+    """
+    num_rows, vocab_size = x.shape
+    if k is None:
+        k = torch.full((num_rows,), vocab_size, dtype=torch.long, device=x.device)
+    width = min(vocab_size, max(_TOP_P_CANDIDATES, max_k))
+    vals = x.topk(width, dim=-1).values
+    full_lse = x.logsumexp(dim=-1, keepdim=True)
+    size = _nucleus_size(vals, k, p, full_lse, vocab_size)
+    threshold = vals.gather(1, (size - 1)[:, None])
+    # A row without top-k whose candidates are all in the nucleus may have a larger one.
+    overflow = ((size == width) & (k == vocab_size) & (p < 1.0)).nonzero().flatten()
+    if width < vocab_size and overflow.numel():
+        vals = x[overflow].sort(dim=-1, descending=True).values
+        size = _nucleus_size(vals, k[overflow], p[overflow], full_lse[overflow], vocab_size)
+        threshold[overflow] = vals.gather(1, (size - 1)[:, None])
+    # Rows with neither top-k nor top-p keep everything.
+    threshold.masked_fill_(((k == vocab_size) & (p == math.inf))[:, None], -math.inf)
+    x.masked_fill_(x < threshold, -math.inf)
+
+
+def _nucleus_size(
+    vals: torch.Tensor, k: torch.Tensor, p: torch.Tensor, full_lse: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """How many of each row's best logits (vals, descending) survive top-k then top-p."""
+    top_k_rows = (k < vocab_size)[:, None]
+    kth = vals.gather(1, (k.clamp(max=vals.shape[1]) - 1)[:, None])
+    kth.masked_fill_(~top_k_rows, -math.inf)
+    vals = vals.masked_fill(vals < kth, -math.inf)
+    # vLLM renormalizes over what top-k kept before top-p.
+    lse = torch.where(top_k_rows, vals.logsumexp(dim=-1, keepdim=True), full_lse)
+    probs = (vals - lse).exp_()
+    mass_above = probs.cumsum(dim=-1).sub_(probs)
+    keep = (mass_above < p[:, None]) & (vals > -math.inf)
+    return keep.sum(dim=-1).clamp_(min=1)
+
+
+# ------------------------------------------------------------------------------ logprobs
+
+
+def _gather_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, md: SamplingMetadata
+) -> list[Logprobs | None]:
+    """Per row: the sampled token's logprob and rank, then the top-N (vLLM's layout)."""
+    sampled = token_ids[md.logprob_rows]
+    sampled_lp = logprobs.gather(1, sampled[:, None])
+    # 1-based rank: how many tokens are at least as likely as the sampled one.
+    ranks = (logprobs >= sampled_lp).sum(dim=-1).tolist()
+    top_n = max(md.num_logprobs)
+    top_ids_l = top_lp_l = [[]] * len(ranks)
+    if top_n:
+        top_lp, top_ids = logprobs.topk(top_n, dim=-1)
+        top_ids_l, top_lp_l = top_ids.tolist(), top_lp.tolist()
+    sampled_l, sampled_lp_l = sampled.tolist(), sampled_lp.flatten().tolist()
+    rows = range(md.num_rows) if isinstance(md.logprob_rows, slice) else md.logprob_rows.tolist()
+    out: list[Logprobs | None] = [None] * md.num_rows
+    for j, row in enumerate(rows):
+        n = md.num_logprobs[j]
+        out[row] = Logprobs(
+            token_ids=[sampled_l[j], *top_ids_l[j][:n]],
+            logprobs=[sampled_lp_l[j], *top_lp_l[j][:n]],
+            sampled_rank=ranks[j],
+        )
+    return out
