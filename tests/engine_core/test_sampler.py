@@ -352,7 +352,7 @@ def test_logprobs_of_a_greedy_token_have_rank_one():
 
 
 def test_more_logprobs_than_the_vocabulary_are_clamped():
-    out, _ = run(torch.randn(1, 4), [SamplingParams(logprobs=50)])
+    out, _ = run(torch.randn(1, 4), [SamplingParams(logprobs=20)])
     assert len(out.logprobs[0].token_ids) == 5
     assert sorted(out.logprobs[0].token_ids[1:]) == [0, 1, 2, 3]
 
@@ -364,6 +364,10 @@ def test_more_logprobs_than_the_vocabulary_are_clamped():
     ("field", "value"),
     [
         ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("repetition_penalty", float("inf")),
+        ("logprobs", 21),
         ("top_p", 0.0),
         ("top_p", 1.5),
         ("top_k", -2),
