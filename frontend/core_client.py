@@ -59,6 +59,9 @@ class EngineCoreClient:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine_core", "--handshake", addr],
             stdin=subprocess.DEVNULL,
+            # Its own session: a signal to our process group (Ctrl-C, `timeout`, systemd) must
+            # not stop the core while we drain; it follows us through PDEATHSIG and shutdown().
+            start_new_session=True,
         )
         self._pidfd: int | None = None
         self._finalizer = weakref.finalize(self, _cleanup, self.proc, self._tmpdir)
@@ -163,7 +166,10 @@ class EngineCoreClient:
         return self._dead_reason
 
     def _exit_message(self) -> str:
-        code = self.proc.poll()
+        try:  # the queue can notice the death a moment before waitpid can
+            code = self.proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             return "the engine core stopped answering"
         if code < 0:

@@ -30,7 +30,10 @@ def load_tokenizer(model: str | None = None, tokenizer: str | None = None):
     cached = os.path.join(cache_dir(), "tokenizers", files.cache_key())
     if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
         try:
-            return AutoTokenizer.from_pretrained(cached)
+            # The fast class directly: AutoTokenizer would import torch (seconds at start-up).
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(cached)
         except Exception as e:  # a broken cache is rebuilt, never fatal
             logger.warning("rebuilding the cached tokenizer at %s: %s", cached, e)
     tok = AutoTokenizer.from_pretrained(files.directory, gguf_file=files.gguf_file)

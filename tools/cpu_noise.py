@@ -16,17 +16,28 @@ def _machine_busy_s() -> float:
 
 
 def _children(pid: int) -> list[int]:
+    # Every thread's children: a process started from a worker thread is listed under it.
+    kids = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return kids
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return kids
 
 
-def _tree_cpu_s(root: int) -> float:
+def _tree_cpu_s(root: int, seen: set[int]) -> float:
     total, stack = 0.0, [root]
     while stack:
         pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
         try:
             with open(f"/proc/{pid}/stat") as f:
                 parts = f.read().rsplit(")", 1)[1].split()
@@ -47,7 +58,8 @@ class CpuNoise:
         self.wall_s = 0.0
 
     def _ours(self) -> float:
-        return sum(_tree_cpu_s(p) for p in self.roots)
+        seen: set[int] = set()
+        return sum(_tree_cpu_s(p, seen) for p in self.roots)
 
     def __enter__(self) -> CpuNoise:
         self._t0, self._busy0, self._ours0 = time.monotonic(), _machine_busy_s(), self._ours()
