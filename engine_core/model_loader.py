@@ -1,0 +1,233 @@
+"""Loads a Llama model: hyperparameters, weights (GGUF, safetensors or dummy) and dtype policy.
+
+dtype policy. `dtype` names the weights' numerics; what tensors are stored and multiplied in
+depends on the hardware. On this project's CPU (AMD EPYC, AVX2, no AVX512-BF16/AMX) torch
+has no native bf16 matmul: a [32x576]@[576x1536] matmul took 0.8 ms in fp32 and 3.7 ms in
+bf16, and one SmolLM2 layer for 32 rows 3.0 ms fp32 vs 13.8 ms bf16. So with dtype="bfloat16"
+(or "float16") on such a CPU the weights are rounded to that dtype at load — the model
+computes with bf16 weights — but kept and multiplied in fp32, activations and KV cache
+included: a 32-row decode step then costs what fp32 does (211 vs 207 ms measured), not 4x
+more. A CPU with avx512_bf16 or AMX, and CUDA, store and compute in the dtype itself.
+dtype="float32" is plain fp32. dtype="auto" follows config.json's torch_dtype, else fp32
+(a GGUF's dequantized values are fp32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine_core.config import EngineConfig
+from engine_core.model_files import ModelFiles, default_model_path, resolve_model
+from engine_core.models.gguf_file import GGUFFile
+from engine_core.models.llama import LlamaForCausalLM, Shard
+from engine_core.models.model_config import ModelConfig
+
+__all__ = [
+    "DummyWeights",
+    "GGUFWeights",
+    "LoadedModel",
+    "SafetensorsWeights",
+    "default_model_path",
+    "load_model",
+    "load_model_config",
+    "resolve_dtypes",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model ready to run, with the dtypes it was loaded under."""
+
+    model: LlamaForCausalLM
+    config: ModelConfig
+    weight_dtype: torch.dtype  # the numerics of the weights
+    compute_dtype: torch.dtype  # what activations, weights and the KV cache are stored in
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 pays off."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_dtypes(
+    dtype: str, model_config: ModelConfig, device: torch.device
+) -> tuple[torch.dtype, torch.dtype]:
+    """(weight_dtype, compute_dtype) for a `dtype` flag on `device` (see the module docstring)."""
+    if dtype == "auto":
+        dtype = model_config.torch_dtype or "float32"
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}.")
+    weight = _DTYPES[dtype]
+    if device.type != "cpu" or weight == torch.float32:
+        return weight, weight
+    if weight == torch.bfloat16 and cpu_has_native_bf16():
+        return weight, weight
+    return weight, torch.float32
+
+
+def load_model_config(config: EngineConfig) -> tuple[ModelConfig, ModelFiles | None]:
+    """The model's hyperparameters, and its files (None for a dummy model from hf_config)."""
+    if config.load_format == "dummy" and config.hf_config is not None:
+        return ModelConfig.from_hf_config(_read_json(config.hf_config)), None
+    files = resolve_model(config.model)
+    if files.gguf_path is not None:
+        gguf_file = GGUFFile(files.gguf_path)
+        return ModelConfig.from_gguf_fields(gguf_file.fields, set(gguf_file.tensors)), files
+    cfg = _read_json(os.path.join(files.directory, "config.json"))
+    gen_path = os.path.join(files.directory, "generation_config.json")
+    model_config = ModelConfig.from_hf_config(cfg)
+    if os.path.isfile(gen_path):
+        # generation_config.json's eos list (e.g. Llama 3's <|eot_id|>) wins, as in vLLM.
+        eos = _read_json(gen_path).get("eos_token_id")
+        if eos is not None:
+            eos_ids = list(eos) if isinstance(eos, list) else [eos]
+            model_config = dataclasses.replace(model_config, eos_token_ids=eos_ids)
+    return model_config, files
+
+
+def load_model(
+    config: EngineConfig, device: torch.device, max_positions: int | None = None
+) -> LoadedModel:
+    """Build the model on `device` and load its weights per config.load_format."""
+    model_config, files = load_model_config(config)
+    weight_dtype, compute_dtype = resolve_dtypes(config.dtype, model_config, device)
+    if config.load_format == "dummy":
+        source = DummyWeights(config.seed)
+    elif files is not None and files.gguf_path is not None:
+        source = GGUFWeights(GGUFFile(files.gguf_path), model_config)
+    else:
+        source = SafetensorsWeights(files.directory)
+    with torch.device(device):
+        model = LlamaForCausalLM(model_config, max_positions).to(compute_dtype)
+    model.load_weights(source, weight_dtype)
+    model.pack_weights()
+    model.eval()
+    return LoadedModel(model, model_config, weight_dtype, compute_dtype)
+
+
+# ------------------------------------------------------------------------------ weight sources
+
+
+class SafetensorsWeights:
+    """Tensors of a Hugging Face directory's *.safetensors files, memory-mapped."""
+
+    def __init__(self, directory: str) -> None:
+        from safetensors import safe_open
+
+        paths = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+        if not paths:
+            raise FileNotFoundError(f"no *.safetensors files in {directory!r}.")
+        self._files = [safe_open(p, framework="pt") for p in paths]
+        self._where = {name: f for f in self._files for name in f.keys()}
+
+    def get(self, name: str, shape: tuple[int, ...], shard: Shard) -> torch.Tensor:
+        f = self._where.get(name)
+        if f is None:
+            raise ValueError(f"the checkpoint has no tensor {name!r}.")
+        if shard is None:
+            return f.get_tensor(name).float()
+        dim, rank, size = shard
+        sl = f.get_slice(name)
+        step = sl.get_shape()[dim] // size
+        index = [slice(None)] * len(sl.get_shape())
+        index[dim] = slice(rank * step, (rank + 1) * step)
+        return sl[tuple(index)].float()
+
+
+class GGUFWeights:
+    """Tensors of a llama GGUF file by Hugging Face name, dequantized with gguf.quants."""
+
+    _NAMES = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    _LAYER_NAMES = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+
+    def __init__(self, gguf_file: GGUFFile, model_config: ModelConfig) -> None:
+        self._tensors = gguf_file.tensors
+        self._config = model_config
+
+    def gguf_name(self, name: str) -> str:
+        if name in self._NAMES:
+            return self._NAMES[name]
+        m = self._LAYER_RE.fullmatch(name)
+        if m is None or m.group(2) not in self._LAYER_NAMES:
+            raise ValueError(f"no GGUF name for tensor {name!r}.")
+        return f"blk.{m.group(1)}.{self._LAYER_NAMES[m.group(2)]}.weight"
+
+    def get(self, name: str, shape: tuple[int, ...], shard: Shard) -> torch.Tensor:
+        gguf_name = self.gguf_name(name)
+        tensor = self._tensors.get(gguf_name)
+        if tensor is None:
+            raise ValueError(f"the GGUF file has no tensor {gguf_name!r} (for {name!r}).")
+        if tensor.shape != shape:
+            raise ValueError(
+                f"GGUF tensor {gguf_name!r} has shape {tensor.shape}, expected {shape}."
+            )
+        w = tensor.dequantize()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = self._config.num_heads if "q_proj" in name else self._config.num_kv_heads
+            w = _unpermute_rope_rows(w, heads)
+        if not w.flags.writeable:  # an F32 tensor is a view of the read-only mapping
+            w = w.copy()
+        return _narrow(torch.from_numpy(w), shard)
+
+
+def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order (interleaved rotary pairs) back to rotate-half order."""
+    rows, cols = w.shape
+    return w.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+class DummyWeights:
+    """Random weights of the right shapes (performance work without a checkpoint)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def get(self, name: str, shape: tuple[int, ...], shard: Shard) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=self._generator)
+        else:
+            t = 0.02 * torch.randn(shape, generator=self._generator)
+        return _narrow(t, shard)
+
+
+def _narrow(t: torch.Tensor, shard: Shard) -> torch.Tensor:
+    if shard is None:
+        return t
+    dim, rank, size = shard
+    step = t.shape[dim] // size
+    return t.narrow(dim, rank * step, step).contiguous()
+
+
+# ------------------------------------------------------------------------------ metadata
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such config file: {path!r}.")
+    with open(path) as f:
+        return json.load(f)

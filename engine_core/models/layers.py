@@ -1,0 +1,142 @@
+"""Building blocks of the Llama forward pass: RMSNorm, rotary embedding and linear layers.
+
+Linear layers on a CPU run through oneDNN with the weight packed once at load
+(`torch.ops.mkldnn._linear_pointwise`, what inductor's freezing pass uses). Measured on the
+2-core AVX2 EPYC (fp32, ms per SmolLM2 layer, aten `F.linear` vs packed): 1 row 0.76 vs 0.43,
+8 rows 1.78 vs 0.78, 32 rows 2.99 vs 2.35; the 49152-row LM head for 32 rows 29 vs 17.
+The packing only reorders the weight: values and dtype are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _onednn_available() -> bool:
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2))
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), w, None, "none", [], "")
+        return torch.backends.mkldnn.is_available()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = None
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch build can pack fp32 linear weights for oneDNN (probed once)."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        _ONEDNN = _onednn_available()
+    return _ONEDNN
+
+
+class Linear(nn.Module):
+    """y = x @ W.T without bias; `pack()` swaps W for a oneDNN-packed copy on a CPU."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Pack the weight for oneDNN when it helps: fp32 on a CPU with a oneDNN build."""
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype == torch.float32 and onednn_linear_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            # The packed copy is all the forward needs: drop the plain one (half the memory).
+            self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm; given a residual it adds it first and returns the new residual too."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+        residual = x
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps), residual
+        # Low-precision activations: normalize in fp32 as transformers does.
+        h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return self.weight * h.to(x.dtype), residual
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] for plain, `linear` or `llama3` RoPE (transformers' math)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope scaling type {rope_type!r} is not supported.")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with cos/sin tables precomputed for every position up to max_positions."""
+
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
+    ) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        # position * inv_freq in fp32, as transformers computes it: the same cos/sin bits.
+        freqs = torch.arange(max_positions).float()[:, None] * inv_freq[None, :]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, head_dim/2] tables for one step, gathered once and shared by all layers."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the rotary table ({self.cos.shape[0]})."
+            )
+        cos = self.cos.index_select(0, positions).to(dtype)
+        sin = self.sin.index_select(0, positions).to(dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by position: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused [gate | up] projection."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,109 @@
+"""Shared fixtures: transformers' own SmolLM2 as the reference, and tiny random Llama dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+# A small Llama that still has every feature: GQA (4 heads, 2 KV heads), several layers.
+TINY_LLAMA = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _load_hf_reference_model():
+    """transformers' LlamaForCausalLM loaded by transformers' own GGUF loader, in fp32.
+
+    transformers reads the GGUF in 15-40 s on this machine, so its result is saved once
+    (as safetensors, keyed by the GGUF and the transformers version) and reloaded after.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from engine_core.model_files import cache_dir, resolve_model
+
+    files = resolve_model(None)
+    key = f"{files.cache_key()}-tf{transformers.__version__}"
+    cached = os.path.join(cache_dir(), "test_reference", key)
+    if os.path.isfile(os.path.join(cached, "config.json")):
+        try:
+            return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32).eval()
+        except Exception:
+            shutil.rmtree(cached, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        files.directory, gguf_file=files.gguf_file, dtype=torch.float32
+    ).eval()
+    # save_pretrained refuses a GGUF-loaded model: write its tensors and config ourselves.
+    os.makedirs(os.path.dirname(cached), mode=0o700, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=os.path.dirname(cached))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, os.path.join(staging, "model.safetensors"))
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    with open(os.path.join(staging, "config.json"), "w") as f:
+        json.dump(config, f)
+    shutil.rmtree(cached, ignore_errors=True)
+    os.replace(staging, cached)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """The default model as transformers runs it (fp32, its own GGUF dequantization)."""
+    return _load_hf_reference_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from frontend.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama(tmp_path_factory) -> Callable[..., str]:
+    """Factory: a random Llama saved as a Hugging Face dir (config.json + safetensors).
+
+    `make_tiny_llama(name, **overrides)` takes LlamaConfig fields over TINY_LLAMA; the same
+    name returns the same directory.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    made: dict[str, str] = {}
+
+    def make(name: str, **overrides) -> str:
+        if name not in made:
+            torch.manual_seed(len(made) + 1)
+            config = LlamaConfig(**{**TINY_LLAMA, **overrides})
+            model = LlamaForCausalLM(config).eval()
+            # Random init leaves norms at 1: perturb them so a wrong norm wiring shows.
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.endswith("norm.weight"):
+                        p.add_(0.1 * torch.randn_like(p))
+            path = tmp_path_factory.mktemp(name)
+            model.save_pretrained(path, safe_serialization=True)
+            made[name] = str(path)
+        return made[name]
+
+    return make
