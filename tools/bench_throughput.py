@@ -76,16 +76,11 @@ def run_ringserve(args, workload) -> dict:
 
 def run_hf(args, workload, batch_size: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from engine_core.model_files import resolve_model
+    from tools.hf_reference import load_hf_model
 
-    files = resolve_model(args.model)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
-        args.dtype
-    ]
-    kwargs = {"gguf_file": files.gguf_file} if files.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(files.directory, dtype=dtype, **kwargs).eval()
+    # Plain (dequantized) weights in the benchmark's dtype: transformers as users run it.
+    model = load_hf_model(args.model, args.dtype)
     pad_id = 0
     with CpuNoise() as noise:
         t0 = time.perf_counter()

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 # A small Llama that still has every feature: GQA (4 heads, 2 KV heads), several layers.
 TINY_LLAMA = dict(
@@ -30,41 +25,10 @@ TINY_LLAMA = dict(
 
 
 def _load_hf_reference_model():
-    """transformers' LlamaForCausalLM loaded by transformers' own GGUF loader, in fp32.
+    """transformers' LlamaForCausalLM with the default GGUF's weights, dequantized, in fp32."""
+    from tools.hf_reference import load_hf_model
 
-    transformers reads the GGUF in 15-40 s on this machine, so its result is saved once
-    (as safetensors, keyed by the GGUF and the transformers version) and reloaded after.
-    """
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    from engine_core.model_files import cache_dir, resolve_model
-
-    files = resolve_model(None)
-    key = f"{files.cache_key()}-tf{transformers.__version__}"
-    cached = os.path.join(cache_dir(), "test_reference", key)
-    if os.path.isfile(os.path.join(cached, "config.json")):
-        try:
-            return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32).eval()
-        except Exception:
-            shutil.rmtree(cached, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        files.directory, gguf_file=files.gguf_file, dtype=torch.float32
-    ).eval()
-    # save_pretrained refuses a GGUF-loaded model: write its tensors and config ourselves.
-    os.makedirs(os.path.dirname(cached), mode=0o700, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=os.path.dirname(cached))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, os.path.join(staging, "model.safetensors"))
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    with open(os.path.join(staging, "config.json"), "w") as f:
-        json.dump(config, f)
-    shutil.rmtree(cached, ignore_errors=True)
-    os.replace(staging, cached)
-    return model
+    return load_hf_model(None, "float32")
 
 
 @pytest.fixture(scope="session")

@@ -49,15 +49,9 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def reference(tokenizer) -> list[list[int]]:
     """HF transformers' greedy continuation of each prompt, fp32, EOS not stopping it."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from tools.hf_reference import load_hf_model
 
-    from engine_core.model_files import resolve_model
-
-    files = resolve_model(None)
-    model = AutoModelForCausalLM.from_pretrained(
-        files.directory, gguf_file=files.gguf_file, dtype=torch.float32
-    ).eval()
+    model = load_hf_model(None, "float32")
     refs = [_hf_greedy(model, tokenizer.encode(p), NEW_TOKENS) for p in PROMPTS]
     del model
     return refs

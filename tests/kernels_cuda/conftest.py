@@ -20,8 +20,12 @@ def private_kernel_cache(tmp_path_factory, monkeypatch):
 def emulator(request) -> Emulator:
     if not compiler_available():
         pytest.skip("g++ is needed to emulate the CUDA kernels on the CPU")
-    # pytest's cache directory keeps the built modules between runs.
-    return Emulator(request.config.cache.mkdir("kernel_emulator"))
+    # pytest's cache directory keeps the built modules between runs (a temporary one when
+    # the cache plugin is off).
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Emulator(cache.mkdir("kernel_emulator"))
+    return Emulator(request.getfixturevalue("tmp_path_factory").mktemp("kernel_emulator"))
 
 
 @pytest.fixture
