@@ -256,6 +256,10 @@ def _busy_loop(core: EngineCore, in_q: MessageQueue, out_q: MessageQueue, parent
             except TimeoutError:
                 if os.getppid() != parent:
                     raise _Shutdown("the frontend process is gone") from None
+                # A TP worker that died while we were idle fails the engine now, not later.
+                check_health = getattr(core.executor, "check_health", None)
+                if check_health is not None:
+                    check_health()
                 continue
             if _handle(core, msg, out_q):
                 return

@@ -26,7 +26,7 @@ import torch
 
 from engine_core.config import EngineConfig
 from engine_core.model_files import ModelFiles, default_model_path, resolve_model
-from engine_core.models.gguf_file import GGUFFile
+from engine_core.models.gguf_file import GGUFFile, GGUFTensor
 from engine_core.models.llama import LlamaForCausalLM, Shard
 from engine_core.models.model_config import ModelConfig
 
@@ -96,9 +96,13 @@ def load_model_config(config: EngineConfig) -> tuple[ModelConfig, ModelFiles | N
 
 
 def load_model(
-    config: EngineConfig, device: torch.device, max_positions: int | None = None
+    config: EngineConfig,
+    device: torch.device,
+    max_positions: int | None = None,
+    tp_rank: int = 0,
+    tp_size: int = 1,
 ) -> LoadedModel:
-    """Build the model on `device` and load its weights per config.load_format."""
+    """Build the model (rank tp_rank's shard of it) on `device` and load its weights."""
     model_config, files = load_model_config(config)
     weight_dtype, compute_dtype = resolve_dtypes(config.dtype, model_config, device)
     if config.load_format == "dummy":
@@ -108,7 +112,7 @@ def load_model(
     else:
         source = SafetensorsWeights(files.directory)
     with torch.device(device):
-        model = LlamaForCausalLM(model_config, max_positions).to(compute_dtype)
+        model = LlamaForCausalLM(model_config, max_positions, tp_rank, tp_size).to(compute_dtype)
     model.load_weights(source, weight_dtype)
     model.pack_weights()
     model.eval()
@@ -136,11 +140,12 @@ class SafetensorsWeights:
             raise ValueError(f"the checkpoint has no tensor {name!r}.")
         if shard is None:
             return f.get_tensor(name).float()
-        dim, rank, size = shard
+        # Only the shard's bytes are read from the file.
+        dim, start, stop = shard
         sl = f.get_slice(name)
-        step = sl.get_shape()[dim] // size
-        index = [slice(None)] * len(sl.get_shape())
-        index[dim] = slice(rank * step, (rank + 1) * step)
+        full = sl.get_shape()
+        index = [slice(None)] * len(full)
+        index[dim] = slice(min(start, full[dim]), min(stop, full[dim]))
         return sl[tuple(index)].float()
 
 
@@ -186,13 +191,46 @@ class GGUFWeights:
             raise ValueError(
                 f"GGUF tensor {gguf_name!r} has shape {tensor.shape}, expected {shape}."
             )
-        w = tensor.dequantize()
+        w = None if shard is None else _dequantize_shard(tensor, shard)
+        if w is None:
+            w = tensor.dequantize()
+        else:
+            shard = None  # w is the shard already
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self._config.num_heads if "q_proj" in name else self._config.num_kv_heads
-            w = _unpermute_rope_rows(w, heads)
+            # A row shard of q/k is whole heads: unpermute the heads it holds.
+            w = _unpermute_rope_rows(w, heads * w.shape[0] // shape[0])
         if not w.flags.writeable:  # an F32 tensor is a view of the read-only mapping
             w = w.copy()
         return _narrow(torch.from_numpy(w), shard)
+
+
+def _dequantize_shard(tensor: GGUFTensor, shard: tuple[int, int, int]) -> np.ndarray | None:
+    """float32 values of a shard of a 2-D GGUF tensor, dequantizing only its bytes.
+
+    Each row is quantized on its own in blocks along the columns: a row shard is a slice of
+    rows, a column shard one of blocks. None when a column shard cuts through a block.
+    """
+    import gguf
+
+    if len(tensor.shape) != 2:
+        return None
+    dim, start, stop = shard
+    rows, cols = tensor.shape
+    start, stop = min(start, tensor.shape[dim]), min(stop, tensor.shape[dim])
+    qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.asarray(tensor.data).reshape(rows, cols // block * type_size)
+    if dim == 0:
+        shape, raw = (stop - start, cols), raw[start:stop]
+    elif start % block == 0 and stop % block == 0:
+        shape = (rows, stop - start)
+        raw = np.ascontiguousarray(raw[:, start // block * type_size : stop // block * type_size])
+    else:
+        return None
+    if 0 in shape:
+        return np.zeros(shape, dtype=np.float32)
+    return gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False).reshape(shape)
 
 
 def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -218,9 +256,9 @@ class DummyWeights:
 def _narrow(t: torch.Tensor, shard: Shard) -> torch.Tensor:
     if shard is None:
         return t
-    dim, rank, size = shard
-    step = t.shape[dim] // size
-    return t.narrow(dim, rank * step, step).contiguous()
+    dim, start, stop = shard
+    start, stop = min(start, t.shape[dim]), min(stop, t.shape[dim])
+    return t.narrow(dim, start, stop - start).contiguous()
 
 
 # ------------------------------------------------------------------------------ metadata

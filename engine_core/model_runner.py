@@ -6,6 +6,10 @@ scheduled request, tokens [num_computed, num_computed + n) of its token ids; a r
 tokens are then all computed is sampled (logits only for its last position), a partial
 prefill chunk is not. Sampled tokens are not appended here: the scheduler sends them back
 as the next step's CachedRequestData.new_token_ids.
+
+With tensor parallelism one runner runs in each worker process, on its shard of the model
+and its KV heads; every rank applies the same SchedulerOutput and runs the same forward (the
+collectives need all of them), and only rank 0 samples.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine_core import distributed
 from engine_core.attention import AttentionMetadata, token_positions
 from engine_core.config import EngineConfig
 from engine_core.input_batch import InputBatch
@@ -37,27 +42,42 @@ class StepInputs:
 
 
 class ModelRunner:
-    """Owns the model, its KV cache and the persistent batch; `execute_model` is one step."""
+    """Owns the model, its KV cache and the persistent batch; `execute_model` is one step.
 
-    def __init__(self, config: EngineConfig) -> None:
+    tp_rank: this process's rank when config.tensor_parallel_size > 1 (the process must be in
+    the engine's process group); device: where it runs, by default from config.device.
+    """
+
+    def __init__(
+        self, config: EngineConfig, tp_rank: int = 0, device: torch.device | None = None
+    ) -> None:
         self.config = config
+        self.tp_rank, self.tp_size = tp_rank, config.tensor_parallel_size
+        if self.tp_size > 1:
+            distributed.require_group(self.tp_size)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        self.device = _resolve_device(config.device)
+        self.device = device if device is not None else _resolve_device(config.device)
         torch.manual_seed(config.seed)
         self.block_size = config.block_size
         model_config, _ = load_model_config(config)
         self.max_model_len = _max_model_len(config, model_config.max_position_embeddings)
-        loaded = load_model(config, self.device, max_positions=self.max_model_len)
+        loaded = load_model(
+            config, self.device, self.max_model_len, tp_rank=tp_rank, tp_size=self.tp_size
+        )
         self.model = loaded.model
         self.model_config = loaded.config
         self.compute_dtype = loaded.compute_dtype
+        self.num_kv_heads = self.model.tp.num_kv_heads  # this rank's
         self.num_blocks = self._num_kv_blocks()
+        if self.tp_size > 1:
+            # The scheduler hands every rank the same block ids: size for the smallest rank.
+            self.num_blocks = distributed.all_reduce_min(self.num_blocks, self.device)
         cfg = self.model_config
         # One pool per layer: kv_cache[layer] = (K, V), each [blocks, block_size, kv_heads, head_dim].
         # Zeroed: padded reads must never see NaN garbage (0 attention weight * NaN = NaN).
         self.kv_cache = torch.zeros(
-            (cfg.num_layers, 2, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim),
+            (cfg.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim),
             dtype=self.compute_dtype,
             device=self.device,
         )
@@ -70,7 +90,7 @@ class ModelRunner:
     def _num_kv_blocks(self) -> int:
         cfg = self.model_config
         elem = torch.tensor([], dtype=self.compute_dtype).element_size()
-        block_bytes = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * elem
+        block_bytes = 2 * cfg.num_layers * self.block_size * self.num_kv_heads * cfg.head_dim * elem
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type == "cuda":
@@ -90,8 +110,11 @@ class ModelRunner:
     # ------------------------------------------------------------------------------ the step
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Apply the step's diffs, run the scheduled tokens and sample the caught-up requests."""
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Apply the step's diffs, run the scheduled tokens and sample the caught-up requests.
+
+        Tensor-parallel ranks other than 0 return None (they run the forward, not the sampler).
+        """
         self._update_states(scheduler_output)
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
@@ -100,6 +123,8 @@ class ModelRunner:
         if not step.sampled:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         logits = self.model.compute_logits(hidden[step.logits_indices])
+        if logits is None:
+            return None
         states = [self.input_batch.requests[step.req_ids[i]] for i in step.sampled]
         metadata = SamplingMetadata.build(
             [s.sampling_params for s in states],
@@ -214,6 +239,8 @@ class ModelRunner:
             )
             hidden = self.model(ids[: sum(query_lens)], meta, self.kv_cache)
             logits = self.model.compute_logits(hidden[-1:])
+            if logits is None:  # a tensor-parallel rank other than 0: no sampling
+                continue
             md = SamplingMetadata.build(
                 [SamplingParams(temperature=0.0)],
                 [[0]],

@@ -260,3 +260,62 @@ class EngineHandshakeReply(msgspec.Struct, **_STRUCT):
     ready: EngineReady | None = None
     output_queue: bytes = b""  # msgpack of ipc.MessageQueueHandle
     error: str | None = None
+
+
+# ---------------------------------------------------------------- executor <-> TP workers
+
+
+class WorkerHandshake(msgspec.Struct, **_STRUCT):
+    """Executor -> worker, once over ZMQ: its rank, the configuration and where to meet."""
+
+    rank: int
+    config_json: bytes  # msgspec JSON of EngineConfig
+    dist_init_method: str  # tcp://127.0.0.1:PORT, the process group's rendezvous
+    broadcast_queue: bytes  # msgpack of ipc.MessageQueueHandle: the step broadcast
+
+
+class WorkerModelConfig(msgspec.Struct, **_STRUCT):
+    """The model facts the EngineCore needs from its workers."""
+
+    vocab_size: int
+    eos_token_ids: list[int]
+
+
+class WorkerReady(msgspec.Struct, **_STRUCT):
+    num_blocks: int  # the minimum over ranks: every rank holds this many
+    max_model_len: int
+    model_config: WorkerModelConfig
+    weight_bytes: int  # bytes of weights this rank holds
+    kv_cache_bytes: int
+
+
+class WorkerHandshakeReply(msgspec.Struct, **_STRUCT):
+    """Worker -> executor, once: ready (rank 0 adds its result queue) or its start-up error."""
+
+    ready: WorkerReady | None = None
+    result_queue: bytes = b""  # rank 0: msgpack of ipc.MessageQueueHandle
+    error: str | None = None
+
+
+class WorkerExecute(msgspec.Struct, tag="execute", **_STRUCT):
+    """Broadcast: run one step; rank 0 answers with a WorkerOutput."""
+
+    scheduler_output: SchedulerOutput
+
+
+class WorkerWarmup(msgspec.Struct, tag="warmup", **_STRUCT):
+    """Broadcast: run the warm-up forwards; rank 0 answers with an empty WorkerOutput."""
+
+
+class WorkerShutdown(msgspec.Struct, tag="shutdown", **_STRUCT):
+    """Broadcast: leave the process group and exit."""
+
+
+WorkerInput = WorkerExecute | WorkerWarmup | WorkerShutdown
+
+
+class WorkerOutput(msgspec.Struct, **_STRUCT):
+    """Rank 0 -> executor, one per WorkerExecute or WorkerWarmup."""
+
+    runner_output: ModelRunnerOutput | None = None
+    error: str | None = None  # the step failed: the worker exits after sending this

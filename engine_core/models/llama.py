@@ -2,13 +2,21 @@
 
 The step's tokens are one flat [T] batch (no padding): decode and prefill rows side by side,
 described by an AttentionMetadata. q/k/v and gate/up are fused into one matmul each, loaded
-from the checkpoint's separate tensors; `load_weights` slices every tensor for a tensor-parallel
-rank (column-parallel: qkv, gate_up, embedding, lm_head; row-parallel: o_proj, down_proj), so
-a TP worker reads only its shard. The forward itself is single-rank for now.
+from the checkpoint's separate tensors.
+
+Tensor parallelism (tp_size > 1, one rank per process in a torch.distributed group): q/k/v
+and gate/up are column-parallel (each rank holds its heads and its slice of the intermediate
+size), o_proj and down_proj row-parallel followed by an all-reduce, the embedding and LM head
+vocab-parallel (rows [r*V/N, (r+1)*V/N) of the vocabulary padded to a multiple of N; the
+lookup masks foreign ids and all-reduces, the logits are gathered on rank 0). A model with
+fewer KV heads than ranks replicates them: rank r uses KV head r * num_kv_heads // N, which
+serves exactly its query heads. `load_weights` reads only the rank's shard of each tensor.
+With tp_size == 1 none of this runs: no collective, no masking, the unsharded checkpoint.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -16,10 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine_core.attention import AttentionMetadata, paged_attention
+from engine_core.distributed import all_reduce_sum, gather_to_first
 from engine_core.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rope, silu_and_mul
 from engine_core.models.model_config import ModelConfig
 
-# A tensor-parallel slice of a weight: (dim, rank, size); None: the whole tensor.
+# A tensor-parallel slice of a checkpoint tensor: rows or columns [start, stop) along dim
+# (stop may pass the end: a padded vocabulary's last shard); None: the whole tensor.
 Shard = tuple[int, int, int] | None
 
 
@@ -27,6 +37,62 @@ class WeightSource(Protocol):
     """Checkpoint tensors by their Hugging Face name, as float32 CPU tensors."""
 
     def get(self, name: str, shape: tuple[int, ...], shard: Shard) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TensorParallelShape:
+    """What one tensor-parallel rank holds of the model: its heads, MLP slice and vocab rows."""
+
+    tp_rank: int
+    tp_size: int
+    num_heads: int  # query heads on this rank
+    num_kv_heads: int  # KV heads on this rank
+    kv_head_start: int  # this rank's first KV head in the checkpoint
+    intermediate_size: int  # this rank's slice of the MLP
+    vocab_rows: int  # embedding / LM head rows per rank (the vocabulary padded to N of them)
+
+    @property
+    def vocab_start(self) -> int:
+        return self.tp_rank * self.vocab_rows
+
+
+def tensor_parallel_shape(cfg: ModelConfig, tp_rank: int, tp_size: int) -> TensorParallelShape:
+    """Split the model for rank tp_rank of tp_size; a model that cannot split raises ValueError."""
+    if tp_size < 1 or not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank must be in [0, {tp_size}), got {tp_rank}.")
+    heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
+    counts = f"the model has {heads} attention heads and {kv_heads} KV heads"
+    if heads % tp_size:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} must divide the number of attention heads: {counts}."
+        )
+    if kv_heads >= tp_size and kv_heads % tp_size:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} must divide the number of KV heads (or be a "
+            f"multiple of it): {counts}."
+        )
+    if kv_heads < tp_size and tp_size % kv_heads:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} must be a multiple of the number of KV heads when it "
+            f"exceeds it (each rank then replicates one): {counts}."
+        )
+    if cfg.intermediate_size % tp_size:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} must divide the MLP's intermediate size "
+            f"({cfg.intermediate_size})."
+        )
+    local_kv = max(1, kv_heads // tp_size)
+    # Fewer KV heads than ranks: rank r's query heads all fall in KV group r * kv_heads // N.
+    kv_start = tp_rank * local_kv if kv_heads >= tp_size else tp_rank * kv_heads // tp_size
+    return TensorParallelShape(
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        num_heads=heads // tp_size,
+        num_kv_heads=local_kv,
+        kv_head_start=kv_start,
+        intermediate_size=cfg.intermediate_size // tp_size,
+        vocab_rows=-(-cfg.vocab_size // tp_size),
+    )
 
 
 def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -55,16 +121,17 @@ def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 class LlamaAttention(nn.Module):
     """Fused-QKV grouped-query attention with RoPE, reading and writing the paged cache."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallelShape) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
+            tp.num_heads,
+            tp.num_kv_heads,
             cfg.head_dim,
         )
-        qkv_size = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.tp_size = tp.tp_size
+        qkv_size = (self.num_heads + 2 * self.num_kv_heads) * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, qkv_size)
-        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+        self.o_proj = Linear(self.num_heads * cfg.head_dim, cfg.hidden_size)
 
     def forward(
         self,
@@ -81,30 +148,33 @@ class LlamaAttention(nn.Module):
         qk = apply_rope(qkv[:, : qk_heads * self.head_dim].view(num_tokens, qk_heads, -1), cos, sin)
         v = qkv[:, qk_heads * self.head_dim :].view(num_tokens, self.num_kv_heads, -1)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        return self.o_proj(paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta))
+        out = self.o_proj(paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta))
+        return all_reduce_sum(out) if self.tp_size > 1 else out
 
 
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward with fused gate and up projections."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallelShape) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.tp_size = tp.tp_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * tp.intermediate_size)
+        self.down_proj = Linear(tp.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return all_reduce_sum(out) if self.tp_size > 1 else out
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual stream travels beside the hidden states (fused adds)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallelShape) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, tp)
 
     def forward(
         self,
@@ -124,15 +194,22 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Embedding, decoder layers, final norm and LM head; logits only for the rows asked."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_positions: int | None = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
         super().__init__()
         self.config = cfg
+        self.tp = tensor_parallel_shape(cfg, tp_rank, tp_size)
         self.embed_tokens = nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False
+            torch.empty(self.tp.vocab_rows, cfg.hidden_size), requires_grad=False
         )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, self.tp.vocab_rows)
         self.rotary = RotaryEmbedding(
             cfg.head_dim,
             max_positions or cfg.max_position_embeddings,
@@ -144,34 +221,61 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: torch.Tensor
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of the step's tokens; kv_caches is [layers, 2, blocks, ...]."""
-        h = F.embedding(input_ids, self.embed_tokens)
+        if self.tp.tp_size == 1:
+            h = F.embedding(input_ids, self.embed_tokens)
+        else:
+            h = self._vocab_parallel_embedding(input_ids)
         cos, sin = self.rotary.cos_sin(meta.positions, h.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h, residual = layer(h, residual, cos, sin, kv_cache, meta)
         return self.norm(h, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [B, vocab] for the given rows of hidden states."""
-        return self.lm_head(hidden).float()
+    def _vocab_parallel_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Each rank embeds the ids in its rows and zeros the rest; the sum is the full lookup.
+        local = input_ids - self.tp.vocab_start
+        foreign = (local < 0) | (local >= self.tp.vocab_rows)
+        h = F.embedding(local.masked_fill(foreign, 0), self.embed_tokens)
+        return all_reduce_sum(h.masked_fill_(foreign.unsqueeze(1), 0.0))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """float32 logits [B, vocab] for the given rows of hidden states.
+
+        With tensor parallelism every rank must call it (the shards are gathered); rank 0
+        gets the logits, the other ranks None.
+        """
+        logits = self.lm_head(hidden).float()
+        if self.tp.tp_size == 1:
+            return logits
+        parts = gather_to_first(logits)
+        if parts is None:
+            return None
+        return torch.cat(parts, dim=1)[:, : self.config.vocab_size]
 
     @torch.no_grad()
     def load_weights(
         self,
         source: WeightSource,
         weight_dtype: torch.dtype = torch.float32,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        tp_rank: int | None = None,
+        tp_size: int | None = None,
     ) -> None:
-        """Copy the checkpoint in, rounded to weight_dtype (params may be stored wider)."""
-        if tp_size != 1:
-            raise NotImplementedError(f"tensor parallelism is not implemented, tp_size={tp_size}.")
+        """Copy this rank's shard of the checkpoint in, rounded to weight_dtype.
+
+        tp_rank and tp_size default to (and must match) the ones the model was built for.
+        """
+        rank = self.tp.tp_rank if tp_rank is None else tp_rank
+        size = self.tp.tp_size if tp_size is None else tp_size
+        if (rank, size) != (self.tp.tp_rank, self.tp.tp_size):
+            raise ValueError(
+                f"the model was built for tp_rank={self.tp.tp_rank} of {self.tp.tp_size}, "
+                f"not tp_rank={rank} of {size}."
+            )
         shapes = hf_weight_shapes(self.config)
         params = dict(self.named_parameters())
-        for name, (hf_names, dim) in self._weight_map().items():
-            shard = None if dim is None or tp_size == 1 else (dim, tp_rank, tp_size)
+        for name, tensors in self._weight_map().items():
             parts = []
-            for hf_name in hf_names:
+            for hf_name, shard in tensors:
                 t = source.get(hf_name, shapes[hf_name], shard)
                 expected = _shard_shape(shapes[hf_name], shard)
                 if tuple(t.shape) != expected:
@@ -179,35 +283,51 @@ class LlamaForCausalLM(nn.Module):
                         f"checkpoint tensor {hf_name!r} has shape {tuple(t.shape)}, expected {expected}."
                     )
                 parts.append(t.to(weight_dtype))
-            params[name].copy_(torch.cat(parts) if len(parts) > 1 else parts[0])
+            param = params[name]
+            loaded = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if loaded.shape[0] < param.shape[0]:  # the padded tail of the vocabulary
+                param[loaded.shape[0] :].zero_()
+                param = param[: loaded.shape[0]]
+            param.copy_(loaded)
 
-    def _weight_map(self) -> dict[str, tuple[list[str], int | None]]:
-        """Our parameter -> (checkpoint tensors concatenated along dim 0, TP shard dim)."""
-        cfg = self.config
+    def _weight_map(self) -> dict[str, list[tuple[str, Shard]]]:
+        """Our parameter -> checkpoint tensors (concatenated along dim 0), each with its shard."""
+        cfg, tp = self.config, self.tp
+        hd = cfg.head_dim
+
+        def rows(start: int, count: int, dim: int = 0) -> Shard:
+            return None if tp.tp_size == 1 else (dim, start, start + count)
+
+        vocab = rows(tp.vocab_start, tp.vocab_rows)
+        q = rows(tp.tp_rank * tp.num_heads * hd, tp.num_heads * hd)
+        kv = rows(tp.kv_head_start * hd, tp.num_kv_heads * hd)
+        o = rows(tp.tp_rank * tp.num_heads * hd, tp.num_heads * hd, dim=1)
+        mlp = rows(tp.tp_rank * tp.intermediate_size, tp.intermediate_size)
+        down = rows(tp.tp_rank * tp.intermediate_size, tp.intermediate_size, dim=1)
         embed = "model.embed_tokens.weight"
-        out: dict[str, tuple[list[str], int | None]] = {
-            "embed_tokens": ([embed], 0),
-            "norm.weight": (["model.norm.weight"], None),
-            "lm_head.weight": ([embed if cfg.tie_word_embeddings else "lm_head.weight"], 0),
+        out: dict[str, list[tuple[str, Shard]]] = {
+            "embed_tokens": [(embed, vocab)],
+            "norm.weight": [("model.norm.weight", None)],
+            "lm_head.weight": [(embed if cfg.tie_word_embeddings else "lm_head.weight", vocab)],
         }
         for i in range(cfg.num_layers):
             ours, hf = f"layers.{i}.", f"model.layers.{i}."
-            attn, mlp = hf + "self_attn.", hf + "mlp."
-            out[ours + "input_layernorm.weight"] = ([hf + "input_layernorm.weight"], None)
-            out[ours + "post_attention_layernorm.weight"] = (
-                [hf + "post_attention_layernorm.weight"],
-                None,
-            )
-            out[ours + "self_attn.qkv_proj.weight"] = (
-                [attn + p for p in ("q_proj.weight", "k_proj.weight", "v_proj.weight")],
-                0,
-            )
-            out[ours + "self_attn.o_proj.weight"] = ([attn + "o_proj.weight"], 1)
-            out[ours + "mlp.gate_up_proj.weight"] = (
-                [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
-                0,
-            )
-            out[ours + "mlp.down_proj.weight"] = ([mlp + "down_proj.weight"], 1)
+            attn, mlp_ = hf + "self_attn.", hf + "mlp."
+            out[ours + "input_layernorm.weight"] = [(hf + "input_layernorm.weight", None)]
+            out[ours + "post_attention_layernorm.weight"] = [
+                (hf + "post_attention_layernorm.weight", None)
+            ]
+            out[ours + "self_attn.qkv_proj.weight"] = [
+                (attn + "q_proj.weight", q),
+                (attn + "k_proj.weight", kv),
+                (attn + "v_proj.weight", kv),
+            ]
+            out[ours + "self_attn.o_proj.weight"] = [(attn + "o_proj.weight", o)]
+            out[ours + "mlp.gate_up_proj.weight"] = [
+                (mlp_ + "gate_proj.weight", mlp),
+                (mlp_ + "up_proj.weight", mlp),
+            ]
+            out[ours + "mlp.down_proj.weight"] = [(mlp_ + "down_proj.weight", down)]
         return out
 
     def pack_weights(self) -> None:
@@ -218,9 +338,23 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings and self.lm_head.packed is None:
             self.lm_head.weight = self.embed_tokens  # one tensor, as in the checkpoint
 
+    def weight_bytes(self) -> int:
+        """Bytes of weights this process holds (packed copies included, shared tensors once)."""
+        seen: set[int] = set()
+        total = 0
+        for t in self.parameters():
+            if t.numel() and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        for module in self.modules():
+            if isinstance(module, Linear) and module.packed is not None:
+                total += module.packed.numel() * module.packed.element_size()
+        return total
+
 
 def _shard_shape(shape: tuple[int, ...], shard: Shard) -> tuple[int, ...]:
+    """The shape a shard of a tensor of `shape` has (a padded vocabulary's tail is cut)."""
     if shard is None:
         return shape
-    dim, _, size = shard
-    return shape[:dim] + (shape[dim] // size,) + shape[dim + 1 :]
+    dim, start, stop = shard
+    return shape[:dim] + (max(0, min(stop, shape[dim]) - start),) + shape[dim + 1 :]
