@@ -122,11 +122,17 @@ def spawn(role: str, arg: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Pop
     return CHILDREN[-1]
 
 
+# 2 MiB chunks: payloads up to 1 MiB (plus the message header) go through the ring, 8 MiB
+# over the ZMQ overflow path, as the targets assume.
+RING_CHUNK_BYTES = 2 << 20
+RING_CHUNKS = 8
+
+
 def open_parent_end(transport: str, phases: list, spin_s: float, tmp: str):
     """Start the echo child for `transport`; return (child, our end of the channel)."""
     arg = {"phases": phases, "spin_s": spin_s}
     if transport == "mq":
-        down = MessageQueue(1, spin_s=spin_s)
+        down = MessageQueue(1, RING_CHUNK_BYTES, RING_CHUNKS, spin_s=spin_s)
         arg["handle"] = msgspec.json.encode(down.export_handle()).decode()
         child = spawn("echo-mq", json.dumps(arg))
         up_handle = msgspec.json.decode(child.stdout.readline(), type=MessageQueueHandle)
@@ -153,7 +159,7 @@ def child_echo(role: str, arg: dict) -> None:
             Blob,
             spin_s=arg["spin_s"],
         )
-        up = MessageQueue(1, spin_s=arg["spin_s"])
+        up = MessageQueue(1, RING_CHUNK_BYTES, RING_CHUNKS, spin_s=arg["spin_s"])
         print(msgspec.json.encode(up.export_handle()).decode(), flush=True)
         up.wait_for_readers(60)
         end = MQEnd(up, down)
