@@ -174,21 +174,21 @@ def _raise_shutdown(signum, frame) -> None:
     raise _Shutdown(signal.Signals(signum).name)
 
 
-def _set_parent_death_signal() -> None:
-    """Ask Linux for SIGTERM when the frontend dies, so no core outlives it."""
+def set_parent_death_signal(sig: signal.Signals) -> None:
+    """Ask Linux to send `sig` when our parent dies, so that no child process outlives it."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, sig)
     except (OSError, AttributeError):
         pass
 
 
 def run_engine_core(handshake_addr: str) -> int:
     """Process entry: handshake over ZMQ, then loop until shut down. Returns the exit code."""
-    _set_parent_death_signal()
+    set_parent_death_signal(signal.SIGTERM)  # SIGTERM: we clean up our queues first
     parent = os.getppid()
     signal.signal(signal.SIGTERM, _raise_shutdown)
     # Ctrl-C in a terminal reaches the whole group: the frontend decides when we stop.

@@ -26,6 +26,7 @@ import torch
 import zmq
 
 from engine_core.config import EngineConfig
+from engine_core.core import set_parent_death_signal
 from engine_core.distributed import destroy_tensor_parallel, init_tensor_parallel, worker_device
 from engine_core.model_runner import ModelRunner
 from engine_core.protocol import (
@@ -47,18 +48,6 @@ _HANDSHAKE_TIMEOUT_S = 60.0
 _RESULT_TIMEOUT_S = 60.0  # how long rank 0 waits for the executor to take a result
 
 
-def _set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL us when the EngineCore dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
 def num_threads(config: EngineConfig) -> int:
     """torch threads per worker: config.num_threads, else this machine's cores shared by N."""
     if config.num_threads is not None:
@@ -69,7 +58,7 @@ def num_threads(config: EngineConfig) -> int:
 
 def run_worker(handshake_addr: str, rank: int, parent_pid: int) -> int:
     """Process entry: handshake, start-up, then the step loop. Returns the exit code."""
-    _set_parent_death_signal()
+    set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:
         return 1  # the EngineCore died before PDEATHSIG was armed
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when we stop
