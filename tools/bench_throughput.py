@@ -74,6 +74,75 @@ def run_ringserve(args, workload) -> dict:
     }
 
 
+_VLLM_SCRIPT = r"""
+import json, sys, time
+from vllm import LLM, SamplingParams
+spec = json.load(open(sys.argv[1]))
+if __name__ == "__main__":
+    llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=2048, skip_tokenizer_init=True,
+              seed=0, enable_prefix_caching=False)
+    prompts = [{"prompt_token_ids": p} for p, _ in spec["workload"]]
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True, detokenize=False)
+              for _, o in spec["workload"]]
+    llm.generate([{"prompt_token_ids": spec["workload"][0][0][:8]}],
+                 SamplingParams(max_tokens=4, detokenize=False), use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    print("RESULT", json.dumps({"elapsed_s": elapsed,
+          "new_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}), flush=True)
+"""
+
+
+def run_vllm(args, workload) -> dict:
+    """vLLM's offline LLM on the same prompts, from its own virtual environment."""
+    import subprocess
+    import tempfile
+
+    from tools.hf_reference import dequantized_hf_dir
+
+    env = dict(os.environ)
+    # The settings ../shared/peers/README.md gives for vLLM's CPU build on these machines.
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, script = os.path.join(tmp, "spec.json"), os.path.join(tmp, "run_vllm.py")
+        with open(spec_path, "w") as f:
+            json.dump(
+                {
+                    "model": dequantized_hf_dir(args.model),
+                    "dtype": args.dtype,
+                    "workload": workload,
+                },
+                f,
+            )
+        with open(script, "w") as f:
+            f.write(_VLLM_SCRIPT)
+        proc = subprocess.Popen(
+            [args.vllm_python, script, spec_path],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=tmp,
+        )
+        with CpuNoise(extra_pids=(proc.pid,)) as noise:
+            out, _ = proc.communicate()
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"vLLM run failed with exit code {proc.returncode}")
+    r = json.loads(line[len("RESULT ") :])
+    return {
+        "engine": "vllm",
+        "elapsed_s": r["elapsed_s"],
+        "new_tokens": r["new_tokens"],
+        "new_tok_per_s": r["new_tokens"] / r["elapsed_s"],
+        "other_cpu_s": noise.other_cpu_s,
+        # The vLLM process's own start-up counts as ours here, so this reads low, never high.
+        "noise": noise.summary(),
+    }
+
+
 def run_hf(args, workload, batch_size: int) -> dict:
     import torch
 
@@ -129,6 +198,11 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true", help="only run ringserve")
+    parser.add_argument(
+        "--vllm-python",
+        default=None,
+        help="also run vLLM, with this interpreter (a venv with vllm installed, outside the project)",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -144,6 +218,9 @@ def main() -> None:
     )
     results = [run_ringserve(args, workload)]
     print(f"  ringserve done: {results[0]['new_tok_per_s']:.1f} new tok/s", flush=True)
+    if args.vllm_python:
+        results.append(run_vllm(args, workload))
+        print(f"  vllm done: {results[-1]['new_tok_per_s']:.1f} new tok/s", flush=True)
     if not args.skip_hf:
         results.append(run_hf(args, workload, args.hf_batch_size))
     base = results[-1]["new_tok_per_s"]
@@ -161,7 +238,10 @@ def main() -> None:
             "dtype": args.dtype,
             "cpu_count": os.cpu_count(),
             "results": results,
-            "ratio_vs_hf": results[0]["new_tok_per_s"] / base if len(results) > 1 else None,
+            # ringserve's new tok/s over each other engine's
+            "ratios": {
+                r["engine"]: results[0]["new_tok_per_s"] / r["new_tok_per_s"] for r in results[1:]
+            },
         }
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
