@@ -175,3 +175,25 @@ def test_close_leaves_no_process_or_shared_memory():
     llm.close()
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     assert set(os.listdir("/dev/shm")) - before == set()
+
+
+def test_killed_engine_core_raises_instead_of_hanging():
+    import signal
+    import threading
+    import time
+
+    from frontend import LLM
+    from frontend.core_client import EngineDeadError
+
+    before = set(os.listdir("/dev/shm"))
+    llm = LLM(dtype="float32", num_gpu_blocks_override=64)
+    pid = llm.engine.proc.pid
+    threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError, match="SIGKILL"):
+        llm.generate(["Count to a thousand:"] * 4, SamplingParams(max_tokens=2000, ignore_eos=True))
+    assert time.monotonic() - start < 15
+    with pytest.raises(EngineDeadError):  # later calls fail at once too
+        llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.close()
+    assert set(os.listdir("/dev/shm")) - before == set()
