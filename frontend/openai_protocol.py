@@ -486,13 +486,19 @@ def chat_logprobs(
     return {"content": content}
 
 
-def completion_body(
-    rid: str, created: int, model: str, choices: list[dict], usage_: dict | None, chunk: bool
+def _response_body(
+    object_: str,
+    rid: str,
+    created: int,
+    model: str,
+    choices: list[dict],
+    usage_: dict | None,
+    chunk: bool,
 ) -> dict[str, Any]:
-    """A text_completion object; as a stream chunk, `usage` is present only when asked for."""
+    """The envelope every response shares; as a stream chunk, `usage` only when asked for."""
     body: dict[str, Any] = {
         "id": rid,
-        "object": "text_completion",
+        "object": object_,
         "created": created,
         "model": model,
         "choices": choices,
@@ -501,23 +507,21 @@ def completion_body(
     if usage_ is not None or not chunk:
         body["usage"] = usage_
     return body
+
+
+def completion_body(
+    rid: str, created: int, model: str, choices: list[dict], usage_: dict | None, chunk: bool
+) -> dict[str, Any]:
+    """A text_completion object (the same object name streamed and not, as OpenAI does)."""
+    return _response_body("text_completion", rid, created, model, choices, usage_, chunk)
 
 
 def chat_body(
     rid: str, created: int, model: str, choices: list[dict], usage_: dict | None, chunk: bool
 ) -> dict[str, Any]:
     """A chat.completion object, or a chat.completion.chunk."""
-    body: dict[str, Any] = {
-        "id": rid,
-        "object": "chat.completion.chunk" if chunk else "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "system_fingerprint": None,
-    }
-    if usage_ is not None or not chunk:
-        body["usage"] = usage_
-    return body
+    object_ = "chat.completion.chunk" if chunk else "chat.completion"
+    return _response_body(object_, rid, created, model, choices, usage_, chunk)
 
 
 def choice(chat: bool, index: int, text: str, logprobs: dict | None, c: Any, chunk: bool) -> dict:

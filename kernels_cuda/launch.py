@@ -127,6 +127,24 @@ def _decode_partition_size(work_items: int, max_context: int, num_sms: int) -> i
     return size
 
 
+def _check_attention_layout(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> None:
+    """The memory layout both attention kernels read: vectorizable rows, contiguous caches."""
+    require_dtype("query", query)
+    require_vectorizable("query", query, inner_dims=2)
+    require_vectorizable("out", out, inner_dims=2)
+    if not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("k_cache and v_cache must be contiguous for the CUDA kernel")
+    if block_tables.stride(1) != 1 or not context_lens.is_contiguous():
+        raise ValueError("block_tables rows and context_lens must be contiguous")
+
+
 def paged_attention_decode(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -138,13 +156,7 @@ def paged_attention_decode(
     max_context_len: int | None,
 ) -> None:
     """Launches decode attention, split along the sequence (plus a reduce) when long."""
-    require_dtype("query", query)
-    require_vectorizable("query", query, inner_dims=2)
-    require_vectorizable("out", out, inner_dims=2)
-    if not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError("k_cache and v_cache must be contiguous for the CUDA kernel")
-    if block_tables.stride(1) != 1 or not context_lens.is_contiguous():
-        raise ValueError("block_tables rows and context_lens must be contiguous")
+    _check_attention_layout(out, query, k_cache, v_cache, block_tables, context_lens)
     num_seqs, num_q_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if head_dim > 256:
@@ -216,13 +228,7 @@ def paged_attention_prefill(
     max_q_len: int,
 ) -> None:
     """Launches prefill attention: grid (row tiles, KV heads, sequences)."""
-    require_dtype("query", query)
-    require_vectorizable("query", query, inner_dims=2)
-    require_vectorizable("out", out, inner_dims=2)
-    if not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError("k_cache and v_cache must be contiguous for the CUDA kernel")
-    if block_tables.stride(1) != 1 or not context_lens.is_contiguous():
-        raise ValueError("block_tables rows and context_lens must be contiguous")
+    _check_attention_layout(out, query, k_cache, v_cache, block_tables, context_lens)
     if not cu_seqlens_q.is_contiguous():
         raise ValueError("cu_seqlens_q must be contiguous")
     _, num_q_heads, head_dim = query.shape
