@@ -6,7 +6,6 @@ driven by an EngineCore in this process (or by LLM, with its EngineCore process,
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import threading
@@ -23,6 +22,7 @@ from engine_core.models.gguf_file import GGUFFile
 from engine_core.models.llama import hf_weight_shapes, tensor_parallel_shape
 from engine_core.models.model_config import ModelConfig
 from engine_core.protocol import EngineCoreRequest, SamplingParams
+from tests.procs import child_pids, pid_alive
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True)
@@ -69,25 +69,15 @@ def tiny_config(path: str, tp: int, **kw) -> EngineConfig:
 def worker_pids(core_pid: int) -> list[int]:
     """The TP worker processes among core_pid's children, by rank."""
     found = {}
-    for task in glob.glob(f"/proc/{core_pid}/task/*/children"):
-        with open(task) as f:
-            for pid in map(int, f.read().split()):
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as c:
-                        argv = c.read().split(b"\0")
-                except OSError:
-                    continue
-                if b"engine_core.worker" in argv:
-                    found[int(argv[argv.index(b"--rank") + 1])] = pid
+    for pid in child_pids(core_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as c:
+                argv = c.read().split(b"\0")
+        except OSError:
+            continue
+        if b"engine_core.worker" in argv:
+            found[int(argv[argv.index(b"--rank") + 1])] = pid
     return [found[r] for r in sorted(found)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------ sharding rules
@@ -219,7 +209,7 @@ def _is_worker_of(pid: int) -> bool:
     return (
         b"engine_core.worker" in argv
         and argv[argv.index(b"--parent-pid") + 1] == str(os.getpid()).encode()
-        and alive(pid)
+        and pid_alive(pid)
     )
 
 
@@ -281,7 +271,7 @@ def test_killing_a_worker_fails_generation_and_leaves_nothing_behind(tp_chat_lla
         assert took < 5.0 and took_all < 10.0, (took, took_all)
     finally:
         llm.close()
-    assert not alive(core_pid) and not any(alive(p) for p in workers)
+    assert not pid_alive(core_pid) and not any(pid_alive(p) for p in workers)
     assert set(os.listdir("/dev/shm")) - shm_before == set()
 
 

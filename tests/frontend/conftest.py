@@ -16,6 +16,8 @@ import time
 import httpx
 import pytest
 
+from tests.procs import child_pids, pid_alive
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = "test-key-123"
 
@@ -24,27 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    """Child processes of `pid`, started from any of its threads (the EngineCore is started
-    from an executor thread, so the main thread's list alone misses it)."""
-    kids: list[int] = []
-    for task in glob.glob(f"/proc/{pid}/task/*/children"):
-        try:
-            with open(task) as f:
-                kids += [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-    return kids
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def ipc_leftovers(pids: list[int]) -> list[str]:
@@ -83,7 +64,7 @@ class ServerProcess:
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=5.0).status_code == 200:
                     self.ready_s = time.monotonic() - self.t0
-                    kids = children(self.proc.pid)
+                    kids = child_pids(self.proc.pid)
                     self.engine_pid = kids[0] if kids else None
                     return self
             except httpx.TransportError:
@@ -94,7 +75,7 @@ class ServerProcess:
 
     def pids(self) -> list[int]:
         """The server process and its children (the EngineCore)."""
-        return [self.proc.pid, *children(self.proc.pid)]
+        return [self.proc.pid, *child_pids(self.proc.pid)]
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the server and the EngineCore have used so far."""
