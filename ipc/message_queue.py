@@ -238,6 +238,7 @@ class MessageQueue(WriterSide, ReaderSide):
             raise ValueError(f"rank must be an int in [0, {n}), got {rank!r}.")
         self._layout = Layout(n, handle.max_chunk_bytes, handle.max_chunks)
         self.is_writer, self.rank, self._closed, self._spin_s = False, rank, False, spin_s
+        self._spin_budget = spin_s
         self._pid = os.getpid()
         self._can_read = self._fast_write = False
         self._shm_path, self._sock_dir, self._names_removed = handle.shm_path, handle.sock_dir, True

@@ -13,12 +13,14 @@ import time
 from typing import Any
 
 from ipc import shm_ring
-from ipc.shm_ring import H_CLOSED, H_WRITER_WAITING
+from ipc.shm_ring import H_CLOSED, H_WRITER_WAITING, TSO
 
 LIVENESS_INTERVAL_S = 0.1  # how often a blocked side checks that its peer is still there
 # With a pidfd, the writer's exit wakes a blocked reader at once: polling is only a safety net.
 PIDFD_LIVENESS_INTERVAL_S = 1.0
-_OVERFLOW_GRACE_S = 1.0  # how long a payload still in flight may trail its writer's exit
+_OVERFLOW_GRACE_S = 1.0
+# The most a reader spins after recent traffic when its peer's pace asks for it (_adapt_spin).
+MAX_SPIN_S = 1e-3  # how long a payload still in flight may trail its writer's exit
 
 KIND_RAW, KIND_STRUCT, KIND_OVERFLOW = 0, 1, 2
 EMPTY = object()
@@ -103,26 +105,28 @@ class ReaderSide:
 
     def _read_at(self, i: int, slot: tuple[int, int, memoryview]) -> Any:
         """Read chunk i, whose written flag we saw set and our read flag clear."""
-        acquire, release = self._acquire, self._release
-        acquire()  # fence: the payload was written before the flag we just saw
-        release()
+        if not TSO:  # smp_rmb: the payload was written before the flag we just saw
+            self._acquire()
+            self._release()
         meta = self._meta[i]
         kind = meta & 0xFF
         try:
-            if kind == KIND_RAW:
-                msg = slot[2][: meta >> 8].tobytes()
-            elif kind == KIND_STRUCT:
+            if kind == KIND_STRUCT:
                 view = slot[2][: meta >> 8]
                 try:
                     msg = self._decoder.decode(bytes(view) if self._copy_before_decode else view)
-                finally:
-                    view.release()
+                except BaseException:
+                    view.release()  # the traceback would keep it, and the mapping, alive
+                    raise
+            elif kind == KIND_RAW:
+                msg = slot[2][: meta >> 8].tobytes()
             else:
                 msg = self._recv_overflow(kind)
         finally:
             # Consumed even if decoding failed, so that one bad message cannot wedge the ring.
-            acquire()  # fence: done with the payload before the writer may reuse the chunk
-            release()
+            if not TSO:  # smp_mb: done with the payload before the writer may reuse the chunk
+                self._acquire()
+                self._release()
             self._flags[slot[1]] = 1
             self._idx = self._next[i]
             self._n_read += 1
@@ -155,6 +159,7 @@ class ReaderSide:
         return sub.recv()
 
     def _wait_read(self, timeout: float | None) -> Any:
+        start = time.perf_counter()
         deadline = None if timeout is None else time.monotonic() + timeout
         recent = self._n_read != self._n_read_at_wait
         self._n_read_at_wait = self._n_read
@@ -162,17 +167,19 @@ class ReaderSide:
             # Traffic since the last wait: the next message is likely microseconds away.
             flags, slot = self._flags, self._slots[self._idx]
             w, mine = slot[0], slot[1]
-            end = time.perf_counter() + (
-                self._spin_s if timeout is None else min(self._spin_s, timeout)
-            )
+            spin = self._spin_budget if timeout is None else min(self._spin_budget, timeout)
+            end = start + spin
             while time.perf_counter() < end:
                 if flags[w] and not flags[mine]:
+                    self._adapt_spin(time.perf_counter() - start)
                     return self._read_at(self._idx, slot)
         try:
             while True:
                 self._arm()
                 msg = self._read_one()
                 if msg is not EMPTY:
+                    if recent:
+                        self._adapt_spin(time.perf_counter() - start)
                     return msg
                 now = time.monotonic()
                 if self._writer_gone or now >= self._next_liveness:
@@ -190,6 +197,18 @@ class ReaderSide:
                     self._note_events(self._poller.poll(max(wait, 0.0) * 1000 + 1))
         finally:
             self._disarm()
+
+    def _adapt_spin(self, waited: float) -> None:
+        """Spin next time about as long as this wait took, within [spin_s, MAX_SPIN_S].
+
+        A peer that answers every few hundred µs (large payloads, a busy echo) then finds us
+        still spinning instead of paying a FIFO wake-up (0.1-0.3 ms) each time; a wait longer
+        than MAX_SPIN_S means the traffic paused, and the budget falls back to spin_s.
+        """
+        if waited > MAX_SPIN_S:
+            self._spin_budget = self._spin_s
+        else:
+            self._spin_budget = max(self._spin_s, min(MAX_SPIN_S, 2 * waited))
 
     def _has_message(self) -> bool:
         slot = self._slots[self._idx]

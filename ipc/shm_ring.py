@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import mmap
 import os
+import platform
 import secrets
 import signal
 import subprocess
@@ -19,6 +20,18 @@ import tempfile
 import threading
 import weakref
 from dataclasses import dataclass
+
+# Memory ordering. x86-64 is TSO: stores are not reordered with stores, nor loads with loads
+# or with later stores; only a store followed by a load of another location may pass it. So,
+# as Linux's smp_wmb()/smp_rmb() there, the store->store and load->load/store fences of the
+# ring protocol cost nothing there and we skip them (each is a lock round trip, ~0.1-0.2 us);
+# the store->load fences (a writer publishing then reading the sleeping flags, a reader arming
+# then re-checking) run everywhere. Elsewhere (aarch64...) every fence runs. The interpreter
+# cannot reorder: each shared-memory access is its own opaque C call.
+# RINGSERVE_IPC_FULL_FENCES=1 runs every fence anyway (the tests cover that path with it).
+TSO = platform.machine().lower() in ("x86_64", "amd64") and os.environ.get(
+    "RINGSERVE_IPC_FULL_FENCES", ""
+) not in ("1", "true")
 
 MAGIC = 0x52494E4753525631  # b"RINGSRV1"
 SHM_DIR = "/dev/shm"

@@ -18,7 +18,7 @@ import time
 
 import msgspec
 
-from ipc import MessageQueue, MessageQueueHandle, PeerDiedError
+from ipc import MessageQueue, MessageQueueHandle, PeerDiedError, shm_ring
 
 
 class Item(msgspec.Struct, tag="item", array_like=True):
@@ -69,7 +69,7 @@ def emit(obj: dict) -> None:
 def run_reader(args: argparse.Namespace) -> None:
     handle = msgspec.json.decode(args.handle, type=MessageQueueHandle)
     reader = MessageQueue.attach(handle, args.rank, Message, spin_s=args.spin)
-    emit({"attached": os.getpid()})
+    emit({"attached": os.getpid(), "tso_fences_skipped": shm_ring.TSO})
     if args.stall:
         time.sleep(3600)
     digests: list = []

@@ -126,6 +126,24 @@ def test_pure_blocking_mode_delivers_without_spinning(peers):
                 assert reader.dequeue(timeout=5).seq == seq
 
 
+def test_spin_follows_the_peers_pace_within_bounds(pair):
+    """A reader whose messages come a few hundred µs apart spins that long instead of paying
+    a wake-up each time; a pause longer than MAX_SPIN_S brings it back to spin_s."""
+    from ipc.reader import MAX_SPIN_S
+
+    _, reader = pair
+    base = reader._spin_s
+    reader._adapt_spin(300e-6)
+    assert reader._spin_budget == pytest.approx(600e-6)
+    reader._adapt_spin(0.9 * MAX_SPIN_S)
+    assert reader._spin_budget == MAX_SPIN_S
+    reader._adapt_spin(1e-6)
+    assert reader._spin_budget == base
+    reader._adapt_spin(300e-6)
+    reader._adapt_spin(5 * MAX_SPIN_S)  # traffic paused: no more long spins
+    assert reader._spin_budget == base
+
+
 def test_segment_is_owner_only_and_names_go_once_all_readers_attach(peers):
     writer = MessageQueue(2)
     handle = writer.export_handle()

@@ -200,3 +200,20 @@ def test_message_after_idle_wakes_the_reader_quickly(peers):
     # The target is under 1 ms on a quiet machine; a shared one adds scheduling delays, but
     # anything near the 100 ms liveness period would mean the wake-up was missed.
     assert statistics.median(latencies) < 10_000, latencies
+
+
+def test_every_fence_runs_on_weakly_ordered_cpus_and_delivers_the_same(peers, monkeypatch):
+    """On x86-64 the store->store and load->load fences are skipped (shm_ring.TSO); elsewhere
+    they run. Run that path here: the readers with every fence, and the writer too."""
+    monkeypatch.setenv("RINGSERVE_IPC_FULL_FENCES", "1")
+    monkeypatch.setattr("ipc.writer.TSO", False)
+    items = [["raw" if seq % 2 else "item", seq, (seq * 37) % 1500] for seq in range(400)]
+    with MessageQueue(2, max_chunk_bytes=CHUNK, max_chunks=4) as writer:
+        handle = writer.export_handle()
+        readers = [peers.reader(handle, rank) for rank in range(2)]
+        assert all(r.next()["tso_fences_skipped"] is False for r in readers)
+        writer.wait_for_readers(10)
+        send_all(writer, items)
+        writer.enqueue(End(final=True))
+        for reader in readers:
+            assert reader.next()["digests"] == expected(items)
