@@ -171,7 +171,8 @@ class ReaderSide:
             end = start + spin
             while time.perf_counter() < end:
                 if flags[w] and not flags[mine]:
-                    self._adapt_spin(time.perf_counter() - start)
+                    if self._spin_budget != self._spin_s:  # grown: shrink it if the pace is up
+                        self._adapt_spin(time.perf_counter() - start)
                     return self._read_at(self._idx, slot)
         try:
             while True:

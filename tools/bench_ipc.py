@@ -183,7 +183,7 @@ def child_echo(role: str, arg: dict) -> None:
 
 
 def warmup(n: int) -> int:
-    return max(3, n // 10)
+    return max(5, n // 2)  # the first phases run cold otherwise (caches, CPU clocks)
 
 
 def percentile(values: list[float], q: float) -> float:
