@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install serve test test-fast lint format bench-ipc bench-throughput bench-serving clean
+.PHONY: install serve test test-fast lint format bench-ipc bench-throughput bench-serving bench-decode clean
 
 install: $(STAMP)
 
@@ -50,6 +50,9 @@ bench-throughput: install
 
 bench-serving: install
 	$(PY) tools/bench_serving.py $(ARGS)
+
+bench-decode: install
+	$(PY) tools/bench_decode.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

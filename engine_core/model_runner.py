@@ -10,22 +10,34 @@ as the next step's CachedRequestData.new_token_ids.
 With tensor parallelism one runner runs in each worker process, on its shard of the model
 and its KV heads; every rank applies the same SchedulerOutput and runs the same forward (the
 collectives need all of them), and only rank 0 samples.
+
+Two attention paths (see models/llama.py). On a CPU, the torch path: AttentionMetadata built
+from numpy arrays. On CUDA, the kernel path: the step's arrays are built on the host as well,
+then moved by one copy from a pinned buffer (PinnedStaging) into CudaAttentionMetadata; pure
+decode steps replay CUDA graphs (cuda_graphs.py) unless config.enforce_eager; the KV cache
+gets what a profiled forward at the largest step leaves of gpu_memory_utilization.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from engine_core import distributed
+from engine_core import distributed, gpu_memory
 from engine_core.attention import AttentionMetadata, token_positions
+from engine_core.attention_cuda import CudaAttentionMetadata, stage_step, unsupported_by_kernels
 from engine_core.config import EngineConfig
-from engine_core.input_batch import InputBatch
+from engine_core.cuda_graphs import Capture, CudaGraphCapture, DecodeGraphs, capture_sizes
+from engine_core.input_batch import InputBatch, PinnedStaging
 from engine_core.model_loader import load_model, load_model_config
 from engine_core.protocol import ModelRunnerOutput, SamplingParams, SchedulerOutput
 from engine_core.sampler import Sampler, SamplingMetadata
+from engine_core.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+logger = logging.getLogger(__name__)
 
 _MAX_DEFAULT_MODEL_LEN = 8192
 
@@ -36,7 +48,7 @@ class StepInputs:
 
     req_ids: list[str]  # in token-batch order
     input_ids: torch.Tensor  # [T] long
-    meta: AttentionMetadata
+    meta: AttentionMetadata | CudaAttentionMetadata
     sampled: list[int]  # indices into req_ids of the requests sampled this step
     logits_indices: torch.Tensor  # [len(sampled)]: their last token in the batch
 
@@ -46,10 +58,21 @@ class ModelRunner:
 
     tp_rank: this process's rank when config.tensor_parallel_size > 1 (the process must be in
     the engine's process group); device: where it runs, by default from config.device.
+    use_kernels: the kernel path (kernels_cuda.ops); None: on CUDA when the kernels support
+    the model and dtype. On a CPU it runs the ops' torch references: tests use it to check
+    the path's plumbing. graph_capture: how to
+    record decode graphs on the kernel path; None: CUDA graphs on CUDA with one rank, none
+    elsewhere. config.enforce_eager turns graphs off either way.
     """
 
     def __init__(
-        self, config: EngineConfig, tp_rank: int = 0, device: torch.device | None = None
+        self,
+        config: EngineConfig,
+        tp_rank: int = 0,
+        device: torch.device | None = None,
+        *,
+        use_kernels: bool | None = None,
+        graph_capture: Capture | None = None,
     ) -> None:
         self.config = config
         self.tp_rank, self.tp_size = tp_rank, config.tensor_parallel_size
@@ -69,23 +92,71 @@ class ModelRunner:
         self.model_config = loaded.config
         self.compute_dtype = loaded.compute_dtype
         self.num_kv_heads = self.model.tp.num_kv_heads  # this rank's
+        self.sampler = Sampler()
+        self.max_blocks_per_req = -(-self.max_model_len // self.block_size)
+        # The scheduler's step budget: the largest step the memory profile runs.
+        self.max_num_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+        self.use_kernels = self._kernel_path(use_kernels)
+        self.staging = None
+        if self.use_kernels:
+            self.staging = PinnedStaging(self._staging_bytes(), self.device)
+        self.cuda_graphs = self._make_graphs(graph_capture)
+        self.kv_cache: torch.Tensor | None = None
         self.num_blocks = self._num_kv_blocks()
         if self.tp_size > 1:
             # The scheduler hands every rank the same block ids: size for the smallest rank.
             self.num_blocks = distributed.all_reduce_min(self.num_blocks, self.device)
+        self.kv_cache = self.new_kv_cache(self.num_blocks)
+        self.input_batch = InputBatch(
+            config.max_num_seqs, self.max_model_len, self.max_blocks_per_req, self.num_blocks
+        )
+
+    def _kernel_path(self, use_kernels: bool | None) -> bool:
         cfg = self.model_config
+        why_not = None
+        if self.device.type == "cuda":  # on a CPU the ops' references take any shape
+            why_not = unsupported_by_kernels(
+                self.compute_dtype, cfg.head_dim, cfg.hidden_size, self.model.tp.intermediate_size
+            )
+        if use_kernels is None:
+            if self.device.type == "cuda" and why_not is not None:
+                logger.info("CUDA kernels off (%s): running the torch attention path", why_not)
+            return self.device.type == "cuda" and why_not is None
+        if use_kernels and why_not is not None:
+            raise ValueError(f"use_kernels=True but {why_not}.")
+        return use_kernels
+
+    def new_kv_cache(self, num_blocks: int) -> torch.Tensor:
         # One pool per layer: kv_cache[layer] = (K, V), each [blocks, block_size, kv_heads, head_dim].
         # Zeroed: padded reads must never see NaN garbage (0 attention weight * NaN = NaN).
-        self.kv_cache = torch.zeros(
-            (cfg.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim),
+        cfg = self.model_config
+        return torch.zeros(
+            (cfg.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim),
             dtype=self.compute_dtype,
             device=self.device,
         )
-        max_blocks_per_req = -(-self.max_model_len // self.block_size)
-        self.input_batch = InputBatch(
-            config.max_num_seqs, self.max_model_len, max_blocks_per_req, self.num_blocks
+
+    def _staging_bytes(self) -> int:
+        """Room for a step's packed inputs at the budget (PinnedStaging grows past it)."""
+        seqs, tokens = self.config.max_num_seqs, self.max_num_tokens
+        return 3 * 8 * tokens + seqs * (4 * self.max_blocks_per_req + 16) + 8 * 16
+
+    def _make_graphs(self, capture: Capture | None) -> DecodeGraphs | None:
+        if not self.use_kernels or self.config.enforce_eager:
+            return None
+        if capture is None:
+            # Graphs with collectives inside are not attempted: tensor parallel runs eagerly.
+            if self.device.type != "cuda" or self.tp_size > 1:
+                return None
+            capture = CudaGraphCapture()
+        return DecodeGraphs(
+            lambda input_ids, meta: self.model(input_ids, meta, self.kv_cache),
+            capture_sizes(self.config.max_num_seqs),
+            self.max_blocks_per_req,
+            self.max_model_len,
+            self.device,
+            capture,
         )
-        self.sampler = Sampler()
 
     def _num_kv_blocks(self) -> int:
         cfg = self.model_config
@@ -94,10 +165,8 @@ class ModelRunner:
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.config.gpu_memory_utilization - (total - free)
-        else:
-            budget = self.config.kv_cache_space_gib * 2**30
+            return gpu_memory.profile_num_blocks(self, block_bytes)
+        budget = self.config.kv_cache_space_gib * 2**30
         num_blocks = int(budget // block_bytes)
         if num_blocks < 2:
             raise ValueError(
@@ -106,6 +175,29 @@ class ModelRunner:
                 f"gpu_memory_utilization)."
             )
         return num_blocks
+
+    @torch.inference_mode()
+    def profile_run(self, query_lens: np.ndarray, block_table: np.ndarray) -> None:
+        """A prefill forward of rows query_lens over block_table, then the sampler at
+        max_num_seqs rows (random sampling, its costliest path): the largest step's memory.
+
+        It writes into self.kv_cache at the table's blocks.
+        """
+        hidden = self._dummy_forward(query_lens, np.zeros_like(query_lens), block_table)
+        rows = self.config.max_num_seqs
+        logits = self.model.compute_logits(hidden[-1:].expand(rows, -1).contiguous())
+        if logits is None:  # a tensor-parallel rank other than 0: no sampling
+            return
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
+        md = SamplingMetadata.build(
+            [params] * rows,
+            [[0]] * rows,
+            [[]] * rows,
+            [None] * rows,
+            self.model_config.vocab_size,
+            self.device,
+        )
+        self.sampler(logits, md)
 
     # ------------------------------------------------------------------------------ the step
 
@@ -119,7 +211,11 @@ class ModelRunner:
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         step = self._prepare_inputs(scheduler_output)
-        hidden = self.model(step.input_ids, step.meta, self.kv_cache)
+        graphs = self.cuda_graphs
+        if graphs is not None and graphs.can_run(step.meta):
+            hidden = graphs.run(step.input_ids, step.meta)
+        else:
+            hidden = self.model(step.input_ids, step.meta, self.kv_cache)
         if not step.sampled:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         logits = self.model.compute_logits(hidden[step.logits_indices])
@@ -197,6 +293,22 @@ class ModelRunner:
                 f"{int(batch.num_blocks[rows[i]])}."
             )
         block_tables = batch.block_table[rows, : int(needed_blocks.max())]
+        sampled = np.flatnonzero(num_computed + query_lens == num_tokens)
+        logits_indices = np.cumsum(query_lens)[sampled] - 1
+        if self.staging is not None:
+            step = stage_step(
+                self.staging,
+                input_ids,
+                positions,
+                query_lens,
+                num_computed,
+                block_tables,
+                self.block_size,
+                logits_indices,
+            )
+            return StepInputs(
+                req_ids, step.input_ids, step.meta, sampled.tolist(), step.logits_indices
+            )
         meta = AttentionMetadata.build(
             query_lens,
             num_computed,
@@ -206,38 +318,33 @@ class ModelRunner:
             self.compute_dtype,
             positions=positions,
         )
-        sampled = np.flatnonzero(num_computed + query_lens == num_tokens)
         return StepInputs(
             req_ids=req_ids,
             input_ids=torch.from_numpy(input_ids).to(self.device),
             meta=meta,
             sampled=sampled.tolist(),
-            logits_indices=torch.from_numpy(np.cumsum(query_lens)[sampled] - 1).to(self.device),
+            logits_indices=torch.from_numpy(logits_indices).to(self.device),
         )
 
     # ------------------------------------------------------------------------------ warm-up
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """Run a prefill, a mixed and a decode forward once so the first request is not slow.
+        """Run a prefill, a mixed and a decode forward once so the first request is not slow,
+        then capture the decode CUDA graphs (once) if the runner uses them.
 
         It writes into the first blocks of the KV cache, which hold no request yet.
         """
         n = min(2 * self.block_size, self.max_model_len, self.num_blocks * self.block_size) - 1
-        if n < 1:
-            return
+        if n >= 1:
+            self._warmup_steps(n)
+        if self.cuda_graphs is not None and not self.cuda_graphs.captured:
+            self.cuda_graphs.capture()
+
+    def _warmup_steps(self, n: int) -> None:
         table = np.arange(-(-(n + 1) // self.block_size), dtype=np.int64)[None, :].repeat(2, 0)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
         for query_lens, computed in (([n], [0]), ([1, n - 1], [n, 1]), ([1], [n])):
-            meta = AttentionMetadata.build(
-                np.array(query_lens),
-                np.array(computed),
-                table,
-                self.block_size,
-                self.device,
-                self.compute_dtype,
-            )
-            hidden = self.model(ids[: sum(query_lens)], meta, self.kv_cache)
+            hidden = self._dummy_forward(np.array(query_lens), np.array(computed), table)
             logits = self.model.compute_logits(hidden[-1:])
             if logits is None:  # a tensor-parallel rank other than 0: no sampling
                 continue
@@ -251,6 +358,29 @@ class ModelRunner:
             )
             self.sampler(logits, md)
         self.kv_cache[:, :, : table.shape[1]].zero_()
+
+    def _dummy_forward(
+        self, query_lens: np.ndarray, num_computed: np.ndarray, block_table: np.ndarray
+    ) -> torch.Tensor:
+        """A forward of token id 0 at every position of rows (query_lens, num_computed)."""
+        num_tokens = int(query_lens.sum())
+        if self.staging is not None:
+            step = stage_step(
+                self.staging,
+                np.zeros(num_tokens, dtype=np.int64),
+                token_positions(query_lens, num_computed),
+                query_lens,
+                num_computed,
+                block_table[: len(query_lens)],
+                self.block_size,
+                np.zeros(0, dtype=np.int64),
+            )
+            return self.model(step.input_ids, step.meta, self.kv_cache)
+        meta = AttentionMetadata.build(
+            query_lens, num_computed, block_table, self.block_size, self.device, self.compute_dtype
+        )
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        return self.model(ids, meta, self.kv_cache)
 
 
 def _resolve_device(device: str) -> torch.device:

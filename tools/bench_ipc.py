@@ -468,7 +468,9 @@ def main() -> None:
             child.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.monotonic() - wall0
-    other = (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") - (own_cpu_s() - own0)
+    # /proc/stat counts in ticks, rusage exactly: on a quiet machine the difference can come
+    # out slightly negative, which means none.
+    other = max(0.0, (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") - (own_cpu_s() - own0))
     report.update(wall_s=wall, other_processes_cpu_s=other, other_processes_cores=other / wall)
     print(f"wall {wall:.1f} s; other processes took {other:.1f} CPU-s meanwhile "
           f"({other / wall:.2f} of {os.cpu_count()} cores): timings are only as quiet as that")  # fmt: skip

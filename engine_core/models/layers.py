@@ -5,6 +5,9 @@ Linear layers on a CPU run through oneDNN with the weight packed once at load
 2-core AVX2 EPYC (fp32, ms per SmolLM2 layer, aten `F.linear` vs packed): 1 row 0.76 vs 0.43,
 8 rows 1.78 vs 0.78, 32 rows 2.99 vs 2.35; the 49152-row LM head for 32 rows 29 vs 17.
 The packing only reorders the weight: values and dtype are unchanged.
+
+The `*_kernels` variants are the CUDA path's (engine_core/attention_cuda.py): the same math
+through kernels_cuda.ops, in place where the kernels work in place.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels_cuda import ops
 
 
 def _onednn_available() -> bool:
@@ -81,6 +86,15 @@ class RMSNorm(nn.Module):
         h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * h.to(x.dtype), residual
 
+    def forward_kernels(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() through the kernels: given a residual, x and residual change in place."""
+        if residual is None:
+            return ops.rms_norm(torch.empty_like(x), x, self.weight, self.eps), x
+        ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return x, residual
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies [head_dim/2] for plain, `linear` or `llama3` RoPE (transformers' math)."""
@@ -112,10 +126,11 @@ class RotaryEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        # position * inv_freq in fp32, as transformers computes it: the same cos/sin bits.
-        freqs = torch.arange(max_positions).float()[:, None] * inv_freq[None, :]
+        self._inv_freq, self._max_positions = inv_freq, max_positions
+        freqs = _rope_angles(inv_freq, max_positions)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self._fp32_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
@@ -129,6 +144,25 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin.index_select(0, positions).to(dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
+    def kernel_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (cos, sin) [max_positions, head_dim/2] on the buffers' device, for the kernel.
+
+        Module.to(bfloat16) rounds the buffers; the kernel wants the fp32 tables, rebuilt
+        here once per device with the same bits the buffers had before rounding.
+        """
+        tables, device = self._fp32_tables, self.cos.device
+        if tables is None or tables[0].device != device:
+            freqs = _rope_angles(self._inv_freq, self._max_positions)
+            tables = (freqs.cos().to(device), freqs.sin().to(device))
+            self._fp32_tables = tables
+        return tables
+
+
+def _rope_angles(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
+    # position * inv_freq in fp32, as transformers computes it: the same cos/sin bits.
+    positions = torch.arange(max_positions, device=inv_freq.device).float()
+    return positions[:, None] * inv_freq[None, :]
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, heads, head_dim] by position: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
@@ -140,3 +174,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU on a fused [gate | up] projection."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def silu_and_mul_kernels(x: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul() through the kernel (one pass instead of three)."""
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
+    return ops.silu_and_mul(out, x)

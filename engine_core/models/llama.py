@@ -4,6 +4,11 @@ The step's tokens are one flat [T] batch (no padding): decode and prefill rows s
 described by an AttentionMetadata. q/k/v and gate/up are fused into one matmul each, loaded
 from the checkpoint's separate tensors.
 
+Two attention paths, chosen by the metadata's type: an AttentionMetadata runs the torch code
+(engine_core/attention.py, the CPU path); a CudaAttentionMetadata runs the CUDA path, where
+norms, rotary embedding, SiLU-and-mul, the KV cache writes and attention go through
+kernels_cuda.ops (the NVRTC kernels on CUDA tensors) and the linear layers stay cuBLAS.
+
 Tensor parallelism (tp_size > 1, one rank per process in a torch.distributed group): q/k/v
 and gate/up are column-parallel (each rank holds its heads and its slice of the intermediate
 size), o_proj and down_proj row-parallel followed by an all-reduce, the embedding and LM head
@@ -23,14 +28,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine_core import attention_cuda
 from engine_core.attention import AttentionMetadata, paged_attention
+from engine_core.attention_cuda import CudaAttentionMetadata
 from engine_core.distributed import all_reduce_sum, gather_to_first
-from engine_core.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rope, silu_and_mul
+from engine_core.models.layers import (
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rope,
+    silu_and_mul,
+    silu_and_mul_kernels,
+)
 from engine_core.models.model_config import ModelConfig
+from kernels_cuda import ops
 
 # A tensor-parallel slice of a checkpoint tensor: rows or columns [start, stop) along dim
 # (stop may pass the end: a padded vocabulary's last shard); None: the whole tensor.
 Shard = tuple[int, int, int] | None
+Metadata = AttentionMetadata | CudaAttentionMetadata
 
 
 class WeightSource(Protocol):
@@ -129,6 +145,7 @@ class LlamaAttention(nn.Module):
             cfg.head_dim,
         )
         self.tp_size = tp.tp_size
+        self.scale = cfg.head_dim**-0.5
         qkv_size = (self.num_heads + 2 * self.num_kv_heads) * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, qkv_size)
         self.o_proj = Linear(self.num_heads * cfg.head_dim, cfg.hidden_size)
@@ -151,6 +168,26 @@ class LlamaAttention(nn.Module):
         out = self.o_proj(paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta))
         return all_reduce_sum(out) if self.tp_size > 1 else out
 
+    def forward_kernels(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: CudaAttentionMetadata,
+    ) -> torch.Tensor:
+        """forward() on the CUDA path; cos/sin are the fp32 [max_positions, head_dim/2] tables."""
+        num_tokens, hd = x.shape[0], self.head_dim
+        q_size, kv_size = self.num_heads * hd, self.num_kv_heads * hd
+        qkv = self.qkv_proj(x)
+        q = qkv[:, :q_size].view(num_tokens, self.num_heads, hd)
+        k = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads, hd)
+        v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, hd)
+        ops.rotary_embedding(meta.positions, q, k, cos, sin, hd)  # in place, in qkv
+        attn = attention_cuda.paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = self.o_proj(attn)
+        return all_reduce_sum(out) if self.tp_size > 1 else out
+
 
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward with fused gate and up projections."""
@@ -161,8 +198,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * tp.intermediate_size)
         self.down_proj = Linear(tp.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        act = silu_and_mul_kernels if kernels else silu_and_mul
+        out = self.down_proj(act(self.gate_up_proj(x)))
         return all_reduce_sum(out) if self.tp_size > 1 else out
 
 
@@ -183,8 +221,13 @@ class LlamaDecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: Metadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(meta, CudaAttentionMetadata):
+            h, residual = self.input_layernorm.forward_kernels(x, residual)
+            h = self.self_attn.forward_kernels(h, cos, sin, kv_cache, meta)
+            h, residual = self.post_attention_layernorm.forward_kernels(h, residual)
+            return self.mlp(h, kernels=True), residual
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, cos, sin, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
@@ -218,17 +261,26 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: torch.Tensor
+        self, input_ids: torch.Tensor, meta: Metadata, kv_caches: torch.Tensor
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of the step's tokens; kv_caches is [layers, 2, blocks, ...]."""
+        """Hidden states [T, hidden] of the step's tokens; kv_caches is [layers, 2, blocks, ...].
+
+        A CudaAttentionMetadata selects the CUDA path (see the module docstring).
+        """
         if self.tp.tp_size == 1:
             h = F.embedding(input_ids, self.embed_tokens)
         else:
             h = self._vocab_parallel_embedding(input_ids)
-        cos, sin = self.rotary.cos_sin(meta.positions, h.dtype)
+        kernels = isinstance(meta, CudaAttentionMetadata)
+        if kernels:
+            cos, sin = self.rotary.kernel_tables()  # the kernel gathers by position itself
+        else:
+            cos, sin = self.rotary.cos_sin(meta.positions, h.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h, residual = layer(h, residual, cos, sin, kv_cache, meta)
+        if kernels:
+            return self.norm.forward_kernels(h, residual)[0]
         return self.norm(h, residual)[0]
 
     def _vocab_parallel_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
