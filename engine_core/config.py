@@ -16,7 +16,7 @@ class EngineConfig:
     dtype: str = "bfloat16"
     tensor_parallel_size: int = 1
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) capped below
+    max_num_batched_tokens: int | None = None  # None: 2048 (chunked prefill splits longer prompts)
     max_model_len: int | None = None  # None: the model's context, capped at 8192
     block_size: int = 16
     enable_prefix_caching: bool = True
