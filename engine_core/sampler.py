@@ -9,9 +9,9 @@ Order of operations (vLLM V1's):
   3. penalties: repetition (tokens in prompt or output: positive logits divided, others
      multiplied), then frequency * count + presence * (count > 0) over output tokens, subtracted.
   4. greedy rows (temperature < 1e-5) take the argmax (lowest index on ties, as HF greedy).
-  5. random rows: temperature, min-p, top-k and top-p (vLLM's order), then the exponential race
-     argmax(probs / E), E ~ Exp(1) i.i.d., which draws from probs exactly. Rows with a seed draw E
-     from their own torch.Generator, so their tokens do not depend on the rest of the batch.
+  5. random rows: temperature, min-p, top-k and top-p (vLLM's order), then one draw from probs
+     by inverting the cumulative distribution (exact, one uniform per row). Rows with a seed draw
+     it from their own torch.Generator, so their tokens do not depend on the rest of the batch.
 
 Each stage is skipped when no row needs it: an all-greedy batch without penalties, bias or
 logprobs costs one argmax. The logits tensor is modified in place.
@@ -28,9 +28,10 @@ import torch
 from engine_core.protocol import Logprobs, SamplingParams
 
 _SAMPLING_EPS = 1e-5  # below this temperature a request is greedy (vLLM's _SAMPLING_EPS)
-# Top-p looks for its nucleus among this many best tokens and sorts a whole row only when the
-# nucleus is larger: a full sort of 256 x 49152 logits takes over a second on a CPU.
-_TOP_P_CANDIDATES = 1024
+# Top-p looks for its nucleus among a row's best 256 tokens, then 4096, and sorts the whole row
+# only when the nucleus is larger still. On this 2-core CPU, for 32 rows of 49,152 logits:
+# topk(256) 3.2 ms, topk(1024) 8.5 ms, topk(4096) 13 ms, a full sort 74 ms.
+_TOP_P_WIDTHS = (256, 4096)
 
 Rows = slice | torch.Tensor  # which batch rows a stage touches: slice(None) when all of them
 
@@ -298,27 +299,35 @@ def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         _apply_top_k_top_p(x, md.top_k, md.max_top_k, md.top_p)
     elif md.top_k is not None:
         _apply_top_k(x, md.top_k, md.max_top_k)
-    sampled = _exponential_race(x, md.seeded, md.any_unseeded)
+    sampled = _inverse_cdf(x, md.seeded, md.any_unseeded)
     if greedy is None:
         return sampled
     greedy[md.random_rows] = sampled
     return greedy
 
 
-def _exponential_race(
+def _inverse_cdf(
     x: torch.Tensor, seeded: list[tuple[int, torch.Generator]], any_unseeded: bool
 ) -> torch.Tensor:
-    """argmax(softmax(x) / E) with E ~ Exp(1), computed as argmax(x - log E): a sample of softmax(x)."""
-    noise = torch.empty_like(x)
+    """A sample of softmax(x) per row: the first token whose cumulative probability exceeds
+    u * total, u ~ U[0, 1) (one draw per row, so a seeded row's stream advances by one).
+
+    On this 2-core CPU, for 32 rows of 49,152 logits: 2.7 ms, where the exponential race
+    (argmax(x - log E), V random numbers a row) took 12.7 ms. Masked tokens (-inf) have
+    probability 0: the cumulative sum does not rise there, so `right=True` never lands on one;
+    scaling u by the row's own total keeps fp32 rounding from pointing past the last token.
+    """
+    # The running sum in float64: in fp32 it drifts by up to ~1e-3 of the total over 49k
+    # tokens, which would skew the odds of tokens late in the vocabulary. Unnormalized: u is
+    # scaled by the row's total instead.
+    cdf = (x - x.amax(dim=-1, keepdim=True)).exp_().cumsum(dim=-1, dtype=torch.float64)
+    u = torch.empty(x.shape[0], 1, dtype=cdf.dtype, device=x.device)
     if any_unseeded:
-        noise.uniform_()
-    # A seeded row draws V numbers from its own generator every step, wherever it sits.
+        u.uniform_()
     for j, gen in seeded:
-        noise[j].uniform_(generator=gen)
-    # E = -log(U), U in [0, 1): on a CPU this is ~4x faster than Tensor.exponential_. U = 0 gives
-    # E = inf, a token that never wins; masked tokens stay at -inf.
-    noise.log_().neg_().log_()
-    return x.sub_(noise).argmax(dim=-1)
+        u[j].uniform_(generator=gen)
+    u.mul_(cdf[:, -1:])
+    return torch.searchsorted(cdf, u, right=True).squeeze_(1).clamp_(max=x.shape[1] - 1)
 
 
 def _apply_top_k(x: torch.Tensor, k: torch.Tensor, max_k: int) -> None:
@@ -334,23 +343,30 @@ def _apply_top_k_top_p(
 ) -> None:
     """vLLM's top-k then top-p: keep a token while the mass of the tokens above it is below p.
 
-    The nucleus is searched among the best max(_TOP_P_CANDIDATES, max_k) tokens; rows whose
-    nucleus may be larger are sorted whole.
+    The nucleus is searched among each row's best tokens, widening (_TOP_P_WIDTHS, then a sort
+    of the whole row) only for the rows whose nucleus may not fit.
     """
     num_rows, vocab_size = x.shape
     if k is None:
         k = torch.full((num_rows,), vocab_size, dtype=torch.long, device=x.device)
-    width = min(vocab_size, max(_TOP_P_CANDIDATES, max_k))
-    vals = x.topk(width, dim=-1).values
     full_lse = x.logsumexp(dim=-1, keepdim=True)
-    size = _nucleus_size(vals, k, p, full_lse, vocab_size)
-    threshold = vals.gather(1, (size - 1)[:, None])
-    # A row without top-k whose candidates are all in the nucleus may have a larger one.
-    overflow = ((size == width) & (k == vocab_size) & (p < 1.0)).nonzero().flatten()
-    if width < vocab_size and overflow.numel():
-        vals = x[overflow].sort(dim=-1, descending=True).values
-        size = _nucleus_size(vals, k[overflow], p[overflow], full_lse[overflow], vocab_size)
-        threshold[overflow] = vals.gather(1, (size - 1)[:, None])
+    threshold = torch.empty(num_rows, 1, dtype=x.dtype, device=x.device)
+    pending = torch.arange(num_rows, device=x.device)
+    widths = sorted({min(vocab_size, max(w, max_k)) for w in (*_TOP_P_WIDTHS, vocab_size)})
+    for width in widths:
+        rows = x if len(pending) == num_rows else x[pending]
+        if width < vocab_size:
+            vals = rows.topk(width, dim=-1).values
+        else:
+            vals = rows.sort(dim=-1, descending=True).values
+        kp, pp = k[pending], p[pending]
+        size = _nucleus_size(vals, kp, pp, full_lse[pending], vocab_size)
+        threshold[pending] = vals.gather(1, (size - 1)[:, None])
+        # A row without top-k whose candidates are all in the nucleus may have a larger one.
+        overflow = (size == width) & (kp == vocab_size) & (pp < 1.0)
+        if width == vocab_size or not bool(overflow.any()):
+            break
+        pending = pending[overflow]
     # Rows with neither top-k nor top-p keep everything.
     threshold.masked_fill_(((k == vocab_size) & (p == math.inf))[:, None], -math.inf)
     x.masked_fill_(x < threshold, -math.inf)

@@ -164,10 +164,10 @@ def vllm_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> 
     return logits_sort.scatter(dim=-1, index=logits_idx, src=logits_sort)
 
 
-@pytest.mark.parametrize("candidates", [4, 64, 1024])
-def test_top_k_top_p_keeps_the_same_tokens_as_vllms_full_sort(monkeypatch, candidates):
-    # Few candidates force the rows whose nucleus is larger onto the full-sort path.
-    monkeypatch.setattr(sampler_mod, "_TOP_P_CANDIDATES", candidates)
+@pytest.mark.parametrize("widths", [(4,), (4, 64), (16, 256), (1024,), (256, 4096)])
+def test_top_k_top_p_keeps_the_same_tokens_as_vllms_full_sort(monkeypatch, widths):
+    # Narrow widths force the rows whose nucleus is larger onto the wider and full-sort paths.
+    monkeypatch.setattr(sampler_mod, "_TOP_P_WIDTHS", widths)
     torch.manual_seed(6)
     vocab = 2000
     logits = torch.randn(12, vocab) * torch.tensor([0.2, 1.0, 3.0, 8.0]).repeat(3)[:, None]
@@ -186,6 +186,9 @@ def test_top_k_top_p_keeps_the_same_tokens_as_vllms_full_sort(monkeypatch, candi
 
 def seeded_tokens(position: int, others: list[SamplingParams], params: SamplingParams, steps=6):
     """The tokens a seed=42 request gets over several steps at a given place in a batch."""
+    # The request's own logits, drawn apart: torch.randn's last 16 values depend on the
+    # tensor's size, so a row of a larger draw would differ from the same row drawn alone.
+    own = torch.randn(3000, generator=seeded(5))
     torch.manual_seed(99)
     step_logits = [torch.randn(len(others) + 1, 3000) for _ in range(steps)]
     batch = others[:position] + [params] + others[position:]
@@ -194,7 +197,7 @@ def seeded_tokens(position: int, others: list[SamplingParams], params: SamplingP
     tokens = []
     for logits in step_logits:
         # The request's own logits are the same at every step, whatever its row.
-        logits[position] = step_logits[0][0]
+        logits[position] = own
         torch.manual_seed(len(tokens))  # the unseeded rows' shared draw differs per batch
         out, _ = run(logits, batch, generators=gens)
         tokens.append(int(out.token_ids[position]))
