@@ -179,7 +179,7 @@ class ReaderSide:
                 self._arm()
                 msg = self._read_one()
                 if msg is not EMPTY:
-                    if recent:
+                    if recent and self._spin_s > 0:  # spin_s=0: never spin
                         self._adapt_spin(time.perf_counter() - start)
                     return msg
                 now = time.monotonic()
