@@ -18,9 +18,9 @@ from ipc.shm_ring import H_CLOSED, H_WRITER_WAITING, TSO
 LIVENESS_INTERVAL_S = 0.1  # how often a blocked side checks that its peer is still there
 # With a pidfd, the writer's exit wakes a blocked reader at once: polling is only a safety net.
 PIDFD_LIVENESS_INTERVAL_S = 1.0
-_OVERFLOW_GRACE_S = 1.0
+_OVERFLOW_GRACE_S = 1.0  # how long a payload still in flight may trail its writer's exit
 # The most a reader spins after recent traffic when its peer's pace asks for it (_adapt_spin).
-MAX_SPIN_S = 1e-3  # how long a payload still in flight may trail its writer's exit
+MAX_SPIN_S = 1e-3
 
 KIND_RAW, KIND_STRUCT, KIND_OVERFLOW = 0, 1, 2
 EMPTY = object()

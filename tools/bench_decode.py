@@ -227,7 +227,7 @@ def bench_runner(path: str, mode: str, args, bandwidth: dict) -> tuple[list[dict
     runner = ModelRunner(config)
     runner.warmup()  # as EngineCore does: graphs, if any, are ready after this
     startup = time.perf_counter() - t0
-    graphs = getattr(runner, "cuda_graphs", None) is not None  # what the runner really does
+    graphs = runner.cuda_graphs is not None  # what the runner really does
     rows, tokens = [], {}
     for batch in args.batches:
         row, tokens[batch] = _bench_batch(runner, batch, blocks_per_req, args)
