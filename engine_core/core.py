@@ -31,8 +31,8 @@ from engine_core.protocol import (
     UtilityOutput,
     UtilityRequest,
 )
-from engine_core.request import Request
-from engine_core.scheduler import Scheduler
+from engine_core.sched.request import Request
+from engine_core.sched.scheduler import Scheduler
 from ipc import MessageQueue, MessageQueueHandle, PeerDiedError
 
 logger = logging.getLogger("ringserve.engine_core")
@@ -155,10 +155,10 @@ class EngineCore:
 def _make_executor(config: EngineConfig):
     """The model runner in this process, or the TP executor that drives worker processes."""
     if config.tensor_parallel_size > 1:
-        from engine_core.executor import MultiprocExecutor
+        from engine_core.executor.multiproc import MultiprocExecutor
 
         return MultiprocExecutor(config)
-    from engine_core.model_runner import ModelRunner
+    from engine_core.worker.model_runner import ModelRunner
 
     return ModelRunner(config)
 

@@ -62,7 +62,7 @@ def require_group(tp_size: int) -> None:
     if not dist.is_initialized():
         raise RuntimeError(
             f"tensor_parallel_size={tp_size} needs a torch.distributed process group: "
-            "run the model through engine_core.executor.MultiprocExecutor."
+            "run the model through engine_core.executor.multiproc.MultiprocExecutor."
         )
     if dist.get_world_size() != tp_size:
         raise RuntimeError(

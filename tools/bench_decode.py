@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine_core.config import EngineConfig  # noqa: E402
-from engine_core.model_runner import ModelRunner  # noqa: E402
 from engine_core.protocol import (  # noqa: E402
     CachedRequestData,
     ModelRunnerOutput,
@@ -37,6 +36,7 @@ from engine_core.protocol import (  # noqa: E402
     SamplingParams,
     SchedulerOutput,
 )
+from engine_core.worker.model_runner import ModelRunner  # noqa: E402
 from tools.cpu_noise import CpuNoise  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")

@@ -6,7 +6,7 @@ Linear layers on a CPU run through oneDNN with the weight packed once at load
 8 rows 1.78 vs 0.78, 32 rows 2.99 vs 2.35; the 49152-row LM head for 32 rows 29 vs 17.
 The packing only reorders the weight: values and dtype are unchanged.
 
-The `*_kernels` variants are the CUDA path's (engine_core/attention_cuda.py): the same math
+The `*_kernels` variants are the CUDA path's (engine_core/attention/cuda.py): the same math
 through kernels_cuda.ops, in place where the kernels work in place.
 """
 

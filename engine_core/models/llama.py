@@ -5,7 +5,7 @@ described by an AttentionMetadata. q/k/v and gate/up are fused into one matmul e
 from the checkpoint's separate tensors.
 
 Two attention paths, chosen by the metadata's type: an AttentionMetadata runs the torch code
-(engine_core/attention.py, the CPU path); a CudaAttentionMetadata runs the CUDA path, where
+(engine_core/attention/torch_paged.py, the CPU path); a CudaAttentionMetadata runs the CUDA path, where
 norms, rotary embedding, SiLU-and-mul, the KV cache writes and attention go through
 kernels_cuda.ops (the NVRTC kernels on CUDA tensors) and the linear layers stay cuBLAS.
 
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_core import attention_cuda
-from engine_core.attention import AttentionMetadata, paged_attention
-from engine_core.attention_cuda import CudaAttentionMetadata
+from engine_core.attention import cuda as attention_cuda
+from engine_core.attention.cuda import CudaAttentionMetadata
+from engine_core.attention.torch_paged import AttentionMetadata, paged_attention
 from engine_core.distributed import all_reduce_sum, gather_to_first
 from engine_core.models.layers import (
     Linear,

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from engine_core.block_pool import BlockPool, FreeBlockQueue, KVCacheBlock, hash_block_tokens
+from engine_core.sched.block_pool import BlockPool, FreeBlockQueue, KVCacheBlock, hash_block_tokens
 
 
 def test_free_queue_removes_from_the_middle_and_keeps_order():

@@ -20,15 +20,22 @@ import numpy as np
 import pytest
 import torch
 
-from engine_core import attention, attention_cuda, model_loader
-from engine_core.attention import AttentionMetadata, token_positions
-from engine_core.attention_cuda import stage_step, unsupported_by_kernels
+from engine_core.attention import cuda as attention_cuda
+from engine_core.attention import torch_paged as attention
+from engine_core.attention.cuda import stage_step, unsupported_by_kernels
+from engine_core.attention.torch_paged import AttentionMetadata, token_positions
 from engine_core.config import EngineConfig
-from engine_core.cuda_graphs import CudaGraphCapture, DecodeGraphs, capture_sizes, eager_capture
-from engine_core.gpu_memory import kv_cache_blocks, profile_num_blocks, profile_step_shape
-from engine_core.input_batch import PinnedStaging
-from engine_core.model_runner import ModelRunner
+from engine_core.models import loader as model_loader
 from engine_core.protocol import CachedRequestData, NewRequestData, SamplingParams, SchedulerOutput
+from engine_core.worker.cuda_graphs import (
+    CudaGraphCapture,
+    DecodeGraphs,
+    capture_sizes,
+    eager_capture,
+)
+from engine_core.worker.gpu_memory import kv_cache_blocks, profile_num_blocks, profile_step_shape
+from engine_core.worker.input_batch import PinnedStaging
+from engine_core.worker.model_runner import ModelRunner
 from kernels_cuda import launch, ops
 
 # Logprobs come back from the raw logits: comparing them makes every step's numerics count.
@@ -378,7 +385,7 @@ def test_gpu_memory_profile_logic_with_faked_cuda_memory_stats(tiny_dir, monkeyp
     }.items():
         monkeypatch.setattr(torch.cuda, name, fake)
     block_bytes = 2**20
-    with caplog.at_level("INFO", logger="engine_core.gpu_memory"):
+    with caplog.at_level("INFO", logger="engine_core.worker.gpu_memory"):
         blocks = profile_num_blocks(runner, block_bytes)
     # 10 GiB x 0.9 - 2 GiB in use - 300 MiB peak - (100 MiB graphs + 256 MiB margin)
     assert blocks == 9 * 1024 - 2048 - 300 - 100 - 256

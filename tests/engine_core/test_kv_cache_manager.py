@@ -2,10 +2,10 @@
 
 import pytest
 
-from engine_core.block_pool import hash_block_tokens
-from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.protocol import SamplingParams
-from engine_core.request import Request
+from engine_core.sched.block_pool import hash_block_tokens
+from engine_core.sched.kv_cache_manager import KVCacheManager
+from engine_core.sched.request import Request
 
 BS = 4
 

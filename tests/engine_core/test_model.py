@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine_core.attention import AttentionMetadata, paged_attention
+from engine_core.attention.torch_paged import AttentionMetadata, paged_attention
 from engine_core.config import EngineConfig
-from engine_core.model_loader import cpu_has_native_bf16, load_model
+from engine_core.models.loader import cpu_has_native_bf16, load_model
 
 BLOCK = 16
 

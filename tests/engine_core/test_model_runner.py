@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from engine_core.config import EngineConfig
-from engine_core.model_runner import ModelRunner
 from engine_core.protocol import (
     CachedRequestData,
     ModelRunnerOutput,
@@ -16,6 +15,7 @@ from engine_core.protocol import (
     SamplingParams,
     SchedulerOutput,
 )
+from engine_core.worker.model_runner import ModelRunner
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from engine_core import sampler as sampler_mod
 from engine_core.protocol import SamplingParams
-from engine_core.sampler import Sampler, SamplingMetadata
+from engine_core.sample import sampler as sampler_mod
+from engine_core.sample.sampler import Sampler, SamplingMetadata
 
 # Chi-square critical value for 3 degrees of freedom at p = 0.001.
 _CHI2_DF3_P001 = 16.27

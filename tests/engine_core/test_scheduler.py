@@ -24,8 +24,8 @@ from engine_core.protocol import (
     SamplingParams,
     SchedulerOutput,
 )
-from engine_core.request import Request
-from engine_core.scheduler import Scheduler
+from engine_core.sched.request import Request
+from engine_core.sched.scheduler import Scheduler
 
 EOS = 2
 STOP, LENGTH = FinishReason.STOP, FinishReason.LENGTH

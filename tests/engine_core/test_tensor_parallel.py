@@ -16,10 +16,10 @@ import torch
 
 from engine_core.config import EngineConfig
 from engine_core.core import EngineCore
-from engine_core.executor import WorkerStartupError
-from engine_core.model_loader import GGUFWeights, load_model_config
+from engine_core.executor.multiproc import WorkerStartupError
 from engine_core.models.gguf_file import GGUFFile
 from engine_core.models.llama import hf_weight_shapes, tensor_parallel_shape
+from engine_core.models.loader import GGUFWeights, load_model_config
 from engine_core.models.model_config import ModelConfig
 from engine_core.protocol import EngineCoreRequest, SamplingParams
 from tests.procs import child_pids, pid_alive

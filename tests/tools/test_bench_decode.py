@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from engine_core.config import EngineConfig
-from engine_core.model_runner import ModelRunner
 from engine_core.models.llama import hf_weight_shapes
 from engine_core.models.model_config import ModelConfig
+from engine_core.worker.model_runner import ModelRunner
 from tools import bench_decode, decode_e2e
 from tools.bench_decode import DecodeSession, config_path
 

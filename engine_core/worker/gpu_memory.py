@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from engine_core.model_runner import ModelRunner
+    from engine_core.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine_core.block_pool import BlockPool, KVCacheBlock
-from engine_core.request import Request
+from engine_core.sched.block_pool import BlockPool, KVCacheBlock
+from engine_core.sched.request import Request
 
 
 class KVCacheManager:

@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Iterable
 
 from engine_core.config import EngineConfig
-from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.protocol import (
     CachedRequestData,
     EngineCoreOutput,
@@ -28,7 +27,8 @@ from engine_core.protocol import (
     SchedulerOutput,
     SchedulerStats,
 )
-from engine_core.request import Request, RequestStatus
+from engine_core.sched.kv_cache_manager import KVCacheManager
+from engine_core.sched.request import Request, RequestStatus
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 

@@ -28,7 +28,6 @@ import zmq
 from engine_core.config import EngineConfig
 from engine_core.core import set_parent_death_signal
 from engine_core.distributed import destroy_tensor_parallel, init_tensor_parallel, worker_device
-from engine_core.model_runner import ModelRunner
 from engine_core.protocol import (
     WorkerExecute,
     WorkerHandshake,
@@ -40,6 +39,7 @@ from engine_core.protocol import (
     WorkerShutdown,
     WorkerWarmup,
 )
+from engine_core.worker.model_runner import ModelRunner
 from ipc import MessageQueue, MessageQueueHandle, PeerDiedError
 
 logger = logging.getLogger("ringserve.worker")

@@ -1,6 +1,6 @@
 """Paged attention through kernels_cuda.ops: the CUDA path's metadata and the layer's call.
 
-Same cache layout and row order as engine_core/attention.py (the CPU path): per layer a K
+Same cache layout and row order as engine_core/attention/torch_paged.py (the CPU path): per layer a K
 and a V pool [num_blocks, block_size, num_kv_heads, head_dim], single-query rows first. The
 metadata here is flat device tensors, built from host arrays and moved to the device with
 one copy (input_batch.PinnedStaging), so a step costs no per-row Python or per-row launches:
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine_core.input_batch import PinnedStaging
+from engine_core.worker.input_batch import PinnedStaging
 from kernels_cuda import ops
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine_core.attention_cuda import CudaAttentionMetadata
+from engine_core.attention.cuda import CudaAttentionMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -26,16 +26,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine_core import distributed, gpu_memory
-from engine_core.attention import AttentionMetadata, token_positions
-from engine_core.attention_cuda import CudaAttentionMetadata, stage_step, unsupported_by_kernels
+from engine_core import distributed
+from engine_core.attention.cuda import CudaAttentionMetadata, stage_step, unsupported_by_kernels
+from engine_core.attention.torch_paged import AttentionMetadata, token_positions
 from engine_core.config import EngineConfig
-from engine_core.cuda_graphs import Capture, CudaGraphCapture, DecodeGraphs, capture_sizes
-from engine_core.input_batch import InputBatch, PinnedStaging
-from engine_core.model_loader import load_model, load_model_config
+from engine_core.models.loader import load_model, load_model_config
 from engine_core.protocol import ModelRunnerOutput, SamplingParams, SchedulerOutput
-from engine_core.sampler import Sampler, SamplingMetadata
-from engine_core.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from engine_core.sample.sampler import Sampler, SamplingMetadata
+from engine_core.sched.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from engine_core.worker import gpu_memory
+from engine_core.worker.cuda_graphs import Capture, CudaGraphCapture, DecodeGraphs, capture_sizes
+from engine_core.worker.input_batch import InputBatch, PinnedStaging
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 
-from engine_core.block_pool import BlockHash, hash_block_tokens
 from engine_core.protocol import FinishReason, SamplingParams
+from engine_core.sched.block_pool import BlockHash, hash_block_tokens
 
 
 class RequestStatus(enum.IntEnum):
