@@ -24,6 +24,17 @@ logger = logging.getLogger("ringserve.frontend")
 _DEAD_LINGER_S = 1.0
 
 
+def served_model(config: EngineConfig) -> tuple[str, str]:
+    """The name and root /v1/models shows; a dummy model from --hf-config is named after it
+    (so that it needs no default model package installed beside it)."""
+    if config.load_format == "dummy" and config.hf_config is not None and config.model is None:
+        path = os.path.abspath(config.hf_config)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return (os.path.basename(os.path.dirname(path)) if stem == "config" else stem), path
+    files = resolve_model(config.model)
+    return files.name, files.gguf_path or files.directory
+
+
 def seconds_since_process_start() -> float:
     """Wall time since this process was created (the ready line reports it)."""
     with open("/proc/self/stat") as f:
@@ -103,7 +114,7 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_early.append, sig)
     try:
-        files = resolve_model(config.model)
+        default_name, model_root = served_model(config)
         engine = await AsyncLLM.start(config)
     except Exception as e:
         logger.error("the engine failed to start: %s", e)
@@ -114,8 +125,8 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         engine.shutdown()
         sock.close()
         return 0
-    model_name = args.served_model_name or files.name
-    app = build_app(engine, args, model_name, files.gguf_path or files.directory)
+    model_name = args.served_model_name or default_name
+    app = build_app(engine, args, model_name, model_root)
     host, port = sock.getsockname()[:2]
 
     def on_ready() -> None:

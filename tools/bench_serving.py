@@ -65,9 +65,11 @@ class Result:
 # ---------------------------------------------------------------- datasets
 
 
-def random_prompt(rng: random.Random, n: int, as_tokens: bool) -> str | list[int]:
+def random_prompt(
+    rng: random.Random, n: int, as_tokens: bool, max_token_id: int = _TOKEN_ID_RANGE[1]
+) -> str | list[int]:
     if as_tokens:
-        return [rng.randrange(*_TOKEN_ID_RANGE) for _ in range(n)]
+        return [rng.randrange(_TOKEN_ID_RANGE[0], max_token_id) for _ in range(n)]
     return " ".join(rng.choice(_WORDS) for _ in range(n))
 
 
@@ -83,7 +85,8 @@ def make_requests(args: argparse.Namespace) -> list[Request]:
             else:  # lengths like ShareGPT's: long-tailed prompts and answers
                 n_in = min(1024, max(4, int(rng.lognormvariate(5.0, 1.0))))
                 n_out = min(512, max(4, int(rng.lognormvariate(4.6, 0.9))))
-            prompt = random_prompt(rng, n_in, as_tokens=not chat and not args.random_words)
+            as_tokens = not chat and not args.random_words
+            prompt = random_prompt(rng, n_in, as_tokens, args.max_token_id)
             if chat:
                 prompt = [{"role": "user", "content": prompt}]
             reqs.append(Request(prompt, n_out, n_in))
@@ -383,6 +386,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-input-len", type=int, default=128)
     p.add_argument("--random-output-len", type=int, default=64)
     p.add_argument("--random-words", action="store_true", help="random: words, not token ids")
+    p.add_argument(
+        "--max-token-id",
+        type=int,
+        default=_TOKEN_ID_RANGE[1],
+        help="random token-id prompts: ids below this (default %(default)s; a small vocabulary's size)",
+    )
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -394,6 +403,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("num_prompts", "random_input_len", "random_output_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_token_id <= _TOKEN_ID_RANGE[0]:
+        p.error(f"--max-token-id must be above {_TOKEN_ID_RANGE[0]}, got {args.max_token_id}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         p.error("--max-concurrency must be at least 1")
     if not args.request_rate > 0:

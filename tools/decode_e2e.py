@@ -143,15 +143,18 @@ def _run_hf_cb(model, vocab: int, args, generation_config_cls) -> list[dict]:
     if not hasattr(model, "generate_batch"):
         note = f"transformers {transformers.__version__} has no generate_batch"
         return [{"engine": "hf-generate-batch", "skipped": note}]
-    from transformers.generation import ContinuousBatchingConfig
-
     n = args.new_tokens
     gen = generation_config_cls(max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
     # On a CPU it would size its cache from the host's memory (20 s of page faults here).
-    cb = None
+    cb_kwargs = {}
     if args.device == "cpu":
+        try:
+            from transformers.generation import ContinuousBatchingConfig
+        except ImportError as e:  # an older transformers: its generate_batch takes no config
+            note = f"transformers {transformers.__version__}: {e}"
+            return [{"engine": "hf-generate-batch", "skipped": note}]
         blocks = max(args.batches) * (-(-(args.context + n) // 256) + 1)
-        cb = ContinuousBatchingConfig(
+        cb_kwargs["continuous_batching_config"] = ContinuousBatchingConfig(
             num_blocks=blocks, max_batch_tokens=args.max_num_batched_tokens
         )
     rows = []
@@ -162,7 +165,7 @@ def _run_hf_cb(model, vocab: int, args, generation_config_cls) -> list[dict]:
             return model.generate_batch(
                 inputs=inputs,
                 generation_config=gen,
-                continuous_batching_config=cb,
+                **cb_kwargs,
                 persistent_manager=True,  # the timed call reuses the warmed-up manager
                 progress_bar=False,
             )
@@ -179,7 +182,9 @@ def _run_hf_cb(model, vocab: int, args, generation_config_cls) -> list[dict]:
             rows.append({"engine": "hf-generate-batch", "batch": batch, "skipped": note})
             continue
         finally:
-            model.destroy_cached_continuous_batching_manager()
+            destroy = getattr(model, "destroy_cached_continuous_batching_manager", None)
+            if destroy is not None:  # not in every transformers that has generate_batch
+                destroy()
         errors = [o.error for o in outs.values() if o.error]
         got = sum(len(o.generated_tokens) for o in outs.values())
         if errors or got != batch * n:
