@@ -441,11 +441,18 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{result['device']}: copy {bandwidth['gb_per_s']:.1f} GB/s (read + written)")
     print(_DECODE_HEADER, flush=True)
+
+    def save() -> None:  # after each part, so that a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+
     for path in args.config_paths:
         config, tokens = _name(path), {}
         for mode in args.modes:
             rows, tokens[mode] = bench_runner(path, mode, args, bandwidth)
             result["rows"] += rows
+            save()
         if len(tokens) == 2:
             greedy = compare_tokens(tokens["graphs"], tokens["eager"])
             result["greedy_graphs_vs_eager"] += [{"config": config, **g} for g in greedy]
@@ -454,12 +461,13 @@ def main(argv: list[str] | None = None) -> dict:
                 vocab = json.load(f)["vocab_size"]
             from tools import decode_e2e  # it imports this module: not at the top
 
-            e2e = decode_e2e.run_ours(path, vocab, args) + decode_e2e.run_hf(path, args)
-            result["throughput"] += [{"config": config, **r} for r in e2e]
+            ours = decode_e2e.run_ours(path, vocab, args)
+            result["throughput"] += [{"config": config, **r} for r in ours]
+            save()
+            e2e = ours + decode_e2e.run_hf(path, args)
+            result["throughput"] += [{"config": config, **r} for r in e2e[len(ours) :]]
             result["ratios"] += [{"config": config, **r} for r in decode_e2e.throughput_ratios(e2e)]
-        if args.json:  # after each config, so a run cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+        save()
     print_report(result)
     return result
 
