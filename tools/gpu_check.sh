@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The owed GPU runs (#15) as one device call: install the carried wheels, then time-boxed
-# steps, each continuing past the last one's failure, all within GPU_CHECK_BUDGET_S (540 s):
+# steps, each continuing past the last one's failure, all within GPU_CHECK_BUDGET_S (530 s):
 #   install     carried wheels (.whl) the image lacks: pip --no-index, never the network
 #   env         nvidia-smi, torch/CUDA, NVRTC, the arch
 #   cuda_tests  pytest -m cuda -x -q (the dirs holding cuda tests)
@@ -278,8 +278,8 @@ step() {
 }
 
 main() {
-    # On the device the whole run fits 530 s (and a 10 s kill grace); a dry run on a shared CPU gets twice each
-    # step's cap (a loaded 2-core machine runs the tiny shape slower than an H200 the 1B one).
+    # On the device the whole run fits 530 s (plus a 10 s kill grace); a dry run on a shared
+    # CPU gets twice each step's cap (a loaded 2-core machine runs the tiny shape slower than an H200 the 1B one).
     if [[ $MODE == dry-run ]]; then
         CAP_SCALE=2 BUDGET=${GPU_CHECK_BUDGET_S:-1000}
     else
