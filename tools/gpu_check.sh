@@ -279,7 +279,8 @@ step() {
 
 main() {
     # On the device the whole run fits 530 s (plus a 10 s kill grace); a dry run on a shared
-    # CPU gets twice each step's cap (a loaded 2-core machine runs the tiny shape slower than an H200 the 1B one).
+    # CPU gets twice each step's cap (a loaded 2-core machine runs the tiny shape slower than
+    # an H200 runs the 1B one).
     if [[ $MODE == dry-run ]]; then
         CAP_SCALE=2 BUDGET=${GPU_CHECK_BUDGET_S:-1000}
     else
