@@ -10,7 +10,7 @@
 #   decode_8b   the Llama-3-8B shape's decode step, graphs only, batch 1 and 64, if time remains
 # What it measured lands in $OUT: summary.json, summary.txt, log.txt and the tools' JSON.
 #
-#   bash tools/gpu_check.sh                  # on the device (README: "Decode on a GPU")
+#   bash tools/gpu_check.sh                  # on the device (README: "The owed GPU runs")
 #   bash tools/gpu_check.sh --quick          # the tiny shape, small counts (a GPU smoke run)
 #   bash tools/gpu_check.sh --dry-run        # rehearsal on this CPU: --quick, no GPU steps
 #   bash tools/gpu_check.sh --download-wheels [--with-model]   # here: fill .whl for the call
