@@ -208,7 +208,8 @@ def summary_text(s: dict) -> str:
     env = s["env"] or {}
     if env:
         out.append(
-            f"{env.get('gpu', 'no GPU')} {env.get('arch', '')}, torch {env.get('torch')} "
+            f"{env.get('gpu', 'no GPU')}{' ' + env['arch'] if 'arch' in env else ''}, "
+            f"torch {env.get('torch')} "
             f"(CUDA {env.get('torch_cuda')}), NVRTC {env.get('nvrtc', env.get('nvrtc_error'))}, "
             f"python {env.get('python')} {env.get('machine')}"
         )
