@@ -190,3 +190,13 @@ def test_router_queries_return_data(stack):
     router_names = [n for n, src in metric_sources().items() if src == "router"]
     check_colon_names_survive(stack.router, [n for n in router_names if ":" in n])
     check_queries(stack, queries)
+
+
+def test_engine_down_alert_goes_pending_when_a_replica_stops(stack):
+    """Last in the module: it stops replica b (SIGTERM, a drain) for good."""
+    stack.engines[PODS[1]].stop()
+    alert = f'ALERTS{{alertname="RingserveEngineDown", pod="{PODS[1]}", alertstate="pending"}}'
+    empty = wait_all_have_data(stack.prom, {"RingserveEngineDown": alert}, timeout=30.0)
+    assert not empty, f"no pending RingserveEngineDown for {PODS[1]}"
+    others = query(stack.prom, f'ALERTS{{alertname="RingserveEngineDown", pod="{PODS[0]}"}}')
+    assert others == [], "the replica still running must not alert"

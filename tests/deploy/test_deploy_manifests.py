@@ -9,12 +9,14 @@ import types
 import kubernetes_validate
 import kubernetes_validate.utils
 import pytest
+import yaml
 from starlette.testclient import TestClient
 
 from frontend.api_server import build_app
 from frontend.cli import make_parser, parse_args
 from tests.deploy.deploy_files import (
     OVERLAYS,
+    RULES,
     adapter_rules,
     container,
     find,
@@ -24,7 +26,11 @@ from tests.deploy.deploy_files import (
 
 K8S_VERSION = "1.32.0"
 # Kinds that are not core Kubernetes: the fields each needs, checked by hand below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+}
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -235,3 +241,13 @@ def test_images_are_retagged_per_overlay():
         for o in OVERLAYS
     }
     assert tags["gpu"].endswith("-cuda") and tags["cpu"].endswith("-cpu"), tags
+
+
+def test_prometheusrule_carries_the_same_rules_as_the_plain_file(rendered):
+    _, objs = rendered
+    rule = find(objs, "PrometheusRule", "ringserve")
+    assert rule["spec"]["groups"] == yaml.safe_load(open(RULES))["groups"]
+    assert (
+        rule["metadata"]["labels"]["release"]
+        == find(objs, "ServiceMonitor", "ringserve-engine")["metadata"]["labels"]["release"]
+    )
