@@ -83,7 +83,8 @@ def start_engine(name: str, extra: list[str]) -> Proc:
 def start_router(backends: list[str]) -> Proc:
     port = free_port()
     cmd = [sys.executable, "-m", "router", "--backends", ",".join(backends)]
-    cmd += ["--routing-logic", "round-robin", "--host", "127.0.0.1", "--port", str(port)]
+    # The routing logic the Kubernetes manifests run, so that the same series exist.
+    cmd += ["--routing-logic", "prefix-aware", "--host", "127.0.0.1", "--port", str(port)]
     return Proc("router", cmd, port)
 
 

@@ -106,8 +106,11 @@ def stack(prometheus_bins, tmp_path_factory):
         up = wait_all_have_data(prom, {"targets up": f"sum(up) == {len(procs) - 1}"})
         assert not up, f"Prometheus did not scrape every target:\n{prom.log()[-3000:]}"
         model = httpx.get(a.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        targets = [router.url] if router else [a.url, b.url]
-        send_load(targets, model, 12)
+        # Through the router when there is one; a few straight to each replica as well, so
+        # that both see traffic (the n-gram drafts of b) whatever the router picks.
+        send_load([a.url, b.url], model, 4 if router is not None else 12)
+        if router is not None:
+            send_load([router.url], model, 12)
         yield Stack(prom, engines, router, spec_on)
     finally:
         for p in reversed(procs):
