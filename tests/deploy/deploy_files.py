@@ -3,9 +3,11 @@ where it comes from, and the metric each one needs (deploy/prometheus/metric-sou
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 
@@ -30,16 +32,23 @@ _METRIC_TOKEN = re.compile(r"(?<![\w:\"'$])((?:vllm|ringserve):[a-z0-9_:]+|route
 _COMPARISON = re.compile(r"^(?P<signal>.+\S)\s*(?P<op>==|!=|>=|<=|>|<)\s*(?P<threshold>[0-9.]+)$")
 
 
-def render(overlay: str) -> list[dict]:
-    """`kubectl kustomize deploy/k8s/overlays/<overlay>` as a list of objects."""
+@functools.cache
+def _kustomize(overlay: str) -> str:
+    kubectl = KUBECTL if os.path.exists(KUBECTL) else shutil.which("kubectl")
+    assert kubectl, f"kubectl is needed to render the overlays (looked at {KUBECTL} and PATH)"
     out = subprocess.run(
-        [KUBECTL, "kustomize", os.path.join(K8S, "overlays", overlay)],
+        [kubectl, "kustomize", os.path.join(K8S, "overlays", overlay)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode == 0, f"kubectl kustomize {overlay} failed:\n{out.stderr}"
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+    return out.stdout
+
+
+def render(overlay: str) -> list[dict]:
+    """`kubectl kustomize deploy/k8s/overlays/<overlay>` as a list of objects (fresh each call)."""
+    return [d for d in yaml.safe_load_all(_kustomize(overlay)) if d]
 
 
 def find(objs: list[dict], kind: str, name: str) -> dict:
@@ -83,6 +92,7 @@ def rule_queries() -> list[Query]:
     return out
 
 
+@functools.cache
 def recorded_names() -> dict[str, str]:
     """Recording rule name -> its expression."""
     rules = yaml.safe_load(open(RULES))["groups"]
@@ -130,6 +140,7 @@ def keda_queries() -> list[Query]:
     ]
 
 
+@functools.cache
 def metric_sources() -> dict[str, str]:
     """Metric name -> the source that exports it (prometheus, engine, engine_spec_decode, router)."""
     out = {}
