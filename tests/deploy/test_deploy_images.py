@@ -66,3 +66,16 @@ def test_serve_replicas_refuses_a_bad_count():
 def test_serve_replicas_refuses_ports_past_65535():
     out = run_script("3", PORT="65534")
     assert out.returncode == 2 and "PORT must leave room" in out.stderr, out.stderr
+
+
+def test_pods_run_as_the_images_user():
+    from tests.deploy.deploy_files import find, render
+
+    objs = render("gpu")
+    for dockerfile, deployment in (
+        ("Dockerfile", "ringserve-engine"),
+        ("deploy/docker/router.Dockerfile", "ringserve-router"),
+    ):
+        (uid,) = re.findall(r"^USER (\d+)$", read(dockerfile), re.M)
+        ctx = find(objs, "Deployment", deployment)["spec"]["template"]["spec"]["securityContext"]
+        assert ctx["runAsNonRoot"] and ctx["runAsUser"] == int(uid), deployment
