@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEPLOY = os.path.join(REPO, "deploy")
 K8S = os.path.join(DEPLOY, "k8s")
 OVERLAYS = ("gpu", "cpu", "keda")
+RENDERABLE = ("base", *OVERLAYS)  # the base applies on its own too (no autoscaler, auto device)
 RULES = os.path.join(DEPLOY, "prometheus", "ringserve-rules.yml")
 SCRAPE_CONFIG = os.path.join(DEPLOY, "prometheus", "prometheus.yml")
 SOURCES = os.path.join(DEPLOY, "prometheus", "metric-sources.yml")
@@ -37,7 +38,11 @@ def _kustomize(overlay: str) -> str:
     kubectl = KUBECTL if os.path.exists(KUBECTL) else shutil.which("kubectl")
     assert kubectl, f"kubectl is needed to render the overlays (looked at {KUBECTL} and PATH)"
     out = subprocess.run(
-        [kubectl, "kustomize", os.path.join(K8S, "overlays", overlay)],
+        [
+            kubectl,
+            "kustomize",
+            os.path.join(K8S, overlay if overlay == "base" else f"overlays/{overlay}"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -47,7 +52,7 @@ def _kustomize(overlay: str) -> str:
 
 
 def render(overlay: str) -> list[dict]:
-    """`kubectl kustomize deploy/k8s/overlays/<overlay>` as a list of objects (fresh each call)."""
+    """`kubectl kustomize deploy/k8s/overlays/<overlay>` (or the base) as objects, fresh each call."""
     return [d for d in yaml.safe_load_all(_kustomize(overlay)) if d]
 
 

@@ -16,6 +16,7 @@ from frontend.api_server import build_app
 from frontend.cli import make_parser, parse_args
 from tests.deploy.deploy_files import (
     OVERLAYS,
+    RENDERABLE,
     RULES,
     adapter_rules,
     container,
@@ -33,7 +34,7 @@ CRD_KINDS = {
 }
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
+@pytest.fixture(scope="module", params=RENDERABLE)
 def rendered(request) -> tuple[str, list[dict]]:
     return request.param, render(request.param)
 
