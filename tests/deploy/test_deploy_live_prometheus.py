@@ -201,5 +201,8 @@ def test_engine_down_alert_goes_pending_when_a_replica_stops(stack):
     alert = f'ALERTS{{alertname="RingserveEngineDown", pod="{PODS[1]}", alertstate="pending"}}'
     empty = wait_all_have_data(stack.prom, {"RingserveEngineDown": alert}, timeout=30.0)
     assert not empty, f"no pending RingserveEngineDown for {PODS[1]}"
+    # The replica still running must not alert, unless one of its 1 s scrapes timed out on
+    # this shared machine (then a pending alert is right).
+    (a_up,) = query(stack.prom, f'min_over_time(up{{pod="{PODS[0]}"}}[15s])')
     others = query(stack.prom, f'ALERTS{{alertname="RingserveEngineDown", pod="{PODS[0]}"}}')
-    assert others == [], "the replica still running must not alert"
+    assert others == [] or a_up["value"][1] == "0", others
