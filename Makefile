@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install serve test test-fast lint format bench-ipc bench-throughput bench-serving bench-decode clean
+.PHONY: install serve serve-replicas test test-fast lint format bench-ipc bench-throughput bench-serving bench-decode clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ endif
 
 serve: install
 	$(PY) -m frontend $(ARGS)
+
+# N engine replicas on ports ROUTER_PORT+1.. behind the router on ROUTER_PORT (deploy/serve_replicas.sh).
+N ?= 2
+ROUTER_PORT ?= 8000
+serve-replicas: install
+	PY=$(PY) PORT=$(ROUTER_PORT) deploy/serve_replicas.sh $(N) -- $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
