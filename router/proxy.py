@@ -215,6 +215,13 @@ class Proxy:
                 exclude.add(b.url)
                 last, last_reason = (resp.status_code, data, ctype), f"{b.url}: {resp.status_code}"
                 continue
+            if resp.status_code == 200 and not stream and not _is_json(data):
+                await resp.aclose()
+                self.pool.mark_failure(b, False)
+                self._done(b, False, t0)
+                exclude.add(b.url)
+                last_reason = f"{b.url}: a 200 whose body is not JSON"
+                continue
             if resp.status_code != 200 or not stream:
                 await resp.aclose()
                 self.pool.mark_success(b)  # a 4xx is the request's fault, not the backend's
@@ -356,6 +363,14 @@ class Proxy:
             logger.info("stream continues on %s after %d tokens", b.url, state.count)
             return b, resp, self._events(resp), t0
         return None, None, None, 0.0
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
