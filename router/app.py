@@ -158,6 +158,7 @@ def state_of(r: Router) -> dict:
                 "healthy": b.healthy,
                 "in_flight": b.in_flight,
                 "circuit": b.circuit.state,
+                "ringserve": b.ringserve,
             }
             for b in r.pool.backends.values()
         ],

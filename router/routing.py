@@ -94,13 +94,20 @@ class Session(Policy):
     name = "session"
     VNODES = 100
 
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self._ring: tuple | None = None  # (urls, sorted hashes, their owners), rebuilt on change
+
     def choose(self, candidates: list[Backend], info: RouteInfo) -> tuple[Backend, str]:
         if info.session is None:
             return self.least_loaded(candidates), "no-session"
-        ring = sorted((_h(f"{b.url}#{i}"), b) for b in candidates for i in range(self.VNODES))
-        keys = [k for k, _ in ring]
-        i = bisect.bisect(keys, _h(info.session)) % len(ring)
-        return ring[i][1], "session"
+        urls = tuple(sorted(b.url for b in candidates))
+        if self._ring is None or self._ring[0] != urls:
+            ring = sorted((_h(f"{u}#{i}"), u) for u in urls for i in range(self.VNODES))
+            self._ring = (urls, [k for k, _ in ring], [u for _, u in ring])
+        _, keys, owners = self._ring
+        url = owners[bisect.bisect(keys, _h(info.session)) % len(keys)]
+        return next(b for b in candidates if b.url == url), "session"
 
 
 class PrefixAware(Policy):

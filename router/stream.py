@@ -65,7 +65,7 @@ class StreamState:
                 if self.continuing:
                     delta.pop("role", None)
                 text = delta.get("content") or ""
-                empty = not delta
+                empty = not text and all(k == "content" for k in delta)
             else:
                 text = c.get("text") or ""
                 empty = not text

@@ -41,7 +41,9 @@ class Proc:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                pytest.fail(f"{self.proc.args} exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+                pytest.fail(
+                    f"{self.proc.args} exited {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
             try:
                 if httpx.get(self.url + path, timeout=2.0).status_code < 500:
                     return self
@@ -75,6 +77,7 @@ class Proc:
 
 class Fake(Proc):
     stop_signal = signal.SIGKILL  # a test server: no graceful drain of hanging requests
+
     def __init__(self, name: str, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.name = name
         port = port or free_port(host)

@@ -34,7 +34,9 @@ def test_proxy_models_and_stream(procs):
     a, b = procs(Fake("a")), procs(Fake("b"))
     r = procs(RouterProc(*backends(a, b), "--routing-logic", "round-robin", *FAST))
     c = httpx.Client(base_url=r.url, timeout=30)
-    got = [c.post("/v1/completions", json={"prompt": "x y", "max_tokens": 2}).json() for _ in range(4)]
+    got = [
+        c.post("/v1/completions", json={"prompt": "x y", "max_tokens": 2}).json() for _ in range(4)
+    ]
     names = [g["backend"] for g in got]
     assert set(names) == {"a", "b"} and names[:2] == names[2:]  # round-robin: a b a b
     assert got[0]["choices"][0]["text"] == " w2 w3"
@@ -161,7 +163,9 @@ def test_requests_wait_while_all_backends_are_down(procs):
         import threading
 
         out = {}
-        t = threading.Thread(target=lambda: out.update(r=c.post("/v1/completions", json={"prompt": "x"})))
+        t = threading.Thread(
+            target=lambda: out.update(r=c.post("/v1/completions", json={"prompt": "x"}))
+        )
         t.start()
         wait_for(lambda: r.metrics()["router_queue_depth"] == 1, what="queued")
         a.control(health=200)
@@ -219,7 +223,9 @@ def test_canary_rollback_and_admin_weights(procs):
     c = httpx.Client(base_url=r.url, timeout=30)
     for _ in range(10):
         assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 200
-    wait_for(lambda: c.get("/admin/state", headers=adm).json()["canary_rolled_back"], what="rollback")
+    wait_for(
+        lambda: c.get("/admin/state", headers=adm).json()["canary_rolled_back"], what="rollback"
+    )
     st = c.get("/admin/state", headers=adm).json()
     assert {b["group"]: b["weight"] for b in st["backends"]} == {"stable": 1.0, "canary": 0.0}
     hits = k.hits()
@@ -230,7 +236,10 @@ def test_canary_rollback_and_admin_weights(procs):
     assert c.post("/admin/weights", json={"weights": {k.url: 3}}).status_code == 401
     bad = c.post("/admin/weights", json={"weights": {k.url: -1}}, headers=adm)
     assert bad.status_code == 400 and "non-negative" in bad.json()["error"]["message"]
-    assert c.post("/admin/weights", json={"weights": {"http://x:1": 1}}, headers=adm).status_code == 404
+    assert (
+        c.post("/admin/weights", json={"weights": {"http://x:1": 1}}, headers=adm).status_code
+        == 404
+    )
     ok = c.post("/admin/weights", json={"weights": {k.url: 3}}, headers=adm)
     assert ok.status_code == 200 and ok.json()["canary_rolled_back"] is None
     got = [c.post("/v1/completions", json={"prompt": "x"}).json()["backend"] for _ in range(8)]
@@ -256,22 +265,28 @@ def _hosts(ips: list[str]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-@pytest.mark.skipif(not __import__("os").access(HOSTS, __import__("os").W_OK), reason="needs a writable /etc/hosts")
+@pytest.mark.skipif(
+    not __import__("os").access(HOSTS, __import__("os").W_OK), reason="needs a writable /etc/hosts"
+)
 def test_dns_add_and_remove(procs):
     port = __import__("tests.router.conftest", fromlist=["free_port"]).free_port()
-    a, b = procs(Fake("a", "127.0.0.2", port)), procs(Fake("b", "127.0.0.3", port))
+    procs(Fake("a", "127.0.0.2", port)), procs(Fake("b", "127.0.0.3", port))
     try:
         _hosts(["127.0.0.2"])
         r = procs(RouterProc("--backends-dns", f"{NAME}:{port}", "--dns-interval", "0.3",
                              "--routing-logic", "round-robin", *FAST))  # fmt: skip
         c = httpx.Client(base_url=r.url, timeout=30)
-        assert {c.post("/v1/completions", json={"prompt": "x"}).json()["backend"] for _ in range(3)} == {"a"}
+        assert {
+            c.post("/v1/completions", json={"prompt": "x"}).json()["backend"] for _ in range(3)
+        } == {"a"}
         _hosts(["127.0.0.2", "127.0.0.3"])
         wait_for(lambda: r.metrics()["vllm:healthy_pods_total"] == 2, what="b added")
         got = {c.post("/v1/completions", json={"prompt": "x"}).json()["backend"] for _ in range(4)}
         assert got == {"a", "b"}
         _hosts(["127.0.0.3"])
         wait_for(lambda: r.metrics()["vllm:healthy_pods_total"] == 1, what="a removed")
-        assert {c.post("/v1/completions", json={"prompt": "x"}).json()["backend"] for _ in range(3)} == {"b"}
+        assert {
+            c.post("/v1/completions", json={"prompt": "x"}).json()["backend"] for _ in range(3)
+        } == {"b"}
     finally:
         _hosts([])
