@@ -136,7 +136,7 @@ async def one_round(client, url, msgs, answer_len, user_id) -> dict:
             "error": None if tokens == answer_len else f"{tokens} tokens"}  # fmt: skip
 
 
-async def workload(args, router_url: str, seed: int, on_half=None) -> dict:
+async def workload(args, router_urls: list[str], seed: int, on_half=None) -> dict:
     rng = random.Random(seed)
     system = f"[run {seed}] " + words(rng, args.shared_system_prompt)
     users = []
@@ -154,7 +154,8 @@ async def workload(args, router_url: str, seed: int, on_half=None) -> dict:
 
         async def run_user(u: dict) -> None:
             u["msgs"].append({"role": "user", "content": "Question: " + words(rng, 8) + "?"})
-            res = await one_round(client, router_url, u["msgs"], args.answer_len, u["id"])
+            url = rng.choice(router_urls)  # two routers behind a Service: either, per request
+            res = await one_round(client, url, u["msgs"], args.answer_len, u["id"])
             u["msgs"].append({"role": "assistant", "content": res.get("text", "")})
             results.append(res)
             u["busy"] = False
@@ -193,22 +194,30 @@ async def workload(args, router_url: str, seed: int, on_half=None) -> dict:
     }
 
 
-def run_logic(args, replicas: list[str], logic: str, seed: int, kill=None) -> dict:
-    port = free_port()
-    cmd = [sys.executable, "-m", "router", "--backends", ",".join(replicas), "--port", str(port),
-           "--routing-logic", logic, "--log-level", "warning", "--max-queue", "100000"]  # fmt: skip
-    proc, url = start(cmd, port)
+def run_logic(
+    args, replicas: list[str], logic: str, seed: int, kill=None, num_routers: int = 1
+) -> dict:
+    routers = []
+    for _ in range(num_routers):
+        port = free_port()
+        cmd = [sys.executable, "-m", "router", "--backends", ",".join(replicas), "--port", str(port),
+               "--routing-logic", logic, "--log-level", "warning", "--max-queue", "100000"]  # fmt: skip
+        routers.append(start(cmd, port))
+    urls = [u for _, u in routers]
     try:
         time.sleep(1.5)  # the first probes and scrapes
         before = cache_counters(replicas)
-        out = asyncio.run(workload(args, url, seed, kill))
+        out = asyncio.run(workload(args, urls, seed, kill))
         out["prefix_cache_hit_rate"] = hit_rate(before, cache_counters(replicas))
-        m = httpx.get(url + "/metrics", timeout=5).text
-        out["failovers"] = sum(
-            float(v) for v in re.findall(r"^router_failovers_total (\S+)", m, re.M)
-        )
+        out["failovers"] = 0.0
+        for u in urls:
+            m = httpx.get(u + "/metrics", timeout=5).text
+            out["failovers"] += sum(
+                float(v) for v in re.findall(r"^router_failovers_total (\S+)", m, re.M)
+            )
     finally:
-        stop(proc)
+        for proc, _ in routers:
+            stop(proc)
     out["logic"] = logic
     return out
 
@@ -223,6 +232,7 @@ def main() -> None:
     p.add_argument("--qps", type=float, default=1.0)
     p.add_argument("--routing-logics", default=",".join(LOGICS))
     p.add_argument("--kill-one-halfway", action="store_true")
+    p.add_argument("--two-routers", action="store_true", help="also prefix-aware behind 2 routers")
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--kv-gib", type=float, default=0.25, help="KV cache per replica")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a check that it runs")
@@ -238,6 +248,11 @@ def main() -> None:
     try:
         for i, logic in enumerate(args.routing_logics.split(",")):
             res = run_logic(args, replicas, logic, seed=i + 1)
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        if args.two_routers:
+            res = run_logic(args, replicas, "prefix-aware", seed=50, num_routers=2)
+            res["logic"] = "prefix-aware x2 routers"
             results.append(res)
             print(json.dumps(res), flush=True)
         if args.kill_one_halfway:
