@@ -290,3 +290,50 @@ def test_dns_add_and_remove(procs):
         } == {"b"}
     finally:
         _hosts([])
+
+
+def test_least_loaded_reads_the_scraped_queue_and_session_sticks(procs):
+    a, b = procs(Fake("a")), procs(Fake("b"))
+    a.control(waiting=50)  # a's scraped vllm:num_requests_waiting
+    r = procs(RouterProc(*backends(a, b), "--routing-logic", "least-loaded", *FAST))
+    c = httpx.Client(base_url=r.url, timeout=30)
+    wait_for(
+        lambda: c.post("/v1/completions", json={"prompt": "x"}).json()["backend"] == "b",
+        what="scrape",
+    )
+    assert {
+        c.post("/v1/completions", json={"prompt": "x"}).json()["backend"] for _ in range(6)
+    } == {"b"}
+    a.control(waiting=0)
+    b.control(waiting=50)
+    wait_for(
+        lambda: c.post("/v1/completions", json={"prompt": "x"}).json()["backend"] == "a",
+        what="rescrape",
+    )
+    s = procs(
+        RouterProc(*backends(a, b), "--routing-logic", "session", "--session-key", "user", *FAST)
+    )
+    c = httpx.Client(base_url=s.url, timeout=30)
+    by_header = {c.post("/v1/completions", json={"prompt": "x"}, headers={"user": "alice"}).json()["backend"]
+                 for _ in range(4)}  # fmt: skip
+    by_body = {c.post("/v1/completions", json={"prompt": "x", "user": "alice"}).json()["backend"]
+               for _ in range(4)}  # fmt: skip
+    assert len(by_header) == 1 and by_body == by_header
+    users = {c.post("/v1/completions", json={"prompt": "x", "user": f"u{i}"}).json()["backend"]
+             for i in range(16)}  # fmt: skip
+    assert users == {"a", "b"}
+
+
+def test_router_killed_mid_stream_harms_no_backend(procs):
+    a = procs(Fake("a"))
+    a.control(delay=0.2)
+    r = procs(RouterProc(*backends(a), *FAST))
+    body = {"prompt": "x", "max_tokens": 50, "stream": True}
+    with pytest.raises(httpx.TransportError):
+        with httpx.stream("POST", r.url + "/v1/completions", json=body, timeout=30) as resp:
+            for i, _ in enumerate(resp.iter_lines()):
+                if i == 2:
+                    r.proc.kill()
+    assert httpx.get(a.url + "/health").status_code == 200
+    a.control(delay=0.0)
+    assert httpx.post(a.url + "/v1/completions", json={"prompt": "x"}).status_code == 200
