@@ -10,6 +10,7 @@ import pytest
 
 from tests.router.conftest import Fake, RouterProc, wait_for
 
+pytestmark = pytest.mark.slow  # each test starts a router and fake backends: seconds apiece
 FAST = ["--health-interval", "0.2", "--backoff-base", "0.05", "--backoff-cap", "0.2"]
 
 

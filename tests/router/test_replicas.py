@@ -144,3 +144,38 @@ def test_sigkill_mid_stream_greedy_equals_uninterrupted(procs, replicas, chat):
     assert usage["completion_tokens"] == 60
     assert r.metrics()["router_failovers_total"] == 1
     replicas.replace(killed)
+
+
+def test_frontend_token_id_extensions(replicas):
+    """What exact failover stands on: streamed token_ids, and continuation_token_ids."""
+    url = replicas[0].base_url
+    body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    whole = httpx.post(
+        url + "/v1/completions", json={**body, "return_token_ids": True}, timeout=120
+    )
+    ids, text = whole.json()["choices"][0]["token_ids"], whole.json()["choices"][0]["text"]
+    assert len(ids) == 12
+    streamed = []
+    with httpx.stream("POST", url + "/v1/completions", timeout=120,
+                      json={**body, "stream": True, "return_token_ids": True}) as r:  # fmt: skip
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                streamed += json.loads(line[6:])["choices"][0]["token_ids"]
+    assert streamed == ids
+    cont = httpx.post(url + "/v1/completions", timeout=120,
+                      json={**body, "max_tokens": 7, "continuation_token_ids": ids[:5]}).json()  # fmt: skip
+    head = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 5}, timeout=120).json()
+    assert head["choices"][0]["text"] + cont["choices"][0]["text"] == text
+    chat = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    full = httpx.post(url + "/v1/chat/completions", json=chat, timeout=120).json()["choices"][0]
+    rest = httpx.post(url + "/v1/chat/completions", timeout=120,
+                      json={**chat, "max_tokens": 5, "continuation_token_ids": full["token_ids"][:3]}).json()  # fmt: skip
+    assert rest["choices"][0]["token_ids"] == full["token_ids"][3:]
+    bad = httpx.post(url + "/v1/completions", json={**body, "continuation_token_ids": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "continuation_token_ids"
+    two = httpx.post(
+        url + "/v1/completions", json={**body, "prompt": ["a", "b"], "continuation_token_ids": [1]}
+    )
+    assert two.status_code == 400
