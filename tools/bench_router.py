@@ -52,6 +52,7 @@ def start(cmd: list[str], port: int) -> tuple[subprocess.Popen, str]:
             raise RuntimeError(f"{cmd} exited; log in {log.name}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
+                proc.log_path = log.name  # type: ignore[attr-defined]
                 return proc, url
         except httpx.TransportError:
             pass
@@ -67,6 +68,9 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    log = getattr(proc, "log_path", None)
+    if log and os.path.exists(log):
+        os.unlink(log)  # kept only when a process failed to start (the error names it)
 
 
 def start_replica(args) -> tuple[subprocess.Popen, str]:

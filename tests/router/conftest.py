@@ -129,6 +129,9 @@ def procs():
     yield start
     pids = [pid for p in started if p.proc.poll() is None for pid in p.pids()]
     for p in started:
-        p.stop()
+        try:
+            p.stop()
+        except Exception:  # stop the rest whatever happens to one
+            p.proc.kill()
     time.sleep(0.1)
     assert not [pid for pid in pids if pid_alive(pid)], "processes left behind"
