@@ -268,6 +268,7 @@ class _Job:
     echo: bool = False
     include_usage: bool = False
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids
+    return_token_ids: bool = False  # each choice carries its new `token_ids`
     created: int = field(default_factory=now)  # one timestamp for the response and its chunks
 
     @property
@@ -336,6 +337,8 @@ async def _respond(request: Request, st: ServerState, job: _Job) -> Response:
             num_tokens += len(c.token_ids)
             lps = job.logprobs(st, i, c, len(prefix))
             choices.append(choice(job.chat, i * job.n + c.index, prefix + c.text, lps, c, False))
+            if job.return_token_ids:
+                choices[-1]["token_ids"] = list(c.token_ids)
     request.state.output_tokens = num_tokens
     return _json(job.body(st, choices, usage(job.num_prompt_tokens, num_tokens), False))
 
@@ -361,9 +364,12 @@ async def _stream(request: Request, st: ServerState, job: _Job) -> AsyncIterator
                     num_tokens += len(c.token_ids)
                     lps = job.logprobs(st, i, c, offsets[index]) if c.token_ids else None
                     offsets[index] += len(c.text)
-                    if not text and lps is None and c.finish_reason is None:
+                    ids = job.return_token_ids and c.token_ids
+                    if not text and lps is None and c.finish_reason is None and not ids:
                         continue  # text held back (a partial character or stop string)
                     chunk = choice(job.chat, index, text, lps, c, True)
+                    if job.return_token_ids:
+                        chunk["token_ids"] = list(c.token_ids)
                     yield _sse(job.body(st, [chunk], None, True))
                 request.state.output_tokens = num_tokens
         if job.include_usage:
@@ -413,10 +419,16 @@ async def create_completion(request: Request, st: ServerState) -> Response:
     inputs = [
         await _tokenize_prompt(st, p, req.add_special_tokens) for p in completion_prompts(req)
     ]
+    if req.continuation_token_ids:
+        if len(inputs) != 1:
+            raise RequestError("`continuation_token_ids` needs one prompt.", param="prompt")
+        check_token_ids(req.continuation_token_ids, st.engine.vocab_size, "continuation_token_ids")
+        inputs = [(None, inputs[0][1] + req.continuation_token_ids)]
     params = [st.sampling_params(req, len(ids)) for _, ids in inputs]
     st.check_accepting(len(inputs) * req.n)
     job = _Job(False, random_id("cmpl"), req.n, inputs, params, req.echo, _include_usage(req))
     job.tokens_as_ids = req.return_tokens_as_token_ids
+    job.return_token_ids = req.return_token_ids
     return await _run(request, st, job, req.stream)
 
 
@@ -428,11 +440,15 @@ async def create_chat_completion(request: Request, st: ServerState) -> Response:
     check_chat_unsupported(req)
     prompt = _apply_chat_template(st, chat_messages(req.messages), req)
     ids = await _encode(st, prompt, add_special=False)
+    if req.continuation_token_ids:
+        check_token_ids(req.continuation_token_ids, st.engine.vocab_size, "continuation_token_ids")
+        ids = ids + req.continuation_token_ids
     params = st.sampling_params(req, len(ids))
     st.check_accepting(req.n)
     job = _Job(True, random_id("chatcmpl"), req.n, [(prompt, ids)], [params])
     job.include_usage = _include_usage(req)
     job.tokens_as_ids = req.return_tokens_as_token_ids
+    job.return_token_ids = req.return_token_ids
     return await _run(request, st, job, req.stream)
 
 

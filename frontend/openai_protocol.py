@@ -103,6 +103,10 @@ class _SamplingRequest(msgspec.Struct):
     return_tokens_as_token_ids: bool = False  # logprobs' tokens as "token_id:{id}"
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # ringserve's extensions for the router's exact failover (router/README): each choice
+    # carries the `token_ids` it adds; `continuation_token_ids` go after the prompt's tokens.
+    return_token_ids: bool = False
+    continuation_token_ids: list[int] | None = None
 
 
 class CompletionRequest(_SamplingRequest):

@@ -1,0 +1,181 @@
+"""The router in front of two real replicas (`python -m frontend`, the default model): the
+prefix-aware logic keeps a conversation on its replica and spreads cold traffic, and a replica
+SIGKILLed mid-stream leaves the client a stream equal to an uninterrupted greedy run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+
+import httpx
+import pytest
+
+from tests.frontend.conftest import ServerProcess
+from tests.router.conftest import RouterProc, wait_for
+
+pytestmark = pytest.mark.slow
+REPLICA_FLAGS = ("--num-threads", "1", "--max-num-seqs", "4", "--kv-cache-space-gib", "0.25",
+                 "--disable-log-requests")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    """Two replicas, started once; a test that kills one replaces it (`replace(i)`)."""
+    started: list[ServerProcess] = []
+    live = [ServerProcess(*REPLICA_FLAGS) for _ in range(2)]
+    started += live
+    for s in live:
+        s.wait_ready()
+
+    class Replicas(list):
+        def replace(self, i: int) -> None:
+            s = ServerProcess(*REPLICA_FLAGS)
+            started.append(s)
+            self[i] = s.wait_ready()
+
+    yield Replicas(live)
+    pids: list[int] = []
+    for s in started:
+        pids += [s.proc.pid] + ([s.engine_pid] if s.engine_pid else [])
+        s.stop()
+        os.unlink(s.log_path)
+    leftovers = ServerProcess.leftovers(pids)
+    assert not leftovers, leftovers
+
+
+def start_router(procs, replicas, *args: str) -> RouterProc:
+    urls = ",".join(s.base_url for s in replicas)
+    r = procs(RouterProc("--backends", urls, "--admin-key", "adm", "--health-interval", "0.2",
+                         "--backoff-base", "0.1", *args))  # fmt: skip
+
+    def probed() -> bool:
+        st = httpx.get(r.url + "/admin/state", headers={"Authorization": "Bearer adm"}).json()
+        return all(b["healthy"] and b["ringserve"] for b in st["backends"])
+
+    wait_for(probed, 60, "replicas probed")
+    return r
+
+
+def served(r: RouterProc) -> dict[str, float]:
+    pat = r'vllm:num_incoming_requests_total\{server="([^"]+)"\}'
+    return {re.match(pat, k).group(1): v for k, v in r.metrics().items() if re.match(pat, k)}
+
+
+def test_prefix_aware_keeps_conversations_and_spreads_cold_traffic(procs, replicas):
+    r = start_router(procs, replicas, "--routing-logic", "prefix-aware")
+    c = httpx.Client(base_url=r.url, timeout=120)
+    # cold traffic at once: load counted at dispatch spreads it over both replicas
+    out: list = []
+
+    def cold(i: int) -> None:
+        body = {"prompt": f"{i} is a number that", "max_tokens": 24, "ignore_eos": True}
+        out.append(c.post("/v1/completions", json=body).status_code)
+
+    threads = [threading.Thread(target=cold, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [200] * 4
+    counts = served(r)
+    assert sorted(counts.values()) == [2.0, 2.0], counts
+    # a conversation, turn after turn, goes back to the replica that holds its prefix
+    msgs = [{"role": "system", "content": "You are a terse assistant. " * 8},
+            {"role": "user", "content": "Name a colour."}]  # fmt: skip
+    homes = []
+    for turn in range(3):
+        before = served(r)
+        resp = c.post(
+            "/v1/chat/completions", json={"messages": msgs, "max_tokens": 8, "temperature": 0}
+        )
+        assert resp.status_code == 200, resp.text
+        after = served(r)
+        homes += [u for u in after if after[u] > before.get(u, 0)]
+        msgs += [{"role": "assistant", "content": resp.json()["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": f"Another one, number {turn}."}]  # fmt: skip
+    assert len(homes) == 3 and len(set(homes)) == 1, homes
+    m = r.metrics()
+    assert m[f'router_routing_decisions_total{{backend="{homes[0]}",reason="prefix-hit"}}'] == 2
+    assert m["router_prefix_index_hit_ratio"] > 0
+
+
+def _kill(server: ServerProcess) -> None:
+    os.kill(server.proc.pid, signal.SIGKILL)
+    if server.engine_pid:
+        os.kill(server.engine_pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_sigkill_mid_stream_greedy_equals_uninterrupted(procs, replicas, chat):
+    r = start_router(procs, replicas, "--routing-logic", "least-loaded")
+    if chat:
+        path = "/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": "Tell me a story about a cat."}]}
+    else:
+        path, body = "/v1/completions", {"prompt": "Once upon a time, in a land far away,"}
+    body.update(max_tokens=60, temperature=0, ignore_eos=True)
+    ref = httpx.post(replicas[0].base_url + path, json=body, timeout=120).json()["choices"][0]
+    ref_text = ref["message"]["content"] if chat else ref["text"]
+    before = served(r)
+    text, n, killed, usage = "", 0, None, None
+    with httpx.stream("POST", r.url + path, json={**body, "stream": True,
+                      "stream_options": {"include_usage": True}}, timeout=120) as resp:  # fmt: skip
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            assert "error" not in obj, obj
+            assert "token_ids" not in json.dumps(obj)  # the router's extension stays inside
+            usage = obj.get("usage") or usage
+            for ch in obj["choices"]:
+                text += ch.get("text") or (ch.get("delta") or {}).get("content") or ""
+            n += 1
+            if n == 8 and killed is None:
+                after = served(r)
+                url = next(u for u in after if after[u] > before.get(u, 0))
+                killed = next(i for i, s in enumerate(replicas) if s.base_url == url)
+                _kill(replicas[killed])
+    assert killed is not None
+    assert text == ref_text
+    assert usage["completion_tokens"] == 60
+    assert r.metrics()["router_failovers_total"] == 1
+    replicas.replace(killed)
+
+
+def test_frontend_token_id_extensions(replicas):
+    """What exact failover stands on: streamed token_ids, and continuation_token_ids."""
+    url = replicas[0].base_url
+    body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    whole = httpx.post(
+        url + "/v1/completions", json={**body, "return_token_ids": True}, timeout=120
+    )
+    ids, text = whole.json()["choices"][0]["token_ids"], whole.json()["choices"][0]["text"]
+    assert len(ids) == 12
+    streamed = []
+    with httpx.stream("POST", url + "/v1/completions", timeout=120,
+                      json={**body, "stream": True, "return_token_ids": True}) as r:  # fmt: skip
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                streamed += json.loads(line[6:])["choices"][0]["token_ids"]
+    assert streamed == ids
+    cont = httpx.post(url + "/v1/completions", timeout=120,
+                      json={**body, "max_tokens": 7, "continuation_token_ids": ids[:5]}).json()  # fmt: skip
+    head = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 5}, timeout=120).json()
+    assert head["choices"][0]["text"] + cont["choices"][0]["text"] == text
+    chat = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    full = httpx.post(url + "/v1/chat/completions", json=chat, timeout=120).json()["choices"][0]
+    rest = httpx.post(url + "/v1/chat/completions", timeout=120,
+                      json={**chat, "max_tokens": 5, "continuation_token_ids": full["token_ids"][:3]}).json()  # fmt: skip
+    assert rest["choices"][0]["token_ids"] == full["token_ids"][3:]
+    bad = httpx.post(url + "/v1/completions", json={**body, "continuation_token_ids": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "continuation_token_ids"
+    two = httpx.post(
+        url + "/v1/completions", json={**body, "prompt": ["a", "b"], "continuation_token_ids": [1]}
+    )
+    assert two.status_code == 400
