@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 import traceback
 
 import msgspec
-import zmq
 
 from engine_core.config import EngineConfig
+from engine_core.process import connect_handshake, reply_startup_error, start_child_process
 from engine_core.protocol import (
     AbortRequests,
     EngineCoreInput,
@@ -174,34 +173,12 @@ def _raise_shutdown(signum, frame) -> None:
     raise _Shutdown(signal.Signals(signum).name)
 
 
-def set_parent_death_signal(sig: signal.Signals) -> None:
-    """Ask Linux to send `sig` when our parent dies, so that no child process outlives it."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, sig)
-    except (OSError, AttributeError):
-        pass
-
-
 def run_engine_core(handshake_addr: str) -> int:
     """Process entry: handshake over ZMQ, then loop until shut down. Returns the exit code."""
-    set_parent_death_signal(signal.SIGTERM)  # SIGTERM: we clean up our queues first
+    start_child_process("engine_core", signal.SIGTERM)  # SIGTERM: we clean up our queues first
     parent = os.getppid()
     signal.signal(signal.SIGTERM, _raise_shutdown)
-    # Ctrl-C in a terminal reaches the whole group: the frontend decides when we stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s engine_core %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PAIR)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.connect(handshake_addr)
+    ctx, sock = connect_handshake(handshake_addr)
     in_q = out_q = core = None
     try:
         hello = msgspec.msgpack.decode(sock.recv(), type=EngineHandshake)
@@ -211,9 +188,7 @@ def run_engine_core(handshake_addr: str) -> int:
         try:
             core = EngineCore(config)
         except Exception as e:
-            logger.error("start-up failed: %s", traceback.format_exc())
-            reply = EngineHandshakeReply(error=f"{type(e).__name__}: {e}")
-            sock.send(msgspec.msgpack.encode(reply))
+            reply_startup_error(sock, EngineHandshakeReply, e)
             return 1
         out_q = MessageQueue(n_reader=1, max_chunk_bytes=1 << 20, max_chunks=16)
         reply = EngineHandshakeReply(
