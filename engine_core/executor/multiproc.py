@@ -1,7 +1,7 @@
 """MultiprocExecutor: runs one model sharded over N worker processes (tensor parallelism).
 
-The EngineCore uses it exactly like a ModelRunner (`max_model_len`, `num_blocks`,
-`model_config`, `warmup()`, `execute_model()`, `shutdown()`). It starts workers rank 0..N-1
+One of the two Executors (engine_core/executor/__init__.py), for tensor_parallel_size > 1.
+It starts workers rank 0..N-1
 (`python -m engine_core.worker`), each on its own device in one torch.distributed group,
 hands each its WorkerHandshake over a ZMQ PAIR socket, then broadcasts every step through
 one shared-memory MessageQueue with N readers; rank 0 answers on its own MessageQueue.
@@ -63,7 +63,7 @@ class WorkerStartupError(RuntimeError):
 
 
 class MultiprocExecutor:
-    """Drives N tensor-parallel worker processes; the EngineCore's model runner for N > 1."""
+    """Drives N tensor-parallel worker processes; the EngineCore's Executor for N > 1."""
 
     def __init__(self, config: EngineConfig, startup_timeout: float = 300.0) -> None:
         if config.tensor_parallel_size < 2:

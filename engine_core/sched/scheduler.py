@@ -30,8 +30,6 @@ from engine_core.protocol import (
 from engine_core.sched.kv_cache_manager import KVCacheManager
 from engine_core.sched.request import Request, RequestStatus
 
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
-
 
 class Scheduler:
     """Continuous batching with chunked prefill, prefix caching and preemption by recompute."""
@@ -45,9 +43,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.block_size = config.block_size
         self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = (
-            config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        )
+        self.max_num_batched_tokens = config.resolved_max_num_batched_tokens()
         self.long_prefill_token_threshold = config.long_prefill_token_threshold
         self.enable_prefix_caching = config.enable_prefix_caching
         self.kv_cache_manager = KVCacheManager(

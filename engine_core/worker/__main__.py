@@ -32,7 +32,6 @@ from engine_core.protocol import (
     WorkerHandshake,
     WorkerHandshakeReply,
     WorkerInput,
-    WorkerModelConfig,
     WorkerOutput,
     WorkerReady,
     WorkerShutdown,
@@ -133,10 +132,7 @@ def _ready_reply(runner: ModelRunner, result_q: MessageQueue | None) -> WorkerHa
         ready=WorkerReady(
             num_blocks=runner.num_blocks,
             max_model_len=runner.max_model_len,
-            model_config=WorkerModelConfig(
-                vocab_size=runner.model_config.vocab_size,
-                eos_token_ids=list(runner.model_config.eos_token_ids),
-            ),
+            model_config=runner.worker_model_config(),
             weight_bytes=runner.model.weight_bytes(),
             kv_cache_bytes=runner.kv_cache.numel() * runner.kv_cache.element_size(),
         ),

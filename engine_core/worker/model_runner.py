@@ -31,9 +31,13 @@ from engine_core.attention.cuda import CudaAttentionMetadata, stage_step, unsupp
 from engine_core.attention.torch_paged import AttentionMetadata, token_positions
 from engine_core.config import EngineConfig
 from engine_core.models.loader import load_model, load_model_config
-from engine_core.protocol import ModelRunnerOutput, SamplingParams, SchedulerOutput
+from engine_core.protocol import (
+    ModelRunnerOutput,
+    SamplingParams,
+    SchedulerOutput,
+    WorkerModelConfig,
+)
 from engine_core.sample.sampler import Sampler, SamplingMetadata
-from engine_core.sched.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from engine_core.worker import gpu_memory
 from engine_core.worker.cuda_graphs import Capture, CudaGraphCapture, DecodeGraphs, capture_sizes
 from engine_core.worker.input_batch import InputBatch, PinnedStaging
@@ -96,7 +100,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.max_blocks_per_req = -(-self.max_model_len // self.block_size)
         # The scheduler's step budget: the largest step the memory profile runs.
-        self.max_num_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+        self.max_num_batched_tokens = config.resolved_max_num_batched_tokens()
         self.use_kernels = self._kernel_path(use_kernels)
         self.staging = None
         if self.use_kernels:
@@ -139,7 +143,7 @@ class ModelRunner:
 
     def _staging_bytes(self) -> int:
         """Room for a step's packed inputs at the budget (PinnedStaging grows past it)."""
-        seqs, tokens = self.config.max_num_seqs, self.max_num_tokens
+        seqs, tokens = self.config.max_num_seqs, self.max_num_batched_tokens
         return 3 * 8 * tokens + seqs * (4 * self.max_blocks_per_req + 16) + 8 * 16
 
     def _make_graphs(self, capture: Capture | None) -> DecodeGraphs | None:
@@ -166,7 +170,7 @@ class ModelRunner:
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type == "cuda":
-            return gpu_memory.profile_num_blocks(self, block_bytes)
+            return self._profile_num_blocks(block_bytes)
         budget = self.config.kv_cache_space_gib * 2**30
         num_blocks = int(budget // block_bytes)
         if num_blocks < 2:
@@ -176,6 +180,34 @@ class ModelRunner:
                 f"gpu_memory_utilization)."
             )
         return num_blocks
+
+    def _profile_num_blocks(self, block_bytes: int) -> int:
+        """On a GPU: what gpu_memory_utilization leaves after the largest step, profiled on a
+        scratch cache that is dropped after."""
+        query_lens, table = gpu_memory.profile_step_shape(
+            self.max_num_batched_tokens,
+            self.config.max_num_seqs,
+            self.max_model_len,
+            self.block_size,
+        )
+        graphs = self.cuda_graphs
+        self.kv_cache = self.new_kv_cache(int(table.max()) + 1)
+        try:
+            return gpu_memory.profile_num_blocks(
+                self.device,
+                self.config.gpu_memory_utilization,
+                block_bytes,
+                self.block_size,
+                lambda: self.profile_run(query_lens, table),
+                None if graphs is None else lambda: graphs.padded_forward(graphs.sizes[-1]),
+            )
+        finally:
+            self.kv_cache = None
+
+    def worker_model_config(self) -> WorkerModelConfig:
+        """The model facts the EngineCore needs (vocabulary size, end-of-sequence ids)."""
+        cfg = self.model_config
+        return WorkerModelConfig(vocab_size=cfg.vocab_size, eos_token_ids=list(cfg.eos_token_ids))
 
     @torch.inference_mode()
     def profile_run(self, query_lens: np.ndarray, block_table: np.ndarray) -> None:

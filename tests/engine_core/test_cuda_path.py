@@ -33,7 +33,7 @@ from engine_core.worker.cuda_graphs import (
     capture_sizes,
     eager_capture,
 )
-from engine_core.worker.gpu_memory import kv_cache_blocks, profile_num_blocks, profile_step_shape
+from engine_core.worker.gpu_memory import kv_cache_blocks, profile_step_shape
 from engine_core.worker.input_batch import PinnedStaging
 from engine_core.worker.model_runner import ModelRunner
 from kernels_cuda import launch, ops
@@ -386,7 +386,7 @@ def test_gpu_memory_profile_logic_with_faked_cuda_memory_stats(tiny_dir, monkeyp
         monkeypatch.setattr(torch.cuda, name, fake)
     block_bytes = 2**20
     with caplog.at_level("INFO", logger="engine_core.worker.gpu_memory"):
-        blocks = profile_num_blocks(runner, block_bytes)
+        blocks = runner._profile_num_blocks(block_bytes)
     # 10 GiB x 0.9 - 2 GiB in use - 300 MiB peak - (100 MiB graphs + 256 MiB margin)
     assert blocks == 9 * 1024 - 2048 - 300 - 100 - 256
     assert f"KV cache: {blocks} blocks = {blocks * BLOCK} tokens" in caplog.text
