@@ -347,5 +347,5 @@ def test_paged_attention_matches_dense_attention_for_mixed_rows():
 
 
 def test_attention_metadata_rejects_decode_rows_after_prefill_rows():
-    with pytest.raises(ValueError, match="single-query rows must come before"):
+    with pytest.raises(AssertionError, match="single-query rows must come before"):
         AttentionMetadata.build(np.array([4, 1]), np.array([0, 3]), np.zeros((2, 1), int), BLOCK)
