@@ -25,8 +25,21 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.block_pool.usage
 
+    @property
+    def num_usable_blocks(self) -> int:
+        """Blocks a request can ever hold: the whole pool but the null block."""
+        return self.block_pool.num_usable_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.num_free_blocks
+
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        """Whether a sequence of num_tokens fits in the whole pool (if it were all free)."""
+        return self.num_blocks_for(num_tokens) <= self.num_usable_blocks
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The longest cached prefix of a request not yet scheduled: (blocks, num_tokens).

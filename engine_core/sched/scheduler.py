@@ -52,8 +52,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        # Finished, aborted or preempted since the last SchedulerOutput: the runner drops them.
+        # Finished or aborted, and preempted, since the last SchedulerOutput: the runner drops them.
         self.finished_req_ids: set[str] = set()
+        self.preempted_req_ids: set[str] = set()
         # Requests the scheduler itself failed: reported by the next update_from_output.
         self._error_outputs: list[EngineCoreOutput] = []
         self._prefix_cache_queries = 0
@@ -117,16 +118,16 @@ class Scheduler:
 
         reset=False peeks: the counters stay for the next step's report.
         """
-        pool = self.kv_cache_manager.block_pool
+        kv = self.kv_cache_manager
         stats = SchedulerStats(
             num_running_reqs=len(self.running),
             num_waiting_reqs=len(self.waiting),
-            kv_cache_usage=pool.usage,
+            kv_cache_usage=kv.usage,
             prefix_cache_queries=self._prefix_cache_queries,
             prefix_cache_hits=self._prefix_cache_hits,
             num_preemptions=self._num_preemptions,
-            num_free_blocks=pool.num_free_blocks,
-            num_total_blocks=pool.num_usable_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            num_total_blocks=kv.num_usable_blocks,
         )
         if reset:
             self._prefix_cache_queries = self._prefix_cache_hits = self._num_preemptions = 0
@@ -183,7 +184,7 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting[0]
-            if kv.num_blocks_for(request.num_tokens) > kv.block_pool.num_usable_blocks:
+            if not kv.can_ever_fit(request.num_tokens):
                 self.waiting.popleft()
                 self._fail_too_big(request)
                 continue
@@ -224,10 +225,12 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=total,
             finished_req_ids=sorted(self.finished_req_ids),
+            preempted_req_ids=sorted(self.preempted_req_ids),
         )
-        # An empty step may never reach the runner: keep its drop list for the next one.
+        # An empty step may never reach the runner: keep its drop lists for the next one.
         if total > 0:
             self.finished_req_ids = set()
+            self.preempted_req_ids = set()
         return output
 
     def update_from_output(
@@ -295,8 +298,7 @@ class Scheduler:
         alone in running, the request has every block that is not its own.
         """
         kv = self.kv_cache_manager
-        needed = kv.num_blocks_for(request.num_computed_tokens + num_new)
-        if needed > kv.block_pool.num_usable_blocks:
+        if not kv.can_ever_fit(request.num_computed_tokens + num_new):
             self._fail_too_big(request)
             return None
         while True:
@@ -315,7 +317,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self._num_preemptions += 1
-        self.finished_req_ids.add(request.request_id)
+        self.preempted_req_ids.add(request.request_id)
         self.waiting.appendleft(request)
 
     def _fail_too_big(self, request: Request) -> None:
@@ -325,7 +327,7 @@ class Scheduler:
         kv = self.kv_cache_manager
         request.error = (
             f"request {request.request_id!r} needs more than the whole KV cache: "
-            f"{request.num_tokens} tokens take more than {kv.block_pool.num_usable_blocks} "
+            f"{request.num_tokens} tokens take more than {kv.num_usable_blocks} "
             f"blocks of {self.block_size}."
         )
         request.finish(FinishReason.ERROR)

@@ -258,7 +258,7 @@ class ModelRunner:
 
     def _update_states(self, so: SchedulerOutput) -> None:
         batch = self.input_batch
-        for req_id in so.finished_req_ids:
+        for req_id in (*so.finished_req_ids, *so.preempted_req_ids):
             batch.remove_request(req_id)
         for new in so.scheduled_new_reqs:
             batch.add_request(new, self.device)

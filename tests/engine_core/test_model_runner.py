@@ -42,6 +42,7 @@ class Driver:
         self.free = list(range(runner.num_blocks - 1, -1, -1))
         self.reqs: dict[str, Req] = {}
         self.finished: list[str] = []
+        self.preempted: list[str] = []
 
     def add(self, req_id: str, prompt: list[int], params: SamplingParams = GREEDY) -> None:
         self.reqs[req_id] = Req(list(prompt), params)
@@ -51,7 +52,7 @@ class Driver:
         req = self.reqs[req_id] if preempt else self.reqs.pop(req_id)
         self.free.extend(reversed(req.blocks))
         req.blocks, req.computed, req.synced = [], 0, -1
-        self.finished.append(req_id)
+        (self.preempted if preempt else self.finished).append(req_id)
 
     def step(self, plan: dict[str, int]) -> ModelRunnerOutput:
         bs = self.runner.block_size
@@ -72,8 +73,8 @@ class Driver:
                     CachedRequestData(req_id, req.tokens[req.synced :], new_blocks, req.computed)
                 )
             req.synced = len(req.tokens)
-        so = SchedulerOutput(new, cached, plan, sum(plan.values()), self.finished)
-        self.finished = []
+        so = SchedulerOutput(new, cached, plan, sum(plan.values()), self.finished, self.preempted)
+        self.finished, self.preempted = [], []
         out = self.runner.execute_model(so)
         expected = {
             r for r, n in plan.items() if self.reqs[r].computed + n == len(self.reqs[r].tokens)
