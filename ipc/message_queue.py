@@ -4,8 +4,8 @@ Small payloads travel in the ring; a payload larger than a chunk leaves an overf
 in the ring and goes, zero-copy, over a ZMQ XPUB socket (ipc://) that every reader receives
 in the same order as the ring. A reader spins briefly after recent traffic, then sleeps on a
 FIFO the writer writes one byte to only when the reader's sleeping flag is set; a writer
-facing a full ring sleeps likewise on its own FIFO. See ARCHITECTURE.md, "The shared-memory
-ring", for the flag protocol.
+facing a full ring sleeps likewise on its own FIFO. See docs/architecture.md, "The
+shared-memory ring", for the flag protocol.
 
 Names: the segment (/dev/shm, 0600) and a private 0700 directory holding the socket and the
 FIFOs. They are removed as soon as every reader has attached (the mappings and open files

@@ -1,6 +1,6 @@
 """The writer half of MessageQueue: publishing, back-pressure, overflow and waking readers.
 
-Publishing a chunk follows ARCHITECTURE.md: wait until it is writable, clear *written*,
+Publishing a chunk follows docs/architecture.md: wait until it is writable, clear *written*,
 write the payload, reset every reader's flag, fence, set *written*, fence. The reset comes
 before *written* so that no reader ever sees a false "partly read" state. The first fence
 orders stores with stores, which x86-64 does by itself: see shm_ring.TSO.

@@ -66,11 +66,7 @@ class MultiprocExecutor:
     """Drives N tensor-parallel worker processes; the EngineCore's Executor for N > 1."""
 
     def __init__(self, config: EngineConfig, startup_timeout: float = 300.0) -> None:
-        if config.tensor_parallel_size < 2:
-            raise ValueError(
-                f"MultiprocExecutor needs tensor_parallel_size >= 2, "
-                f"got {config.tensor_parallel_size}."
-            )
+        assert config.tensor_parallel_size >= 2, "one rank runs in UniprocExecutor"
         self.config = config
         self.world_size = config.tensor_parallel_size
         self.workers: list[subprocess.Popen] = []

@@ -75,11 +75,7 @@ class Scheduler:
         """Queue a request at the tail of the waiting queue."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in the scheduler.")
-        if request.block_size != self.block_size:
-            raise ValueError(
-                f"request {request.request_id!r} has block_size {request.block_size}, "
-                f"the KV cache uses {self.block_size}."
-            )
+        assert request.block_size == self.block_size, f"block_size {request.block_size}"
         if request.num_prompt_tokens >= self.max_model_len:
             raise ValueError(
                 f"request {request.request_id!r}: the prompt has {request.num_prompt_tokens} "

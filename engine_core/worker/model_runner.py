@@ -105,7 +105,7 @@ class ModelRunner:
         self.model.set_attention_backend(self.attn_backend)
         self.cuda_graphs = self._make_graphs(graph_capture)
         self.kv_cache: torch.Tensor | None = None
-        self.num_blocks = self._num_kv_blocks()
+        self.num_blocks = self._num_blocks_for_memory()
         if self.tp_size > 1:
             # The scheduler hands every rank the same block ids: size for the smallest rank.
             self.num_blocks = distributed.all_reduce_min(self.num_blocks, self.device)
@@ -147,7 +147,7 @@ class ModelRunner:
             capture,
         )
 
-    def _num_kv_blocks(self) -> int:
+    def _num_blocks_for_memory(self) -> int:
         cfg = self.model_config
         elem = torch.tensor([], dtype=self.compute_dtype).element_size()
         block_bytes = 2 * cfg.num_layers * self.block_size * self.num_kv_heads * cfg.head_dim * elem
@@ -282,7 +282,9 @@ class ModelRunner:
         num_tokens = batch.num_tokens[rows]
         assert (num_computed + query_lens <= num_tokens).all(), "scheduled past a request's tokens"
         needed_blocks = -(-(num_computed + query_lens) // self.block_size)
-        assert (needed_blocks <= batch.num_blocks[rows]).all(), "a request is short of KV blocks"
+        assert (needed_blocks <= batch.num_blocks_per_row[rows]).all(), (
+            "a request is short of KV blocks"
+        )
         positions = token_positions(query_lens, num_computed)
         input_ids = batch.token_ids[np.repeat(rows, query_lens), positions]
         block_tables = batch.block_table[rows, : int(needed_blocks.max())]

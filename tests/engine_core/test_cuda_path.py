@@ -197,7 +197,7 @@ def test_capture_sizes_are_1_2_4_8_then_steps_of_8_up_to_max_num_seqs():
     assert capture_sizes(3) == [1, 2, 4]
     assert capture_sizes(1) == [1]
     assert capture_sizes(4096)[-1] == 512
-    with pytest.raises(ValueError, match="max_num_seqs must be at least 1, got 0"):
+    with pytest.raises(AssertionError, match="max_num_seqs=0"):
         capture_sizes(0)
 
 

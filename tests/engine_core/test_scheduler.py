@@ -491,7 +491,7 @@ def test_add_request_rejects_bad_requests():
     add(sched, "a", 7)
     with pytest.raises(ValueError, match="request id 'a' is already in the scheduler"):
         add(sched, "a", 3)
-    with pytest.raises(ValueError, match="block_size 8"):
+    with pytest.raises(AssertionError, match="block_size 8"):
         sched.add_request(Request("b", [1], SamplingParams(), [EOS], 0.0, 8))
     with pytest.raises(ValueError, match="at least one token"):
         Request("c", [], SamplingParams(), [EOS], 0.0, 4)
