@@ -20,6 +20,7 @@ class Executor(Protocol):
     max_model_len: int
     num_blocks: int  # KV cache blocks every rank holds
     model_config: WorkerModelConfig
+    weight_bytes: list[int]  # bytes of weights each rank holds
 
     def warmup(self) -> None:
         """Run the warm-up forwards (and capture CUDA graphs) before the first request."""

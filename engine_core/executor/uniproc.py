@@ -16,6 +16,7 @@ class UniprocExecutor:
         self.max_model_len = self.runner.max_model_len
         self.num_blocks = self.runner.num_blocks
         self.model_config: WorkerModelConfig = self.runner.worker_model_config()
+        self.weight_bytes = [self.runner.model.weight_bytes()]  # per rank, as multiproc
 
     def warmup(self) -> None:
         self.runner.warmup()
