@@ -132,7 +132,8 @@ class MessageQueue(WriterSide, ReaderSide):
         self._names_removed, self._watchdog = False, None
         self._sock_dir = shm_ring.make_private_dir()
         self._shm_path = ""
-        self._seg = self._ctx = self._pub = None
+        self._seg = self._pub = None
+        self._ctx: zmq.Context | None = None
         self._init_fence()
         try:
             self._shm_path, self._seg = shm_ring.create_segment(self._layout)
@@ -242,7 +243,8 @@ class MessageQueue(WriterSide, ReaderSide):
         self._pid = os.getpid()
         self._can_read = self._fast_write = False
         self._shm_path, self._sock_dir, self._names_removed = handle.shm_path, handle.sock_dir, True
-        self._seg = self._ctx = self._sub = None
+        self._seg = self._sub = None
+        self._ctx = None
         self._fd = self._writer_fd = self._pidfd = -1
         self._init_fence()
         self._decoder = msgspec.msgpack.Decoder(msg_type if msg_type is not None else Any)

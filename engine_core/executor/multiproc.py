@@ -41,6 +41,7 @@ from engine_core.protocol import (
     WorkerHandshakeReply,
     WorkerModelConfig,
     WorkerOutput,
+    WorkerReady,
     WorkerShutdown,
     WorkerWarmup,
 )
@@ -72,7 +73,7 @@ class MultiprocExecutor:
         self.workers: list[subprocess.Popen] = []
         self._failure: str | None = None
         self._running = self._closed = False
-        self.result_queue: MessageQueue | None = None
+        self.result_queue: MessageQueue | None = None  # set once rank 0 has replied
         self._tmpdir = tempfile.mkdtemp(prefix="ringserve-tp-")
         self._ctx = zmq.Context()
         self._finalizer = weakref.finalize(self, _kill_workers, self.workers, self._tmpdir)
@@ -80,11 +81,10 @@ class MultiprocExecutor:
             self.broadcast = MessageQueue(
                 n_reader=self.world_size, max_chunk_bytes=1 << 20, max_chunks=8
             )
-            replies = self._start_workers(startup_timeout)
+            ready = self._start_workers(startup_timeout)
         except BaseException:
             self.shutdown()
             raise
-        ready = [r.ready for r in replies]
         self.num_blocks = ready[0].num_blocks
         self.max_model_len = ready[0].max_model_len
         self.model_config: WorkerModelConfig = ready[0].model_config
@@ -100,8 +100,8 @@ class MultiprocExecutor:
 
     # ------------------------------------------------------------------ start-up
 
-    def _start_workers(self, timeout: float) -> list[WorkerHandshakeReply]:
-        """Spawn the workers, hand each its handshake, and collect every reply."""
+    def _start_workers(self, timeout: float) -> list[WorkerReady]:
+        """Spawn the workers, hand each its handshake, and collect every rank's ready message."""
         port = _free_port()
         handle = msgspec.msgpack.encode(self.broadcast.export_handle())
         config_json = msgspec.json.encode(self.config)
@@ -135,10 +135,12 @@ class MultiprocExecutor:
         self.result_queue = MessageQueue.attach(result_handle, 0, msg_type=WorkerOutput)
         self.broadcast.wait_for_readers(timeout=60.0)
         shutil.rmtree(self._tmpdir, ignore_errors=True)  # the sockets are no longer needed
-        blocks = {r.ready.num_blocks for r in replies}
+        ready = [r.ready for r in replies if r.ready is not None]
+        assert len(ready) == self.world_size, "_exchange returns a ready reply per rank"
+        blocks = {r.num_blocks for r in ready}
         if len(blocks) != 1:
             raise WorkerStartupError(f"the workers disagree on the KV cache size: {blocks}.")
-        return replies
+        return ready
 
     def _exchange(
         self, socks: list[zmq.Socket], hellos: list[bytes], deadline: float, timeout: float
@@ -211,6 +213,7 @@ class MultiprocExecutor:
 
     def _result(self) -> WorkerOutput:
         """Rank 0's answer, checking between waits that every worker is still alive."""
+        assert self.result_queue is not None, "the workers have started"
         while True:
             try:
                 out = self.result_queue.dequeue(timeout=_POLL_S)

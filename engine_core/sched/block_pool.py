@@ -60,7 +60,7 @@ class FreeBlockQueue:
 
     def popleft(self) -> KVCacheBlock:
         block = self._head.next_free
-        assert block is not self._tail, "no free KV cache block left to pop"
+        assert block is not None and block is not self._tail, "no free KV cache block left to pop"
         self.remove(block)
         return block
 
@@ -74,6 +74,7 @@ class FreeBlockQueue:
 
     def append(self, block: KVCacheBlock) -> None:
         last = self._tail.prev_free
+        assert last is not None, "the tail sentinel always has a predecessor"
         last.next_free = block
         block.prev_free = last
         block.next_free = self._tail
@@ -82,7 +83,7 @@ class FreeBlockQueue:
 
     def __iter__(self) -> Iterator[KVCacheBlock]:
         block = self._head.next_free
-        while block is not self._tail:
+        while block is not None and block is not self._tail:
             yield block
             block = block.next_free
 
