@@ -43,7 +43,7 @@ RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 @functools.cache
 def _native_backend() -> AttentionBackend:
-    """Until set_attention_backend: the torch path (what tests of the bare model run)."""
+    """Until set_attention_backend: the native backend (what tests of the bare model run)."""
     from engine_core.attention.torch_paged import NativeBackend  # it builds on models/
 
     return NativeBackend()

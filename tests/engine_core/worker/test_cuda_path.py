@@ -1,11 +1,11 @@
-"""The CUDA path of the model runner: kernel-path metadata, decode graphs, memory budget.
+"""The cuda backend through the model runner: its metadata, decode graphs, memory budget.
 
-On a CPU, kernels_cuda.ops runs its torch references, so the kernel path (and the decode
+On a CPU, kernels_cuda.ops runs its torch references, so the cuda backend (and the decode
 graphs, with an eager stand-in for capture) runs here too: these tests prove its metadata,
-dispatch and static-buffer plumbing give the CPU path's tokens. The slow emulated test runs
-the CUDA kernels' own source on the CPU emulator through the whole model. The tests marked
-`cuda` run on a GPU: our kernels and CUDA graphs against the torch path, and the memory
-profile.
+dispatch and static-buffer plumbing give the native backend's tokens. The slow emulated test
+runs the CUDA kernels' own source on the CPU emulator through the whole model. The tests
+marked `cuda` run on a GPU: our kernels and CUDA graphs against the native backend, and the
+memory profile.
 """
 
 from __future__ import annotations
