@@ -38,6 +38,7 @@ serve-replicas: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy  # paths and settings: [tool.mypy] in pyproject.toml
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
+# The step's token budget when max_num_batched_tokens is None (chunked prefill splits longer
+# prompts).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -16,7 +20,7 @@ class EngineConfig:
     dtype: str = "bfloat16"
     tensor_parallel_size: int = 1
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: 2048 (chunked prefill splits longer prompts)
+    max_num_batched_tokens: int | None = None  # None: DEFAULT_MAX_NUM_BATCHED_TOKENS
     max_model_len: int | None = None  # None: the model's context, capped at 8192
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -68,3 +72,7 @@ class EngineConfig:
             raise ValueError(
                 "load_format='dummy' needs hf_config (a config.json) or model (a directory)."
             )
+
+    def resolved_max_num_batched_tokens(self) -> int:
+        """The step's token budget: max_num_batched_tokens, or its default."""
+        return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 import traceback
 
 import msgspec
-import zmq
 
 from engine_core.config import EngineConfig
+from engine_core.executor import Executor, make_executor
+from engine_core.process import connect_handshake, reply_startup_error, start_child_process
 from engine_core.protocol import (
     AbortRequests,
     EngineCoreInput,
@@ -48,21 +48,20 @@ class EngineCore:
         self.config = config
         self.startup_log: list[str] = []
         t0 = time.perf_counter()
-        self.executor = _make_executor(config)
+        self.executor: Executor = make_executor(config)
         self._log(f"model loaded in {time.perf_counter() - t0:.2f} s")
-        runner = self.executor
-        self.max_model_len = runner.max_model_len
+        self.max_model_len = self.executor.max_model_len
         self.block_size = config.block_size
-        self.num_blocks = runner.num_blocks
+        self.num_blocks = self.executor.num_blocks
         self._log(
             f"KV cache: {self.num_blocks} blocks of {self.block_size} tokens "
             f"= {self.num_blocks * self.block_size} tokens"
         )
         t0 = time.perf_counter()
-        runner.warmup()
+        self.executor.warmup()
         self._log(f"warm-up done in {time.perf_counter() - t0:.2f} s")
-        self.eos_token_ids = list(runner.model_config.eos_token_ids)
-        self.vocab_size = runner.model_config.vocab_size
+        self.eos_token_ids = list(self.executor.model_config.eos_token_ids)
+        self.vocab_size = self.executor.model_config.vocab_size
         self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len)
         # Outputs produced outside a step (rejected requests), sent with the next message.
         self._pending: list[EngineCoreOutput] = []
@@ -147,20 +146,7 @@ class EngineCore:
         return UtilityOutput(call_id=req.call_id, result=msgspec.msgpack.encode(result))
 
     def shutdown(self) -> None:
-        shutdown = getattr(self.executor, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
-
-
-def _make_executor(config: EngineConfig):
-    """The model runner in this process, or the TP executor that drives worker processes."""
-    if config.tensor_parallel_size > 1:
-        from engine_core.executor.multiproc import MultiprocExecutor
-
-        return MultiprocExecutor(config)
-    from engine_core.worker.model_runner import ModelRunner
-
-    return ModelRunner(config)
+        self.executor.shutdown()
 
 
 # ---------------------------------------------------------------- the process
@@ -174,34 +160,12 @@ def _raise_shutdown(signum, frame) -> None:
     raise _Shutdown(signal.Signals(signum).name)
 
 
-def set_parent_death_signal(sig: signal.Signals) -> None:
-    """Ask Linux to send `sig` when our parent dies, so that no child process outlives it."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, sig)
-    except (OSError, AttributeError):
-        pass
-
-
 def run_engine_core(handshake_addr: str) -> int:
     """Process entry: handshake over ZMQ, then loop until shut down. Returns the exit code."""
-    set_parent_death_signal(signal.SIGTERM)  # SIGTERM: we clean up our queues first
+    start_child_process("engine_core", signal.SIGTERM)  # SIGTERM: we clean up our queues first
     parent = os.getppid()
     signal.signal(signal.SIGTERM, _raise_shutdown)
-    # Ctrl-C in a terminal reaches the whole group: the frontend decides when we stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s engine_core %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PAIR)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.connect(handshake_addr)
+    ctx, sock = connect_handshake(handshake_addr)
     in_q = out_q = core = None
     try:
         hello = msgspec.msgpack.decode(sock.recv(), type=EngineHandshake)
@@ -211,9 +175,7 @@ def run_engine_core(handshake_addr: str) -> int:
         try:
             core = EngineCore(config)
         except Exception as e:
-            logger.error("start-up failed: %s", traceback.format_exc())
-            reply = EngineHandshakeReply(error=f"{type(e).__name__}: {e}")
-            sock.send(msgspec.msgpack.encode(reply))
+            reply_startup_error(sock, EngineHandshakeReply, e)
             return 1
         out_q = MessageQueue(n_reader=1, max_chunk_bytes=1 << 20, max_chunks=16)
         reply = EngineHandshakeReply(
@@ -257,9 +219,7 @@ def _busy_loop(core: EngineCore, in_q: MessageQueue, out_q: MessageQueue, parent
                 if os.getppid() != parent:
                     raise _Shutdown("the frontend process is gone") from None
                 # A TP worker that died while we were idle fails the engine now, not later.
-                check_health = getattr(core.executor, "check_health", None)
-                if check_health is not None:
-                    check_health()
+                core.executor.check_health()
                 continue
             if _handle(core, msg, out_q):
                 return

@@ -35,8 +35,7 @@ def init_tensor_parallel(
     rank: int, world_size: int, init_method: str, device: torch.device
 ) -> None:
     """Join the engine's process group as `rank` of `world_size` (NCCL on CUDA, else gloo)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}.")
+    assert 0 <= rank < world_size, f"rank {rank} of {world_size}"
     if dist.is_initialized():
         raise RuntimeError("this process is already in a torch.distributed process group.")
     backend = "nccl" if device.type == "cuda" else "gloo"

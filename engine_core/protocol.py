@@ -224,8 +224,11 @@ class SchedulerOutput(msgspec.Struct, **_STRUCT):
     scheduled_cached_reqs: list[CachedRequestData]
     num_scheduled_tokens: dict[str, int]
     total_num_scheduled_tokens: int
-    # Requests that finished, were aborted or preempted since the last step: the runner drops them.
+    # Requests that finished or were aborted since the last step: the runner drops them.
     finished_req_ids: list[str] = []
+    # Requests preempted since the last step: the runner drops them too (they come back, if
+    # they do, as new requests that recompute).
+    preempted_req_ids: list[str] = []
 
 
 class ModelRunnerOutput(msgspec.Struct, **_STRUCT):

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Any
 
 import uvicorn
 
@@ -126,7 +127,7 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         sock.close()
         return 0
     model_name = args.served_model_name or default_name
-    app = build_app(engine, args, model_name, model_root)
+    app: Any = build_app(engine, args, model_name, model_root)
     host, port = sock.getsockname()[:2]
 
     def on_ready() -> None:
@@ -150,7 +151,7 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         access_log=False,  # AccessLog logs each request, with its tokens
         log_config=None,
         log_level=args.log_level,
-        timeout_graceful_shutdown=args.drain_timeout + 5.0,
+        timeout_graceful_shutdown=args.drain_timeout + 5.0,  # type: ignore[arg-type]  # a float works
         timeout_keep_alive=5,
     )
     server = _Server(uv_config, app.state, on_ready)

@@ -8,7 +8,8 @@ import itertools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
 from engine_core.config import EngineConfig
 from engine_core.protocol import EngineCoreOutputs, SamplingParams, SchedulerStats
@@ -66,6 +67,8 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         client_f = loop.run_in_executor(None, EngineCoreClient, config, startup_timeout)
         tok_f = loop.run_in_executor(None, load_tokenizer, config.model, config.tokenizer)
+        client: Any
+        tokenizer: Any
         client, tokenizer = await asyncio.gather(client_f, tok_f, return_exceptions=True)
         for result in (client, tokenizer):
             if isinstance(result, BaseException):
@@ -83,7 +86,7 @@ class AsyncLLM:
         params: SamplingParams,
         request_id: str,
         output_kind: RequestOutputKind = RequestOutputKind.DELTA,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's outputs until it finishes; leaving early aborts it in the core."""
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
@@ -110,8 +113,10 @@ class AsyncLLM:
                 self.abort(request_id)
 
     async def generate_many(
-        self, requests: list[tuple], output_kind: RequestOutputKind
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        self,
+        requests: list[tuple[str | None, list[int], SamplingParams, str]],
+        output_kind: RequestOutputKind,
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """Run several requests, each (prompt, prompt_token_ids, params, request_id), and yield
         their outputs as they come, tagged with the request's index; leaving early aborts all."""
         if len(requests) == 1:
@@ -121,7 +126,7 @@ class AsyncLLM:
             return
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i: int, request: tuple) -> None:
+        async def pump(i: int, request: tuple[str | None, list[int], SamplingParams, str]) -> None:
             try:
                 async with contextlib.aclosing(self.generate(*request, output_kind)) as gen:
                     async for out in gen:

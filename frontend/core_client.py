@@ -121,6 +121,7 @@ class EngineCoreClient:
 
     def get_outputs(self, timeout: float | None = None) -> EngineCoreOutputs:
         """Block for the next message; raises TimeoutError, or EngineDeadError if the core died."""
+        assert self.output_queue is not None, "the client has started"
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
@@ -137,6 +138,7 @@ class EngineCoreClient:
             return self._check(out)
 
     def get_outputs_nowait(self) -> EngineCoreOutputs | None:
+        assert self.output_queue is not None, "the client has started"
         try:
             out = self.output_queue.dequeue_nowait()
         except PeerDiedError as e:
@@ -149,6 +151,7 @@ class EngineCoreClient:
         return out
 
     def output_fileno(self) -> int:
+        assert self.output_queue is not None, "the client has started"
         return self.output_queue.fileno()
 
     def process_sentinel_fd(self) -> int:

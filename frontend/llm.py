@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from engine_core.config import EngineConfig
 from engine_core.protocol import SamplingParams, SchedulerStats
@@ -233,7 +233,7 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
         return [prompts]
     if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]
-    return list(prompts)
+    return list(cast(Sequence[PromptType], prompts))
 
 
 def _as_params_list(

@@ -27,7 +27,8 @@ _LATENCY_BUCKETS = [
 
 def _token_buckets(max_model_len: int) -> list[float]:
     """1, 2, 5, 10, 20, 50, ... up to max_model_len, as vLLM's build_1_2_5_buckets."""
-    out, exponent = [], 0
+    out: list[float] = []
+    exponent = 0
     while True:
         for m in (1, 2, 5):
             value = m * 10**exponent

@@ -145,7 +145,9 @@ class _Sample:
     def finished_stats(self, now: float) -> FinishedRequestStats:
         arrival, first = self.request.metrics.arrival_time, self.first_token_time
         n = len(self.token_ids)
-        decode_time = None if first is None else self.last_token_time - first
+        last = self.last_token_time
+        decode_time = None if first is None or last is None else last - first
+        assert self.finish_reason is not None, "only a finished sample has stats"
         return FinishedRequestStats(
             request_id=self.engine_id,
             finish_reason=self.finish_reason,
@@ -352,7 +354,7 @@ class OutputProcessor:
         if s.logprobs is not None and out.new_logprobs:
             for lps in out.new_logprobs[:keep]:
                 s.logprobs.append(self._convert_logprobs(lps))
-                s.cumulative_logprob += lps.logprobs[0]
+                s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lps.logprobs[0]
         if out.error is not None:
             request.error = out.error
         if not stopped and out.finish_reason is not None:
@@ -370,7 +372,7 @@ class OutputProcessor:
             stats.num_prompt_tokens += len(s.request.prompt_token_ids)
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
-        else:
+        elif s.last_token_time is not None:
             stats.inter_token_latencies.append(now - s.last_token_time)
         s.last_token_time = metrics.last_token_time = now
         metrics.num_generation_tokens += num_new

@@ -4,8 +4,8 @@ Small payloads travel in the ring; a payload larger than a chunk leaves an overf
 in the ring and goes, zero-copy, over a ZMQ XPUB socket (ipc://) that every reader receives
 in the same order as the ring. A reader spins briefly after recent traffic, then sleeps on a
 FIFO the writer writes one byte to only when the reader's sleeping flag is set; a writer
-facing a full ring sleeps likewise on its own FIFO. See ARCHITECTURE.md, "The shared-memory
-ring", for the flag protocol.
+facing a full ring sleeps likewise on its own FIFO. See docs/architecture.md, "The
+shared-memory ring", for the flag protocol.
 
 Names: the segment (/dev/shm, 0600) and a private 0700 directory holding the socket and the
 FIFOs. They are removed as soon as every reader has attached (the mappings and open files
@@ -132,7 +132,8 @@ class MessageQueue(WriterSide, ReaderSide):
         self._names_removed, self._watchdog = False, None
         self._sock_dir = shm_ring.make_private_dir()
         self._shm_path = ""
-        self._seg = self._ctx = self._pub = None
+        self._seg = self._pub = None
+        self._ctx: zmq.Context | None = None
         self._init_fence()
         try:
             self._shm_path, self._seg = shm_ring.create_segment(self._layout)
@@ -242,7 +243,8 @@ class MessageQueue(WriterSide, ReaderSide):
         self._pid = os.getpid()
         self._can_read = self._fast_write = False
         self._shm_path, self._sock_dir, self._names_removed = handle.shm_path, handle.sock_dir, True
-        self._seg = self._ctx = self._sub = None
+        self._seg = self._sub = None
+        self._ctx = None
         self._fd = self._writer_fd = self._pidfd = -1
         self._init_fence()
         self._decoder = msgspec.msgpack.Decoder(msg_type if msg_type is not None else Any)

@@ -49,6 +49,39 @@ def check_timeout(timeout: float | None) -> float | None:
 class ReaderSide:
     """Reader methods of MessageQueue; state is set up by MessageQueue.attach."""
 
+    # State and helpers MessageQueue sets up (attach); declared for the type checker.
+    _acquire: Any
+    _armed: Any
+    _can_read: Any
+    _closed: Any
+    _copy_before_decode: Any
+    _decoder: Any
+    _fd: Any
+    _fence: Any
+    _flags: Any
+    _header: Any
+    _idx: Any
+    _liveness_s: Any
+    _meta: Any
+    _n_read: Any
+    _n_read_at_wait: Any
+    _next: Any
+    _next_liveness: Any
+    _pidfd: Any
+    _poller: Any
+    _release: Any
+    _shm_path: Any
+    _sleeping: Any
+    _slots: Any
+    _sock_dir: Any
+    _spin_s: Any
+    _sub: Any
+    _writer_fd: Any
+    _writer_gone: Any
+    _writer_pid: Any
+    _writer_start: Any
+    rank: Any
+
     def dequeue(self, timeout: float | None = None) -> Any:
         """The next message (a decoded Struct, or bytes for raw payloads), waiting at most
         `timeout` s (TimeoutError). Raises PeerDiedError / PeerClosedError once the writer is

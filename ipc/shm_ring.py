@@ -105,7 +105,7 @@ class Segment:
 
         def region(off: int, length: int, fmt: str = "B") -> memoryview:
             view = base[off : off + length]
-            return view if fmt == "B" else view.cast(fmt)
+            return view if fmt == "B" else view.cast(fmt)  # type: ignore[call-overload]
 
         cb = lay.max_chunk_bytes
         self.chunks = [region(i * cb, cb) for i in range(lay.max_chunks)]
@@ -295,7 +295,7 @@ def unregister(queue: object) -> None:
 
 def _on_sigterm(signum: int, frame: object) -> None:
     for queue in list(_open_queues):
-        queue._remove_names()  # type: ignore[attr-defined]
+        queue._remove_names()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -304,6 +304,6 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def _close_all() -> None:
     for queue in list(_open_queues):
         try:
-            queue.close()  # type: ignore[attr-defined]
+            queue.close()
         except Exception:  # noqa: BLE001 - best effort at exit, the names go regardless
-            queue._remove_names()  # type: ignore[attr-defined]
+            queue._remove_names()

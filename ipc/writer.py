@@ -1,6 +1,6 @@
 """The writer half of MessageQueue: publishing, back-pressure, overflow and waking readers.
 
-Publishing a chunk follows ARCHITECTURE.md: wait until it is writable, clear *written*,
+Publishing a chunk follows docs/architecture.md: wait until it is writable, clear *written*,
 write the payload, reset every reader's flag, fence, set *written*, fence. The reset comes
 before *written* so that no reader ever sees a false "partly read" state. The first fence
 orders stores with stores, which x86-64 does by itself: see shm_ring.TSO.
@@ -33,6 +33,40 @@ RANK_TOPIC = b"\xffringserve-rank:"  # each reader also subscribes to this + its
 class WriterSide:
     """Writer methods of MessageQueue; state is set up by MessageQueue.__init__."""
 
+    # State and helpers MessageQueue sets up (__init__); declared for the type checker.
+    _acquire: Any
+    _all_attached: Any
+    _buf: Any
+    _chunk_bytes: Any
+    _encoder: Any
+    _fence: Any
+    _flags: Any
+    _handle: Any
+    _header: Any
+    _idx: Any
+    _layout: Any
+    _meta: Any
+    _names_removed: Any
+    _next: Any
+    _ones: Any
+    _pub: Any
+    _reader_flags: Any
+    _release: Any
+    _remove_names: Any
+    _require_writer: Any
+    _seg: Any
+    _sleeping: Any
+    _slots: Any
+    _sock_dir: Any
+    _spin_s: Any
+    _states: Any
+    _struct_types: Any
+    _subscribed: Any
+    _wake_fds: Any
+    _writer_fd: Any
+    _writer_poller: Any
+    _zeros: Any
+
     def export_handle(self) -> Any:
         """The handle readers attach with: a msgspec Struct (writer only)."""
         self._require_writer("export_handle")
@@ -41,7 +75,8 @@ class WriterSide:
     def wait_for_readers(self, timeout: float | None = None) -> None:
         """Block until all n_reader readers have attached; TimeoutError names the missing ranks."""
         self._require_writer("wait_for_readers")
-        deadline = None if check_timeout(timeout) is None else time.monotonic() + timeout
+        timeout = check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self._poll_readers():
             if deadline is not None and time.monotonic() >= deadline:
                 missing = [r for r in range(self._layout.n_reader) if not self._reader_ready(r)]

@@ -1,22 +1,15 @@
-"""Paged-KV-cache attention: the torch reference that runs on CPU and checks CUDA kernels.
+"""The native attention backend: torch code over the paged KV cache (CPU, and the oracle).
 
-Each layer has one K and one V pool of shape [num_blocks, block_size, num_kv_heads, head_dim].
-Token t of a request lives in slot `block_table[t // block_size] * block_size + t % block_size`.
+A step's decode rows are batched in groups of DECODE_GROUP_SIZE: K/V gathered through the
+group's block tables padded to its longest row, then one masked softmax attention (SDPA)
+for the group. Prefill rows go one at a time: causal attention over [0, num_computed +
+query_len), the first num_computed tokens (a cached prefix or earlier chunks) read from the
+cache. The layout (row order, slots) is common.py's.
 
-A step mixes two kinds of rows, single-query rows first:
-  - decode rows (1 query token: a sampled token, or a 1-token prefill chunk), batched in
-    groups of DECODE_GROUP_SIZE: K/V gathered through the group's block tables padded to its
-    longest row, then one masked softmax attention (SDPA) for the group;
-  - prefill rows, one at a time: causal attention over [0, num_computed + query_len), where
-    the first num_computed tokens (a cached prefix or earlier chunks) are read from the cache.
-Every layer first writes the step's new K/V into the pools for ALL rows, then attends: a row
-may read blocks that another row of the same step is filling (a shared prefix).
-
-Math runs in the query's dtype; on a CPU that is fp32 (see model_loader), and so is the CPU
-cache: measured on the 2-core AVX2 EPYC for 32 decode rows of 272 tokens (one SmolLM2 layer),
-gathering an fp32 cache took 0.7 ms and its SDPA 1.5 ms; a bf16 cache converted back to fp32
-cost 0.4-0.9 ms more per layer, and torch's bf16 SDPA is several times slower than fp32.
-Gathers use index_select: advanced indexing (`cache[block_tables]`) measured 4-20x slower.
+Math runs in the query's dtype; on a CPU that is fp32 (see models/loader.py), and so is the
+CPU cache: a bf16 cache converted back to fp32 per layer, and torch's bf16 SDPA, are slower.
+Gathers use index_select, much faster here than advanced indexing (`cache[block_tables]`).
+docs/architecture.md has the measurements behind these choices.
 """
 
 from __future__ import annotations
@@ -27,9 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Decode rows attended together. Rows come sorted by length, so small groups pad little,
-# and a group's gathered K/V (8 rows x 272 tokens: 3.3 MB) stays in cache: for 32 rows of
-# 32-640 tokens, groups of 8 took 4.7 ms a layer, one group of 32 took 14-26 ms.
+from engine_core.attention import AttentionBackend
+from engine_core.attention.common import StepInputs, StepLayout, step_layout
+from engine_core.models.ops import NATIVE_OPS
+
+# Decode rows attended together. Rows come sorted by length, so small groups pad little and
+# a group's gathered K/V stays in the CPU's cache.
 DECODE_GROUP_SIZE = 8
 
 
@@ -79,68 +75,88 @@ class AttentionMetadata:
         """From per-row query lengths, computed-token counts and block tables [rows, >= blocks].
 
         Single-query rows must come first; grouping works best when they are sorted by
-        context length. `positions` is token_positions(query_lens, num_computed) if known.
+        context length.
         """
-        query_lens = np.asarray(query_lens, dtype=np.int64)
-        num_computed = np.asarray(num_computed, dtype=np.int64)
-        if len(query_lens) != len(num_computed) or len(query_lens) > len(block_tables):
-            raise ValueError("query_lens, num_computed and block_tables need one entry per row.")
-        if (query_lens < 1).any():
-            raise ValueError(
-                f"every row needs at least one query token, got {query_lens.tolist()}."
-            )
-        multi = query_lens > 1
-        num_decode = int(np.argmax(multi)) if multi.any() else len(query_lens)
-        if not multi[num_decode:].all():
-            raise ValueError("single-query rows must come before multi-token rows.")
-        context_lens = num_computed + query_lens
-        num_blocks = -(-context_lens // block_size)
-        if (num_blocks > block_tables.shape[1]).any():
-            raise ValueError("a row's context needs more blocks than its block table holds.")
-        if positions is None:
-            positions = token_positions(query_lens, num_computed)
+        layout = step_layout(query_lens, num_computed, block_tables, block_size, positions)
+        return cls.from_layout(layout, device, dtype, decode_group_size)
+
+    @classmethod
+    def from_layout(
+        cls,
+        layout: StepLayout,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        decode_group_size: int | None = None,
+    ) -> AttentionMetadata:
         group = decode_group_size or DECODE_GROUP_SIZE
-        row_of_token = np.repeat(np.arange(len(query_lens)), query_lens)
-        slots = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size
-        slots += positions % block_size
+        num_decode, num_blocks, tables = layout.num_decode, layout.num_blocks, layout.block_tables
         groups = [
             _decode_group(
                 start,
                 min(start + group, num_decode),
-                context_lens,
+                layout.context_lens,
                 num_blocks,
-                block_tables,
-                block_size,
+                tables,
+                layout.block_size,
                 device,
                 dtype,
             )
             for start in range(0, num_decode, group)
         ]
-        starts = np.cumsum(query_lens) - query_lens
+        starts = np.cumsum(layout.query_lens) - layout.query_lens
         prefills = [
             _prefill_row(
                 int(starts[i]),
-                int(query_lens[i]),
-                int(num_computed[i]),
-                block_tables[i, : num_blocks[i]],
+                int(layout.query_lens[i]),
+                int(layout.num_computed[i]),
+                tables[i, : num_blocks[i]],
                 device,
             )
-            for i in range(num_decode, len(query_lens))
+            for i in range(num_decode, len(layout.query_lens))
         ]
         return cls(
-            positions=torch.from_numpy(positions).to(device),
-            slot_mapping=torch.from_numpy(slots).to(device),
+            positions=torch.from_numpy(layout.positions).to(device),
+            slot_mapping=torch.from_numpy(layout.slot_mapping).to(device),
             num_decode_tokens=num_decode,
             decode_groups=groups,
             prefills=prefills,
         )
 
 
-def token_positions(query_lens: np.ndarray, num_computed: np.ndarray) -> np.ndarray:
-    """Position of every token of a flattened step: row i covers [num_computed, +query_len)."""
-    starts = np.cumsum(query_lens) - query_lens
-    offsets = np.arange(int(query_lens.sum())) - np.repeat(starts, query_lens)
-    return offsets + np.repeat(num_computed, query_lens)
+class NativeBackend(AttentionBackend):
+    """Paged attention in torch; its metadata is built on the host, then moved per tensor."""
+
+    name = "native"
+    ops = NATIVE_OPS
+
+    def __init__(
+        self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.device, self.dtype = torch.device(device), dtype
+
+    def prepare(
+        self, input_ids: np.ndarray, layout: StepLayout, logits_indices: np.ndarray
+    ) -> StepInputs:
+        return StepInputs(
+            input_ids=torch.from_numpy(input_ids).to(self.device),
+            logits_indices=torch.from_numpy(logits_indices).to(self.device),
+            meta=AttentionMetadata.from_layout(layout, self.device, self.dtype),
+        )
+
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        return attend(q, k, v, kv_cache[0], kv_cache[1], meta)
 
 
 def _decode_group(
@@ -193,11 +209,24 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """Write k, v [T, kv_heads, head_dim] to the cache, then attend q [T, heads, head_dim].
+    """Write k, v [T, kv_heads, head_dim] to the cache, then attend q [T, heads, head_dim]."""
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return attend(q, k, v, k_cache, v_cache, meta)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """Attention of q [T, heads, head_dim] over each row's context in the cache (the step's
+    own k, v [T, kv_heads, head_dim] already written to it).
 
     Returns [T, heads * head_dim] in q's dtype; scale is 1/sqrt(head_dim).
     """
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     for group in meta.decode_groups:
@@ -222,7 +251,7 @@ def _decode_attention(
     k = _gather(k_cache, group.block_ids, q.dtype).view(rows, -1, kv_heads, head_dim)
     v = _gather(v_cache, group.block_ids, q.dtype).view(rows, -1, kv_heads, head_dim)
     # Each KV head's query heads act as that head's query rows: K/V are read once per KV
-    # head (enable_gqa measured 1.7x slower here, reading them once per query head).
+    # head (enable_gqa, reading them once per query head, is slower here).
     o = F.scaled_dot_product_attention(
         q.view(rows, kv_heads, num_heads // kv_heads, head_dim),
         k.transpose(1, 2),  # [rows, kv_heads, context, head_dim]

@@ -1,7 +1,7 @@
 """MultiprocExecutor: runs one model sharded over N worker processes (tensor parallelism).
 
-The EngineCore uses it exactly like a ModelRunner (`max_model_len`, `num_blocks`,
-`model_config`, `warmup()`, `execute_model()`, `shutdown()`). It starts workers rank 0..N-1
+One of the two Executors (engine_core/executor/__init__.py), for tensor_parallel_size > 1.
+It starts workers rank 0..N-1
 (`python -m engine_core.worker`), each on its own device in one torch.distributed group,
 hands each its WorkerHandshake over a ZMQ PAIR socket, then broadcasts every step through
 one shared-memory MessageQueue with N readers; rank 0 answers on its own MessageQueue.
@@ -41,6 +41,7 @@ from engine_core.protocol import (
     WorkerHandshakeReply,
     WorkerModelConfig,
     WorkerOutput,
+    WorkerReady,
     WorkerShutdown,
     WorkerWarmup,
 )
@@ -63,20 +64,16 @@ class WorkerStartupError(RuntimeError):
 
 
 class MultiprocExecutor:
-    """Drives N tensor-parallel worker processes; the EngineCore's model runner for N > 1."""
+    """Drives N tensor-parallel worker processes; the EngineCore's Executor for N > 1."""
 
     def __init__(self, config: EngineConfig, startup_timeout: float = 300.0) -> None:
-        if config.tensor_parallel_size < 2:
-            raise ValueError(
-                f"MultiprocExecutor needs tensor_parallel_size >= 2, "
-                f"got {config.tensor_parallel_size}."
-            )
+        assert config.tensor_parallel_size >= 2, "one rank runs in UniprocExecutor"
         self.config = config
         self.world_size = config.tensor_parallel_size
         self.workers: list[subprocess.Popen] = []
         self._failure: str | None = None
         self._running = self._closed = False
-        self.result_queue: MessageQueue | None = None
+        self.result_queue: MessageQueue | None = None  # set once rank 0 has replied
         self._tmpdir = tempfile.mkdtemp(prefix="ringserve-tp-")
         self._ctx = zmq.Context()
         self._finalizer = weakref.finalize(self, _kill_workers, self.workers, self._tmpdir)
@@ -84,11 +81,10 @@ class MultiprocExecutor:
             self.broadcast = MessageQueue(
                 n_reader=self.world_size, max_chunk_bytes=1 << 20, max_chunks=8
             )
-            replies = self._start_workers(startup_timeout)
+            ready = self._start_workers(startup_timeout)
         except BaseException:
             self.shutdown()
             raise
-        ready = [r.ready for r in replies]
         self.num_blocks = ready[0].num_blocks
         self.max_model_len = ready[0].max_model_len
         self.model_config: WorkerModelConfig = ready[0].model_config
@@ -104,8 +100,8 @@ class MultiprocExecutor:
 
     # ------------------------------------------------------------------ start-up
 
-    def _start_workers(self, timeout: float) -> list[WorkerHandshakeReply]:
-        """Spawn the workers, hand each its handshake, and collect every reply."""
+    def _start_workers(self, timeout: float) -> list[WorkerReady]:
+        """Spawn the workers, hand each its handshake, and collect every rank's ready message."""
         port = _free_port()
         handle = msgspec.msgpack.encode(self.broadcast.export_handle())
         config_json = msgspec.json.encode(self.config)
@@ -139,10 +135,12 @@ class MultiprocExecutor:
         self.result_queue = MessageQueue.attach(result_handle, 0, msg_type=WorkerOutput)
         self.broadcast.wait_for_readers(timeout=60.0)
         shutil.rmtree(self._tmpdir, ignore_errors=True)  # the sockets are no longer needed
-        blocks = {r.ready.num_blocks for r in replies}
+        ready = [r.ready for r in replies if r.ready is not None]
+        assert len(ready) == self.world_size, "_exchange returns a ready reply per rank"
+        blocks = {r.num_blocks for r in ready}
         if len(blocks) != 1:
             raise WorkerStartupError(f"the workers disagree on the KV cache size: {blocks}.")
-        return replies
+        return ready
 
     def _exchange(
         self, socks: list[zmq.Socket], hellos: list[bytes], deadline: float, timeout: float
@@ -215,6 +213,7 @@ class MultiprocExecutor:
 
     def _result(self) -> WorkerOutput:
         """Rank 0's answer, checking between waits that every worker is still alive."""
+        assert self.result_queue is not None, "the workers have started"
         while True:
             try:
                 out = self.result_queue.dequeue(timeout=_POLL_S)

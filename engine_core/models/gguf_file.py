@@ -1,9 +1,9 @@
 """A fast GGUF reader: metadata and memory-mapped tensor data, skipping the tokenizer arrays.
 
-gguf.GGUFReader parses every tokenizer string into numpy views: 7-16 s for SmolLM2's
-49k tokens and merges on this machine. Loading weights only needs the scalar metadata and
-the tensor table, so this reader steps over arrays (keeping their length) in ~0.1 s and hands
-each tensor's raw bytes to gguf.quants.dequantize.
+gguf.GGUFReader parses every tokenizer string into numpy views, seconds for SmolLM2's
+vocabulary and merges. Loading weights only needs the scalar metadata and the tensor table,
+so this reader steps over arrays (keeping their length) and hands each tensor's raw bytes
+to gguf.quants.dequantize.
 """
 
 from __future__ import annotations

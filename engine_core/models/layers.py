@@ -1,25 +1,25 @@
 """Building blocks of the Llama forward pass: RMSNorm, rotary embedding and linear layers.
 
 Linear layers on a CPU run through oneDNN with the weight packed once at load
-(`torch.ops.mkldnn._linear_pointwise`, what inductor's freezing pass uses). Measured on the
-2-core AVX2 EPYC (fp32, ms per SmolLM2 layer, aten `F.linear` vs packed): 1 row 0.76 vs 0.43,
-8 rows 1.78 vs 0.78, 32 rows 2.99 vs 2.35; the 49152-row LM head for 32 rows 29 vs 17.
-The packing only reorders the weight: values and dtype are unchanged.
+(`torch.ops.mkldnn._linear_pointwise`, what inductor's freezing pass uses), faster than aten's
+`F.linear` at every batch size (docs/architecture.md has the figures). The packing only
+reorders the weight: values and dtype are unchanged.
 
-The `*_kernels` variants are the CUDA path's (engine_core/attention/cuda.py): the same math
-through kernels_cuda.ops, in place where the kernels work in place.
+RMSNorm's math is its path's (models/ops.py: `native` torch code or `cuda` kernels), set once
+when the runner picks its attention backend.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels_cuda import ops
+if TYPE_CHECKING:
+    from engine_core.models.ops import ModelOps
 
 
 def _onednn_available() -> bool:
@@ -73,27 +73,18 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.ops: ModelOps = _native_ops()
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is not None:
-            x = x + residual
-        residual = x
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps), residual
-        # Low-precision activations: normalize in fp32 as transformers does.
-        h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
-        return self.weight * h.to(x.dtype), residual
+        return self.ops.rms_norm(x, residual, self.weight, self.eps)
 
-    def forward_kernels(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward() through the kernels: given a residual, x and residual change in place."""
-        if residual is None:
-            return ops.rms_norm(torch.empty_like(x), x, self.weight, self.eps), x
-        ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
-        return x, residual
+
+def _native_ops() -> ModelOps:
+    from engine_core.models.ops import NATIVE_OPS  # ops.py builds on this module
+
+    return NATIVE_OPS
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -174,9 +165,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU on a fused [gate | up] projection."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-def silu_and_mul_kernels(x: torch.Tensor) -> torch.Tensor:
-    """silu_and_mul() through the kernel (one pass instead of three)."""
-    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
-    return ops.silu_and_mul(out, x)

@@ -1,13 +1,13 @@
 """The Llama forward pass (Llama 2/3, SmolLM, TinyLlama...) over a paged KV cache.
 
 The step's tokens are one flat [T] batch (no padding): decode and prefill rows side by side,
-described by an AttentionMetadata. q/k/v and gate/up are fused into one matmul each, loaded
-from the checkpoint's separate tensors.
+described by the attention backend's metadata. q/k/v and gate/up are fused into one matmul
+each, loaded from the checkpoint's separate tensors.
 
-Two attention paths, chosen by the metadata's type: an AttentionMetadata runs the torch code
-(engine_core/attention/torch_paged.py, the CPU path); a CudaAttentionMetadata runs the CUDA path, where
-norms, rotary embedding, SiLU-and-mul, the KV cache writes and attention go through
-kernels_cuda.ops (the NVRTC kernels on CUDA tensors) and the linear layers stay cuBLAS.
+The model knows no device path: its attention layers call the attention backend
+(engine_core/attention/, `native` by default, set once by `set_attention_backend`) and its
+norms, rotary embedding and activation the backend's fused ops (models/ops.py). The linear
+layers are the same on both paths.
 
 Tensor parallelism (tp_size > 1, one rank per process in a torch.distributed group): q/k/v
 and gate/up are column-parallel (each rank holds its heads and its slice of the intermediate
@@ -21,6 +21,7 @@ With tp_size == 1 none of this runs: no collective, no masking, the unsharded ch
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,25 +29,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_core.attention import cuda as attention_cuda
-from engine_core.attention.cuda import CudaAttentionMetadata
-from engine_core.attention.torch_paged import AttentionMetadata, paged_attention
+from engine_core.attention import AttentionBackend, StepMetadata
 from engine_core.distributed import all_reduce_sum, gather_to_first
-from engine_core.models.layers import (
-    Linear,
-    RMSNorm,
-    RotaryEmbedding,
-    apply_rope,
-    silu_and_mul,
-    silu_and_mul_kernels,
-)
+from engine_core.models.layers import Linear, RMSNorm, RotaryEmbedding
 from engine_core.models.model_config import ModelConfig
-from kernels_cuda import ops
+from engine_core.models.ops import NATIVE_OPS, ModelOps
 
 # A tensor-parallel slice of a checkpoint tensor: rows or columns [start, stop) along dim
 # (stop may pass the end: a padded vocabulary's last shard); None: the whole tensor.
 Shard = tuple[int, int, int] | None
-Metadata = AttentionMetadata | CudaAttentionMetadata
+RopeTables = tuple[torch.Tensor, torch.Tensor]
+
+
+@functools.cache
+def _native_backend() -> AttentionBackend:
+    """Until set_attention_backend: the native backend (what tests of the bare model run)."""
+    from engine_core.attention.torch_paged import NativeBackend  # it builds on models/
+
+    return NativeBackend()
 
 
 class WeightSource(Protocol):
@@ -145,47 +145,23 @@ class LlamaAttention(nn.Module):
             cfg.head_dim,
         )
         self.tp_size = tp.tp_size
-        self.scale = cfg.head_dim**-0.5
         qkv_size = (self.num_heads + 2 * self.num_kv_heads) * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, qkv_size)
         self.o_proj = Linear(self.num_heads * cfg.head_dim, cfg.hidden_size)
+        self.attn: AttentionBackend = _native_backend()
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        self, x: torch.Tensor, rope: RopeTables, kv_cache: torch.Tensor, meta: StepMetadata
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
+        num_tokens, hd = x.shape[0], self.head_dim
         qk_heads = self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x)
         # q and k heads side by side: one rotation for both.
-        qk = apply_rope(qkv[:, : qk_heads * self.head_dim].view(num_tokens, qk_heads, -1), cos, sin)
-        v = qkv[:, qk_heads * self.head_dim :].view(num_tokens, self.num_kv_heads, -1)
+        qk = qkv[:, : qk_heads * hd].view(num_tokens, qk_heads, hd)
+        qk = self.attn.ops.rotate(qk, self.num_heads, meta.positions, rope)
+        v = qkv[:, qk_heads * hd :].view(num_tokens, self.num_kv_heads, hd)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        out = self.o_proj(paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta))
-        return all_reduce_sum(out) if self.tp_size > 1 else out
-
-    def forward_kernels(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: CudaAttentionMetadata,
-    ) -> torch.Tensor:
-        """forward() on the CUDA path; cos/sin are the fp32 [max_positions, head_dim/2] tables."""
-        num_tokens, hd = x.shape[0], self.head_dim
-        q_size, kv_size = self.num_heads * hd, self.num_kv_heads * hd
-        qkv = self.qkv_proj(x)
-        q = qkv[:, :q_size].view(num_tokens, self.num_heads, hd)
-        k = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads, hd)
-        v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, hd)
-        ops.rotary_embedding(meta.positions, q, k, cos, sin, hd)  # in place, in qkv
-        attn = attention_cuda.paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        out = self.o_proj(attn)
+        out = self.o_proj(self.attn(q, k, v, kv_cache, meta))
         return all_reduce_sum(out) if self.tp_size > 1 else out
 
 
@@ -197,10 +173,10 @@ class LlamaMLP(nn.Module):
         self.tp_size = tp.tp_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * tp.intermediate_size)
         self.down_proj = Linear(tp.intermediate_size, cfg.hidden_size)
+        self.ops: ModelOps = NATIVE_OPS
 
-    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
-        act = silu_and_mul_kernels if kernels else silu_and_mul
-        out = self.down_proj(act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
         return all_reduce_sum(out) if self.tp_size > 1 else out
 
 
@@ -218,18 +194,12 @@ class LlamaDecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeTables,
         kv_cache: torch.Tensor,
-        meta: Metadata,
+        meta: StepMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(meta, CudaAttentionMetadata):
-            h, residual = self.input_layernorm.forward_kernels(x, residual)
-            h = self.self_attn.forward_kernels(h, cos, sin, kv_cache, meta)
-            h, residual = self.post_attention_layernorm.forward_kernels(h, residual)
-            return self.mlp(h, kernels=True), residual
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        h = self.self_attn(h, rope, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -259,28 +229,30 @@ class LlamaForCausalLM(nn.Module):
             cfg.rope_theta,
             cfg.rope_scaling,
         )
+        self.attn_backend: AttentionBackend = _native_backend()
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        """Run every layer's attention and fused ops on `backend` (once, before the first step)."""
+        self.attn_backend = backend
+        for module in self.modules():
+            if isinstance(module, LlamaAttention):
+                module.attn = backend
+            elif isinstance(module, (RMSNorm, LlamaMLP)):
+                module.ops = backend.ops
 
     def forward(
-        self, input_ids: torch.Tensor, meta: Metadata, kv_caches: torch.Tensor
+        self, input_ids: torch.Tensor, meta: StepMetadata, kv_caches: torch.Tensor
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of the step's tokens; kv_caches is [layers, 2, blocks, ...].
-
-        A CudaAttentionMetadata selects the CUDA path (see the module docstring).
-        """
+        """Hidden states [T, hidden] of the step's tokens; kv_caches is [layers, 2, blocks, ...];
+        meta is the attention backend's metadata for the step."""
         if self.tp.tp_size == 1:
             h = F.embedding(input_ids, self.embed_tokens)
         else:
             h = self._vocab_parallel_embedding(input_ids)
-        kernels = isinstance(meta, CudaAttentionMetadata)
-        if kernels:
-            cos, sin = self.rotary.kernel_tables()  # the kernel gathers by position itself
-        else:
-            cos, sin = self.rotary.cos_sin(meta.positions, h.dtype)
+        rope = self.attn_backend.ops.rope_tables(self.rotary, meta.positions, h.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h, residual = layer(h, residual, cos, sin, kv_cache, meta)
-        if kernels:
-            return self.norm.forward_kernels(h, residual)[0]
+            h, residual = layer(h, residual, rope, kv_cache, meta)
         return self.norm(h, residual)[0]
 
     def _vocab_parallel_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:

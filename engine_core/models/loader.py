@@ -1,13 +1,11 @@
 """Loads a Llama model: hyperparameters, weights (GGUF, safetensors or dummy) and dtype policy.
 
 dtype policy. `dtype` names the weights' numerics; what tensors are stored and multiplied in
-depends on the hardware. On this project's CPU (AMD EPYC, AVX2, no AVX512-BF16/AMX) torch
-has no native bf16 matmul: a [32x576]@[576x1536] matmul took 0.8 ms in fp32 and 3.7 ms in
-bf16, and one SmolLM2 layer for 32 rows 3.0 ms fp32 vs 13.8 ms bf16. So with dtype="bfloat16"
-(or "float16") on such a CPU the weights are rounded to that dtype at load — the model
-computes with bf16 weights — but kept and multiplied in fp32, activations and KV cache
-included: a 32-row decode step then costs what fp32 does (211 vs 207 ms measured), not 4x
-more. A CPU with avx512_bf16 or AMX, and CUDA, store and compute in the dtype itself.
+depends on the hardware. A CPU without AVX512-BF16 or AMX has no native bf16 matmul in
+torch (several times slower than fp32: docs/architecture.md has the figures). So with
+dtype="bfloat16" (or "float16") on such a CPU the weights are rounded to that dtype at load —
+the model computes with bf16 weights — but kept and multiplied in fp32, activations and KV
+cache included: a step then costs what fp32 does. A CPU with avx512_bf16 or AMX, and CUDA, store and compute in the dtype itself.
 dtype="float32" is plain fp32. dtype="auto" follows config.json's torch_dtype, else fp32
 (a GGUF's dequantized values are fp32).
 """

@@ -60,15 +60,13 @@ class FreeBlockQueue:
 
     def popleft(self) -> KVCacheBlock:
         block = self._head.next_free
-        if block is self._tail:
-            raise ValueError("no free KV cache block left to pop.")
+        assert block is not None and block is not self._tail, "no free KV cache block left to pop"
         self.remove(block)
         return block
 
     def remove(self, block: KVCacheBlock) -> None:
         prev, nxt = block.prev_free, block.next_free
-        if prev is None or nxt is None:
-            raise ValueError(f"block {block.block_id} is not in the free queue.")
+        assert prev is not None and nxt is not None, f"block {block.block_id} is not free"
         prev.next_free = nxt
         nxt.prev_free = prev
         block.prev_free = block.next_free = None
@@ -76,6 +74,7 @@ class FreeBlockQueue:
 
     def append(self, block: KVCacheBlock) -> None:
         last = self._tail.prev_free
+        assert last is not None, "the tail sentinel always has a predecessor"
         last.next_free = block
         block.prev_free = last
         block.next_free = self._tail
@@ -84,7 +83,7 @@ class FreeBlockQueue:
 
     def __iter__(self) -> Iterator[KVCacheBlock]:
         block = self._head.next_free
-        while block is not self._tail:
+        while block is not None and block is not self._tail:
             yield block
             block = block.next_free
 
@@ -96,10 +95,7 @@ class BlockPool:
     """All KV cache blocks: hands out free ones (evicting their cached prefix), shares cached ones."""
 
     def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
-        if num_blocks < 2:
-            raise ValueError(
-                f"num_blocks must be at least 2 (block 0 is the null block), got {num_blocks}."
-            )
+        assert num_blocks >= 2, f"block 0 is the null block: {num_blocks} blocks are too few"
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
@@ -127,10 +123,7 @@ class BlockPool:
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         """Take num_blocks from the head of the free queue (evicting their prefixes), ref_cnt 1."""
-        if num_blocks > self.free_queue.num_free_blocks:
-            raise ValueError(
-                f"cannot allocate {num_blocks} blocks: only {self.num_free_blocks} are free."
-            )
+        assert num_blocks <= self.free_queue.num_free_blocks, f"only {self.num_free_blocks} free"
         new_blocks = []
         for _ in range(num_blocks):
             block = self.free_queue.popleft()
@@ -151,8 +144,7 @@ class BlockPool:
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one hold on each block; unheld ones join the free queue in the given order."""
         for block in ordered_blocks:
-            if block.ref_cnt <= 0:
-                raise ValueError(f"block {block.block_id} freed more often than held.")
+            assert block.ref_cnt > 0, f"block {block.block_id} freed more often than held"
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self.free_queue.append(block)

@@ -12,8 +12,6 @@ class KVCacheManager:
     """Maps requests to blocks of a BlockPool; the scheduler's only door to the KV cache."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
-        if block_size < 1:
-            raise ValueError(f"block_size must be at least 1, got {block_size}.")
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.block_pool = BlockPool(num_blocks, enable_caching)
@@ -25,8 +23,21 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.block_pool.usage
 
+    @property
+    def num_usable_blocks(self) -> int:
+        """Blocks a request can ever hold: the whole pool but the null block."""
+        return self.block_pool.num_usable_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.num_free_blocks
+
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        """Whether a sequence of num_tokens fits in the whole pool (if it were all free)."""
+        return self.num_blocks_for(num_tokens) <= self.num_usable_blocks
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The longest cached prefix of a request not yet scheduled: (blocks, num_tokens).
@@ -58,18 +69,14 @@ class KVCacheManager:
         blocks are cached at once, so that a request scheduled later in the same step can
         hit them: the runner writes every new K/V of a step before any attention reads it.
         """
-        if num_new_tokens < 1:
-            raise ValueError(f"num_new_tokens must be at least 1, got {num_new_tokens}.")
+        assert num_new_tokens >= 1, f"num_new_tokens={num_new_tokens}"
         bs = self.block_size
         req_id = request.request_id
         req_blocks = self.req_to_blocks.get(req_id)
         if req_blocks is None:
             req_blocks = []
         num_total = request.num_computed_tokens + len(new_computed_blocks) * bs + num_new_tokens
-        if num_total > len(request.all_token_ids):
-            raise ValueError(
-                f"request {req_id!r}: cannot schedule {num_total} tokens, it has {request.num_tokens}."
-            )
+        assert num_total <= request.num_tokens, f"{req_id!r}: {num_total} > {request.num_tokens}"
         num_new_blocks = -(-num_total // bs) - len(req_blocks) - len(new_computed_blocks)
         pool = self.block_pool
         if num_new_blocks > 0 or new_computed_blocks:

@@ -30,8 +30,6 @@ from engine_core.protocol import (
 from engine_core.sched.kv_cache_manager import KVCacheManager
 from engine_core.sched.request import Request, RequestStatus
 
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
-
 
 class Scheduler:
     """Continuous batching with chunked prefill, prefix caching and preemption by recompute."""
@@ -45,9 +43,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.block_size = config.block_size
         self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = (
-            config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        )
+        self.max_num_batched_tokens = config.resolved_max_num_batched_tokens()
         self.long_prefill_token_threshold = config.long_prefill_token_threshold
         self.enable_prefix_caching = config.enable_prefix_caching
         self.kv_cache_manager = KVCacheManager(
@@ -56,8 +52,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        # Finished, aborted or preempted since the last SchedulerOutput: the runner drops them.
+        # Finished or aborted, and preempted, since the last SchedulerOutput: the runner drops them.
         self.finished_req_ids: set[str] = set()
+        self.preempted_req_ids: set[str] = set()
         # Requests the scheduler itself failed: reported by the next update_from_output.
         self._error_outputs: list[EngineCoreOutput] = []
         self._prefix_cache_queries = 0
@@ -78,11 +75,7 @@ class Scheduler:
         """Queue a request at the tail of the waiting queue."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in the scheduler.")
-        if request.block_size != self.block_size:
-            raise ValueError(
-                f"request {request.request_id!r} has block_size {request.block_size}, "
-                f"the KV cache uses {self.block_size}."
-            )
+        assert request.block_size == self.block_size, f"block_size {request.block_size}"
         if request.num_prompt_tokens >= self.max_model_len:
             raise ValueError(
                 f"request {request.request_id!r}: the prompt has {request.num_prompt_tokens} "
@@ -121,16 +114,16 @@ class Scheduler:
 
         reset=False peeks: the counters stay for the next step's report.
         """
-        pool = self.kv_cache_manager.block_pool
+        kv = self.kv_cache_manager
         stats = SchedulerStats(
             num_running_reqs=len(self.running),
             num_waiting_reqs=len(self.waiting),
-            kv_cache_usage=pool.usage,
+            kv_cache_usage=kv.usage,
             prefix_cache_queries=self._prefix_cache_queries,
             prefix_cache_hits=self._prefix_cache_hits,
             num_preemptions=self._num_preemptions,
-            num_free_blocks=pool.num_free_blocks,
-            num_total_blocks=pool.num_usable_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            num_total_blocks=kv.num_usable_blocks,
         )
         if reset:
             self._prefix_cache_queries = self._prefix_cache_hits = self._num_preemptions = 0
@@ -187,7 +180,7 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting[0]
-            if kv.num_blocks_for(request.num_tokens) > kv.block_pool.num_usable_blocks:
+            if not kv.can_ever_fit(request.num_tokens):
                 self.waiting.popleft()
                 self._fail_too_big(request)
                 continue
@@ -228,10 +221,12 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=total,
             finished_req_ids=sorted(self.finished_req_ids),
+            preempted_req_ids=sorted(self.preempted_req_ids),
         )
-        # An empty step may never reach the runner: keep its drop list for the next one.
+        # An empty step may never reach the runner: keep its drop lists for the next one.
         if total > 0:
             self.finished_req_ids = set()
+            self.preempted_req_ids = set()
         return output
 
     def update_from_output(
@@ -299,8 +294,7 @@ class Scheduler:
         alone in running, the request has every block that is not its own.
         """
         kv = self.kv_cache_manager
-        needed = kv.num_blocks_for(request.num_computed_tokens + num_new)
-        if needed > kv.block_pool.num_usable_blocks:
+        if not kv.can_ever_fit(request.num_computed_tokens + num_new):
             self._fail_too_big(request)
             return None
         while True:
@@ -319,7 +313,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self._num_preemptions += 1
-        self.finished_req_ids.add(request.request_id)
+        self.preempted_req_ids.add(request.request_id)
         self.waiting.appendleft(request)
 
     def _fail_too_big(self, request: Request) -> None:
@@ -329,7 +323,7 @@ class Scheduler:
         kv = self.kv_cache_manager
         request.error = (
             f"request {request.request_id!r} needs more than the whole KV cache: "
-            f"{request.num_tokens} tokens take more than {kv.block_pool.num_usable_blocks} "
+            f"{request.num_tokens} tokens take more than {kv.num_usable_blocks} "
             f"blocks of {self.block_size}."
         )
         request.finish(FinishReason.ERROR)

@@ -23,17 +23,15 @@ import traceback
 
 import msgspec
 import torch
-import zmq
 
 from engine_core.config import EngineConfig
-from engine_core.core import set_parent_death_signal
 from engine_core.distributed import destroy_tensor_parallel, init_tensor_parallel, worker_device
+from engine_core.process import connect_handshake, reply_startup_error, start_child_process
 from engine_core.protocol import (
     WorkerExecute,
     WorkerHandshake,
     WorkerHandshakeReply,
     WorkerInput,
-    WorkerModelConfig,
     WorkerOutput,
     WorkerReady,
     WorkerShutdown,
@@ -58,19 +56,11 @@ def num_threads(config: EngineConfig) -> int:
 
 def run_worker(handshake_addr: str, rank: int, parent_pid: int) -> int:
     """Process entry: handshake, start-up, then the step loop. Returns the exit code."""
-    set_parent_death_signal(signal.SIGKILL)
+    # SIGKILL: a rank blocked in a collective could not run a Python handler.
+    start_child_process(f"worker {rank}", signal.SIGKILL)
     if os.getppid() != parent_pid:
         return 1  # the EngineCore died before PDEATHSIG was armed
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when we stop
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s worker {rank} %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PAIR)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.connect(handshake_addr)
+    ctx, sock = connect_handshake(handshake_addr)
     broadcast = result_q = None
     try:
         if not sock.poll(_HANDSHAKE_TIMEOUT_S * 1000):
@@ -82,9 +72,7 @@ def run_worker(handshake_addr: str, rank: int, parent_pid: int) -> int:
         try:
             runner, broadcast, result_q = _start(hello)
         except Exception as e:
-            logger.error("start-up failed: %s", traceback.format_exc())
-            reply = WorkerHandshakeReply(error=f"{type(e).__name__}: {e}")
-            sock.send(msgspec.msgpack.encode(reply))
+            reply_startup_error(sock, WorkerHandshakeReply, e)
             sock.close()  # lingers until the reply is out
             return 1
         sock.send(msgspec.msgpack.encode(_ready_reply(runner, result_q)))
@@ -144,10 +132,7 @@ def _ready_reply(runner: ModelRunner, result_q: MessageQueue | None) -> WorkerHa
         ready=WorkerReady(
             num_blocks=runner.num_blocks,
             max_model_len=runner.max_model_len,
-            model_config=WorkerModelConfig(
-                vocab_size=runner.model_config.vocab_size,
-                eos_token_ids=list(runner.model_config.eos_token_ids),
-            ),
+            model_config=runner.worker_model_config(),
             weight_bytes=runner.model.weight_bytes(),
             kv_cache_bytes=runner.kv_cache.numel() * runner.kv_cache.element_size(),
         ),

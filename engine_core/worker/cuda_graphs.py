@@ -41,9 +41,8 @@ Forward = Callable[[torch.Tensor, CudaAttentionMetadata], torch.Tensor]
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """Padded batch sizes to capture: 1, 2, 4, 8, then steps of 8, up to the first that holds
-    max_num_seqs rows (at most 512)."""
-    if max_num_seqs < 1:
-        raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}.")
+    max_num_seqs rows (at most MAX_CAPTURE_SIZE)."""
+    assert max_num_seqs >= 1, f"max_num_seqs={max_num_seqs}"
     limit = min(max_num_seqs, MAX_CAPTURE_SIZE)
     sizes = []
     for size in (1, 2, 4, *range(8, MAX_CAPTURE_SIZE + 1, 8)):
@@ -172,12 +171,8 @@ class DecodeGraphs:
         n = meta.num_tokens
         size = self.bucket(n)
         width = meta.decode_block_tables.shape[1]
-        if not self.can_run(meta) or size is None or width > self.block_tables.shape[1]:
-            raise ValueError(
-                f"a step of {n} tokens ({meta.num_decode_tokens} single-query rows, block "
-                f"tables {width} wide) does not fit the captured graphs (sizes up to "
-                f"{self.sizes[-1]}, {self.block_tables.shape[1]} blocks wide)."
-            )
+        assert self.can_run(meta) and size is not None, f"{n} rows do not fit the graphs"
+        assert width <= self.block_tables.shape[1], f"block tables {width} wide"
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(meta.positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)

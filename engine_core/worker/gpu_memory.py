@@ -9,13 +9,10 @@ minus what is in use, that peak, and a reserve for the CUDA graphs and a margin.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from engine_core.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -25,34 +22,27 @@ _CUDA_MARGIN_BYTES = 256 * 2**20
 _GIB = 2**30
 
 
-def profile_num_blocks(runner: ModelRunner, block_bytes: int) -> int:
-    """KV blocks for gpu_memory_utilization, after profiling the largest steps' memory."""
-    dev = runner.device
-    query_lens, table = profile_step_shape(
-        runner.max_num_tokens, runner.config.max_num_seqs, runner.max_model_len, runner.block_size
-    )
-    runner.kv_cache = runner.new_kv_cache(int(table.max()) + 1)  # a scratch cache
-    torch.cuda.synchronize(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev)
-    runner.profile_run(query_lens, table)
-    torch.cuda.synchronize(dev)
-    activations = torch.cuda.max_memory_allocated(dev) - base
-    graphs = 0
-    if runner.cuda_graphs is not None:
-        # The largest graph's eager twin: the graphs' shared pool holds about this much.
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        with torch.inference_mode():
-            runner.cuda_graphs.padded_forward(runner.cuda_graphs.sizes[-1])
-        torch.cuda.synchronize(dev)
-        graphs = torch.cuda.max_memory_allocated(dev) - base
-    runner.kv_cache = None
+def profile_num_blocks(
+    device: torch.device,
+    utilization: float,
+    block_bytes: int,
+    block_size: int,
+    largest_step: Callable[[], None],
+    largest_graph: Callable[[], None] | None,
+) -> int:
+    """KV blocks for gpu_memory_utilization, after profiling the largest steps' memory.
+
+    largest_step runs the biggest step the scheduler can produce (on a scratch cache);
+    largest_graph, when decode graphs are captured, the largest graph's eager twin.
+    """
+    activations = _peak_bytes(device, largest_step)
+    # The graphs' shared pool holds about what the largest graph's eager twin peaks at.
+    graphs = _peak_bytes(device, largest_graph) if largest_graph is not None else 0
     torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(dev)
+    free, total = torch.cuda.mem_get_info(device)
     num_blocks = kv_cache_blocks(
         total,
-        runner.config.gpu_memory_utilization,
+        utilization,
         in_use=total - free,
         activations=max(activations, graphs),
         reserve=graphs + _CUDA_MARGIN_BYTES,
@@ -62,15 +52,26 @@ def profile_num_blocks(runner: ModelRunner, block_bytes: int) -> int:
         "KV cache: %d blocks = %d tokens (%.2f GiB) of %.2f GiB x %.2f; %.2f GiB in use "
         "after loading, peak activations %.2f GiB, CUDA graphs %.2f GiB",
         num_blocks,
-        num_blocks * runner.block_size,
+        num_blocks * block_size,
         num_blocks * block_bytes / _GIB,
         total / _GIB,
-        runner.config.gpu_memory_utilization,
+        utilization,
         (total - free) / _GIB,
         activations / _GIB,
         graphs / _GIB,
     )
     return num_blocks
+
+
+def _peak_bytes(device: torch.device, fn: Callable[[], None]) -> int:
+    """How far above what was allocated before fn's allocations peaked."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def profile_step_shape(

@@ -30,16 +30,16 @@ class InputBatch:
     """Token ids, progress and block tables of up to max_num_reqs requests."""
 
     def __init__(
-        self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int, num_kv_blocks: int
+        self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int, num_blocks: int
     ) -> None:
         self.max_num_reqs = max_num_reqs
-        self.num_kv_blocks = num_kv_blocks
+        self.num_blocks = num_blocks
         self.max_model_len = max_model_len
         self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int64)
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int64)
-        self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
+        self.num_blocks_per_row = np.zeros(max_num_reqs, dtype=np.int64)
         self.requests: dict[str, RequestState] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))  # pop() takes the lowest
 
@@ -70,7 +70,7 @@ class InputBatch:
         )
         self.requests[new.req_id] = state
         self.num_tokens[row] = 0
-        self.num_blocks[row] = 0
+        self.num_blocks_per_row[row] = 0
         try:
             self._append_tokens(state, new.prompt_token_ids)
             self._append_tokens(state, new.output_token_ids)
@@ -113,7 +113,7 @@ class InputBatch:
         self.num_tokens[row] = end
 
     def _append_blocks(self, state: RequestState, block_ids: list[int]) -> None:
-        row, start = state.row, int(self.num_blocks[state.row])
+        row, start = state.row, int(self.num_blocks_per_row[state.row])
         end = start + len(block_ids)
         if end > self.block_table.shape[1]:
             raise ValueError(
@@ -121,14 +121,14 @@ class InputBatch:
                 f"{self.block_table.shape[1]} a max_model_len sequence needs."
             )
         ids = np.asarray(block_ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_kv_blocks):
-            bad = ids[(ids < 0) | (ids >= self.num_kv_blocks)][0]
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
+            bad = ids[(ids < 0) | (ids >= self.num_blocks)][0]
             raise ValueError(
                 f"request {state.req_id!r}: block id {bad} is outside the KV cache "
-                f"[0, {self.num_kv_blocks})."
+                f"[0, {self.num_blocks})."
             )
         self.block_table[row, start:end] = ids
-        self.num_blocks[row] = end
+        self.num_blocks_per_row[row] = end
 
     def _set_computed(self, state: RequestState, num_computed: int) -> None:
         if not 0 <= num_computed <= self.num_tokens[state.row]:
@@ -137,57 +137,3 @@ class InputBatch:
                 f"[0, {int(self.num_tokens[state.row])}]."
             )
         self.num_computed_tokens[state.row] = num_computed
-
-
-class PinnedStaging:
-    """Moves a step's host-built input arrays to the device with one copy (the kernel path).
-
-    vLLM V1's CpuGpuBuffer idea, merged into one buffer: the arrays are packed at 16-byte
-    aligned offsets into one pinned host buffer, copied in one non-blocking transfer into a
-    preallocated device buffer, and handed out as typed views of it. Nothing is allocated per
-    step. On a CPU the "device" buffer is a second host buffer, so the same code runs.
-    """
-
-    ALIGN = 16
-
-    def __init__(self, capacity_bytes: int, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self._cuda = self.device.type == "cuda"
-        self._copied = torch.cuda.Event() if self._cuda else None
-        self._allocate(max(capacity_bytes, self.ALIGN))
-
-    def _allocate(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.host = torch.zeros(capacity, dtype=torch.uint8, pin_memory=self._cuda)
-        self._host_np = self.host.numpy()
-        self.device_buffer = torch.zeros(capacity, dtype=torch.uint8, device=self.device)
-
-    def stage(self, arrays: dict[str, tuple[np.ndarray, torch.dtype]]) -> dict[str, torch.Tensor]:
-        """Device tensors (same names and shapes, the given dtypes) holding `arrays`' values."""
-        layout, total = [], 0
-        for name, (array, dtype) in arrays.items():
-            nbytes = array.size * dtype.itemsize
-            layout.append((name, array, dtype, total, nbytes))
-            total += -(-nbytes // self.ALIGN) * self.ALIGN
-        if self._cuda:
-            # The previous step's copy may still be reading the pinned buffer.
-            self._copied.synchronize()
-        if total > self.capacity:
-            self._allocate(max(total, 2 * self.capacity))
-        for _, array, dtype, offset, nbytes in layout:
-            view = self._host_np[offset : offset + nbytes].view(_NUMPY_DTYPES[dtype])
-            view[:] = array.reshape(-1)
-        self.device_buffer[:total].copy_(self.host[:total], non_blocking=self._cuda)
-        if self._cuda:
-            self._copied.record()
-        return {
-            name: self.device_buffer[offset : offset + nbytes].view(dtype).view(array.shape)
-            for name, array, dtype, offset, nbytes in layout
-        }
-
-
-_NUMPY_DTYPES = {
-    torch.int64: np.int64,
-    torch.int32: np.int32,
-    torch.float32: np.float32,
-}

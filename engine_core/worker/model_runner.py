@@ -11,47 +11,40 @@ With tensor parallelism one runner runs in each worker process, on its shard of 
 and its KV heads; every rank applies the same SchedulerOutput and runs the same forward (the
 collectives need all of them), and only rank 0 samples.
 
-Two attention paths (see models/llama.py). On a CPU, the torch path: AttentionMetadata built
-from numpy arrays. On CUDA, the kernel path: the step's arrays are built on the host as well,
-then moved by one copy from a pinned buffer (PinnedStaging) into CudaAttentionMetadata; pure
-decode steps replay CUDA graphs (cuda_graphs.py) unless config.enforce_eager; the KV cache
-gets what a profiled forward at the largest step leaves of gpu_memory_utilization.
+The attention backend (engine_core/attention/) is chosen once, here: `native` on a CPU,
+`cuda` (the NVRTC kernels) on a GPU that the kernels support. The runner builds each step's
+layout on the host (attention/common.py) and the backend turns it into its device inputs.
+On the cuda backend, pure decode steps replay CUDA graphs (cuda_graphs.py) unless
+config.enforce_eager; on a GPU the KV cache gets what a profiled forward at the largest step
+leaves of gpu_memory_utilization (gpu_memory.py).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine_core import distributed
-from engine_core.attention.cuda import CudaAttentionMetadata, stage_step, unsupported_by_kernels
-from engine_core.attention.torch_paged import AttentionMetadata, token_positions
+from engine_core.attention import choose_backend, make_backend
+from engine_core.attention.common import StepInputs, step_layout, token_positions
 from engine_core.config import EngineConfig
 from engine_core.models.loader import load_model, load_model_config
-from engine_core.protocol import ModelRunnerOutput, SamplingParams, SchedulerOutput
+from engine_core.protocol import (
+    ModelRunnerOutput,
+    SamplingParams,
+    SchedulerOutput,
+    WorkerModelConfig,
+)
 from engine_core.sample.sampler import Sampler, SamplingMetadata
-from engine_core.sched.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from engine_core.worker import gpu_memory
 from engine_core.worker.cuda_graphs import Capture, CudaGraphCapture, DecodeGraphs, capture_sizes
-from engine_core.worker.input_batch import InputBatch, PinnedStaging
+from engine_core.worker.input_batch import InputBatch
 
 logger = logging.getLogger(__name__)
 
 _MAX_DEFAULT_MODEL_LEN = 8192
-
-
-@dataclass(slots=True)
-class StepInputs:
-    """One step flattened into a token batch: single-query rows first, by context length."""
-
-    req_ids: list[str]  # in token-batch order
-    input_ids: torch.Tensor  # [T] long
-    meta: AttentionMetadata | CudaAttentionMetadata
-    sampled: list[int]  # indices into req_ids of the requests sampled this step
-    logits_indices: torch.Tensor  # [len(sampled)]: their last token in the batch
 
 
 class ModelRunner:
@@ -59,11 +52,11 @@ class ModelRunner:
 
     tp_rank: this process's rank when config.tensor_parallel_size > 1 (the process must be in
     the engine's process group); device: where it runs, by default from config.device.
-    use_kernels: the kernel path (kernels_cuda.ops); None: on CUDA when the kernels support
-    the model and dtype. On a CPU it runs the ops' torch references: tests use it to check
-    the path's plumbing. graph_capture: how to
-    record decode graphs on the kernel path; None: CUDA graphs on CUDA with one rank, none
-    elsewhere. config.enforce_eager turns graphs off either way.
+    attention_backend: `native` or `cuda`; None: `cuda` on a GPU when the kernels support the
+    model and dtype, else `native`. On a CPU `cuda` runs the kernels' torch references: tests
+    use it to check the path's plumbing. graph_capture: how to record decode graphs on the
+    cuda backend; None: CUDA graphs on CUDA with one rank, none elsewhere.
+    config.enforce_eager turns graphs off either way.
     """
 
     def __init__(
@@ -72,7 +65,7 @@ class ModelRunner:
         tp_rank: int = 0,
         device: torch.device | None = None,
         *,
-        use_kernels: bool | None = None,
+        attention_backend: str | None = None,
         graph_capture: Capture | None = None,
     ) -> None:
         self.config = config
@@ -96,14 +89,23 @@ class ModelRunner:
         self.sampler = Sampler()
         self.max_blocks_per_req = -(-self.max_model_len // self.block_size)
         # The scheduler's step budget: the largest step the memory profile runs.
-        self.max_num_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        self.use_kernels = self._kernel_path(use_kernels)
-        self.staging = None
-        if self.use_kernels:
-            self.staging = PinnedStaging(self._staging_bytes(), self.device)
+        self.max_num_batched_tokens = config.resolved_max_num_batched_tokens()
+        cfg = self.model_config
+        backend = choose_backend(
+            attention_backend,
+            self.device,
+            self.compute_dtype,
+            cfg.head_dim,
+            cfg.hidden_size,
+            self.model.tp.intermediate_size,
+        )
+        self.attn_backend = make_backend(
+            backend, self.device, self.compute_dtype, self._staging_bytes()
+        )
+        self.model.set_attention_backend(self.attn_backend)
         self.cuda_graphs = self._make_graphs(graph_capture)
         self.kv_cache: torch.Tensor | None = None
-        self.num_blocks = self._num_kv_blocks()
+        self.num_blocks = self._num_blocks_for_memory()
         if self.tp_size > 1:
             # The scheduler hands every rank the same block ids: size for the smallest rank.
             self.num_blocks = distributed.all_reduce_min(self.num_blocks, self.device)
@@ -111,21 +113,6 @@ class ModelRunner:
         self.input_batch = InputBatch(
             config.max_num_seqs, self.max_model_len, self.max_blocks_per_req, self.num_blocks
         )
-
-    def _kernel_path(self, use_kernels: bool | None) -> bool:
-        cfg = self.model_config
-        why_not = None
-        if self.device.type == "cuda":  # on a CPU the ops' references take any shape
-            why_not = unsupported_by_kernels(
-                self.compute_dtype, cfg.head_dim, cfg.hidden_size, self.model.tp.intermediate_size
-            )
-        if use_kernels is None:
-            if self.device.type == "cuda" and why_not is not None:
-                logger.info("CUDA kernels off (%s): running the torch attention path", why_not)
-            return self.device.type == "cuda" and why_not is None
-        if use_kernels and why_not is not None:
-            raise ValueError(f"use_kernels=True but {why_not}.")
-        return use_kernels
 
     def new_kv_cache(self, num_blocks: int) -> torch.Tensor:
         # One pool per layer: kv_cache[layer] = (K, V), each [blocks, block_size, kv_heads, head_dim].
@@ -138,12 +125,13 @@ class ModelRunner:
         )
 
     def _staging_bytes(self) -> int:
-        """Room for a step's packed inputs at the budget (PinnedStaging grows past it)."""
-        seqs, tokens = self.config.max_num_seqs, self.max_num_tokens
+        """Room for a step's packed inputs at the budget (the cuda backend's staging buffer
+        starts this large and grows past it)."""
+        seqs, tokens = self.config.max_num_seqs, self.max_num_batched_tokens
         return 3 * 8 * tokens + seqs * (4 * self.max_blocks_per_req + 16) + 8 * 16
 
     def _make_graphs(self, capture: Capture | None) -> DecodeGraphs | None:
-        if not self.use_kernels or self.config.enforce_eager:
+        if self.attn_backend.name != "cuda" or self.config.enforce_eager:
             return None
         if capture is None:
             # Graphs with collectives inside are not attempted: tensor parallel runs eagerly.
@@ -159,14 +147,14 @@ class ModelRunner:
             capture,
         )
 
-    def _num_kv_blocks(self) -> int:
+    def _num_blocks_for_memory(self) -> int:
         cfg = self.model_config
         elem = torch.tensor([], dtype=self.compute_dtype).element_size()
         block_bytes = 2 * cfg.num_layers * self.block_size * self.num_kv_heads * cfg.head_dim * elem
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type == "cuda":
-            return gpu_memory.profile_num_blocks(self, block_bytes)
+            return self._profile_num_blocks(block_bytes)
         budget = self.config.kv_cache_space_gib * 2**30
         num_blocks = int(budget // block_bytes)
         if num_blocks < 2:
@@ -176,6 +164,34 @@ class ModelRunner:
                 f"gpu_memory_utilization)."
             )
         return num_blocks
+
+    def _profile_num_blocks(self, block_bytes: int) -> int:
+        """On a GPU: what gpu_memory_utilization leaves after the largest step, profiled on a
+        scratch cache that is dropped after."""
+        query_lens, table = gpu_memory.profile_step_shape(
+            self.max_num_batched_tokens,
+            self.config.max_num_seqs,
+            self.max_model_len,
+            self.block_size,
+        )
+        graphs = self.cuda_graphs
+        self.kv_cache = self.new_kv_cache(int(table.max()) + 1)
+        try:
+            return gpu_memory.profile_num_blocks(
+                self.device,
+                self.config.gpu_memory_utilization,
+                block_bytes,
+                self.block_size,
+                lambda: self.profile_run(query_lens, table),
+                None if graphs is None else lambda: graphs.padded_forward(graphs.sizes[-1]),
+            )
+        finally:
+            self.kv_cache = None
+
+    def worker_model_config(self) -> WorkerModelConfig:
+        """The model facts the EngineCore needs (vocabulary size, end-of-sequence ids)."""
+        cfg = self.model_config
+        return WorkerModelConfig(vocab_size=cfg.vocab_size, eos_token_ids=list(cfg.eos_token_ids))
 
     @torch.inference_mode()
     def profile_run(self, query_lens: np.ndarray, block_table: np.ndarray) -> None:
@@ -211,18 +227,18 @@ class ModelRunner:
         self._update_states(scheduler_output)
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        step = self._prepare_inputs(scheduler_output)
+        req_ids, sampled, step = self._prepare_inputs(scheduler_output)
         graphs = self.cuda_graphs
         if graphs is not None and graphs.can_run(step.meta):
             hidden = graphs.run(step.input_ids, step.meta)
         else:
             hidden = self.model(step.input_ids, step.meta, self.kv_cache)
-        if not step.sampled:
+        if not sampled:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         logits = self.model.compute_logits(hidden[step.logits_indices])
         if logits is None:
             return None
-        states = [self.input_batch.requests[step.req_ids[i]] for i in step.sampled]
+        states = [self.input_batch.requests[req_ids[i]] for i in sampled]
         metadata = SamplingMetadata.build(
             [s.sampling_params for s in states],
             [s.prompt_token_ids for s in states],
@@ -242,33 +258,21 @@ class ModelRunner:
 
     def _update_states(self, so: SchedulerOutput) -> None:
         batch = self.input_batch
-        for req_id in so.finished_req_ids:
+        for req_id in (*so.finished_req_ids, *so.preempted_req_ids):
             batch.remove_request(req_id)
         for new in so.scheduled_new_reqs:
             batch.add_request(new, self.device)
         for cached in so.scheduled_cached_reqs:
             batch.update_request(cached)
 
-    def _prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
-        """Flatten the step into one token batch with its attention metadata (vectorized)."""
+    def _prepare_inputs(self, so: SchedulerOutput) -> tuple[list[str], list[int], StepInputs]:
+        """Flatten the step into one token batch (vectorized): its requests in batch order,
+        the indices of those sampled this step, and the backend's device inputs."""
         batch = self.input_batch
         req_ids = list(so.num_scheduled_tokens)
-        if sum(so.num_scheduled_tokens.values()) != so.total_num_scheduled_tokens:
-            raise ValueError(
-                f"total_num_scheduled_tokens={so.total_num_scheduled_tokens} is not the sum of "
-                f"num_scheduled_tokens ({sum(so.num_scheduled_tokens.values())})."
-            )
-        missing = [r for r in req_ids if r not in batch]
-        if missing:
-            raise ValueError(f"scheduled request {missing[0]!r} is not in the batch.")
         query_lens = np.fromiter(
             so.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids)
         )
-        if (query_lens < 1).any():
-            bad = req_ids[int(np.argmax(query_lens < 1))]
-            raise ValueError(
-                f"request {bad!r} is scheduled for {so.num_scheduled_tokens[bad]} tokens."
-            )
         rows = np.array([batch.requests[r].row for r in req_ids], dtype=np.int64)
         num_computed = batch.num_computed_tokens[rows]
         # Single-query rows first, by context length: decode groups then pad little.
@@ -276,55 +280,21 @@ class ModelRunner:
         req_ids = [req_ids[i] for i in order]
         rows, query_lens, num_computed = rows[order], query_lens[order], num_computed[order]
         num_tokens = batch.num_tokens[rows]
-        over = num_computed + query_lens > num_tokens
-        if over.any():
-            i = int(np.argmax(over))
-            raise ValueError(
-                f"request {req_ids[i]!r}: {int(num_computed[i])} computed + {int(query_lens[i])} "
-                f"scheduled tokens exceed its {int(num_tokens[i])} tokens."
-            )
+        assert (num_computed + query_lens <= num_tokens).all(), "scheduled past a request's tokens"
+        needed_blocks = -(-(num_computed + query_lens) // self.block_size)
+        assert (needed_blocks <= batch.num_blocks_per_row[rows]).all(), (
+            "a request is short of KV blocks"
+        )
         positions = token_positions(query_lens, num_computed)
         input_ids = batch.token_ids[np.repeat(rows, query_lens), positions]
-        needed_blocks = -(-(num_computed + query_lens) // self.block_size)
-        short = needed_blocks > batch.num_blocks[rows]
-        if short.any():
-            i = int(np.argmax(short))
-            raise ValueError(
-                f"request {req_ids[i]!r} needs {int(needed_blocks[i])} KV blocks but has "
-                f"{int(batch.num_blocks[rows[i]])}."
-            )
         block_tables = batch.block_table[rows, : int(needed_blocks.max())]
+        layout = step_layout(query_lens, num_computed, block_tables, self.block_size, positions)
         sampled = np.flatnonzero(num_computed + query_lens == num_tokens)
         logits_indices = np.cumsum(query_lens)[sampled] - 1
-        if self.staging is not None:
-            step = stage_step(
-                self.staging,
-                input_ids,
-                positions,
-                query_lens,
-                num_computed,
-                block_tables,
-                self.block_size,
-                logits_indices,
-            )
-            return StepInputs(
-                req_ids, step.input_ids, step.meta, sampled.tolist(), step.logits_indices
-            )
-        meta = AttentionMetadata.build(
-            query_lens,
-            num_computed,
-            block_tables,
-            self.block_size,
-            self.device,
-            self.compute_dtype,
-            positions=positions,
-        )
-        return StepInputs(
-            req_ids=req_ids,
-            input_ids=torch.from_numpy(input_ids).to(self.device),
-            meta=meta,
-            sampled=sampled.tolist(),
-            logits_indices=torch.from_numpy(logits_indices).to(self.device),
+        return (
+            req_ids,
+            sampled.tolist(),
+            self.attn_backend.prepare(input_ids, layout, logits_indices),
         )
 
     # ------------------------------------------------------------------------------ warm-up
@@ -365,23 +335,12 @@ class ModelRunner:
     ) -> torch.Tensor:
         """A forward of token id 0 at every position of rows (query_lens, num_computed)."""
         num_tokens = int(query_lens.sum())
-        if self.staging is not None:
-            step = stage_step(
-                self.staging,
-                np.zeros(num_tokens, dtype=np.int64),
-                token_positions(query_lens, num_computed),
-                query_lens,
-                num_computed,
-                block_table[: len(query_lens)],
-                self.block_size,
-                np.zeros(0, dtype=np.int64),
-            )
-            return self.model(step.input_ids, step.meta, self.kv_cache)
-        meta = AttentionMetadata.build(
-            query_lens, num_computed, block_table, self.block_size, self.device, self.compute_dtype
+        layout = step_layout(
+            query_lens, num_computed, block_table[: len(query_lens)], self.block_size
         )
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        return self.model(ids, meta, self.kv_cache)
+        no_logits = np.zeros(0, dtype=np.int64)
+        step = self.attn_backend.prepare(np.zeros(num_tokens, dtype=np.int64), layout, no_logits)
+        return self.model(step.input_ids, step.meta, self.kv_cache)
 
 
 def _resolve_device(device: str) -> torch.device:

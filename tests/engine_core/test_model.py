@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine_core.attention.torch_paged import AttentionMetadata, paged_attention
+from engine_core.attention.torch_paged import AttentionMetadata
 from engine_core.config import EngineConfig
 from engine_core.models.loader import cpu_has_native_bf16, load_model
 
@@ -288,64 +288,3 @@ def test_gguf_file_loads_the_same_model_as_its_hf_directory(make_tiny_llama, tmp
 
 
 # ------------------------------------------------------------------------------ paged attention
-
-
-def naive_attention(q, k, v, num_computed: int) -> torch.Tensor:
-    """q [n, H, D] at positions num_computed.., k/v [num_computed + n, KVH, D]: causal, dense."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
-    keys, queries = torch.arange(k.shape[0]), torch.arange(q.shape[0]) + num_computed
-    scores = scores.masked_fill(keys[None, None, :] > queries[None, :, None], float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).flatten(1)
-
-
-def test_paged_attention_matches_dense_attention_for_mixed_rows():
-    gen = torch.Generator().manual_seed(3)
-    heads, kv_heads, dim, num_blocks = 6, 2, 8, 200
-    # 11 decode rows of mixed lengths (two decode groups), a prefill over a cached prefix,
-    # and a fresh prefill: (num_computed, query_len)
-    specs = [(int(c), 1) for c in torch.randint(0, 90, (11,), generator=gen)] + [(37, 20), (0, 25)]
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    k_cache = torch.zeros(num_blocks, BLOCK, kv_heads, dim)
-    v_cache = torch.zeros_like(k_cache)
-    tables, qs, ks, vs, dense_k, dense_v = [], [], [], [], [], []
-    for computed, n in specs:
-        total = computed + n
-        table = [perm.pop() for _ in range(-(-total // BLOCK))]
-        full_k = torch.randn(total, kv_heads, dim, generator=gen)
-        full_v = torch.randn(total, kv_heads, dim, generator=gen)
-        for pos in range(computed):  # the cached prefix is already in the pools
-            slot = (table[pos // BLOCK], pos % BLOCK)
-            k_cache[slot], v_cache[slot] = full_k[pos], full_v[pos]
-        tables.append(table)
-        qs.append(torch.randn(n, heads, dim, generator=gen))
-        ks.append(full_k[computed:])
-        vs.append(full_v[computed:])
-        dense_k.append(full_k)
-        dense_v.append(full_v)
-    width = max(len(t) for t in tables)
-    meta = AttentionMetadata.build(
-        np.array([n for _, n in specs]),
-        np.array([c for c, _ in specs]),
-        np.array([t + [0] * (width - len(t)) for t in tables]),
-        BLOCK,
-    )
-    assert len(meta.decode_groups) == 2 and len(meta.prefills) == 2
-    out = paged_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta)
-    expected = torch.cat(
-        [
-            naive_attention(q, k, v, c)
-            for q, k, v, (c, _) in zip(qs, dense_k, dense_v, specs, strict=True)
-        ]
-    )
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    # Every new token's K/V landed in its slot.
-    for (computed, n), table, k in zip(specs, tables, dense_k, strict=True):
-        last = computed + n - 1
-        assert torch.equal(k_cache[table[last // BLOCK], last % BLOCK], k[last])
-
-
-def test_attention_metadata_rejects_decode_rows_after_prefill_rows():
-    with pytest.raises(ValueError, match="single-query rows must come before"):
-        AttentionMetadata.build(np.array([4, 1]), np.array([0, 3]), np.zeros((2, 1), int), BLOCK)

@@ -104,7 +104,7 @@ def test_decode_session_gives_each_request_its_own_contiguous_blocks():
     for i, req in enumerate(session.requests):
         row = batch.requests[req.req_id].row
         assert batch.num_computed_tokens[row] == 21 + 11  # the 12th step's token is pending
-        assert batch.block_table[row, : batch.num_blocks[row]].tolist() == [
+        assert batch.block_table[row, : batch.num_blocks_per_row[row]].tolist() == [
             4 * i,
             4 * i + 1,
             4 * i + 2,

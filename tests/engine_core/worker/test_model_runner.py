@@ -42,6 +42,7 @@ class Driver:
         self.free = list(range(runner.num_blocks - 1, -1, -1))
         self.reqs: dict[str, Req] = {}
         self.finished: list[str] = []
+        self.preempted: list[str] = []
 
     def add(self, req_id: str, prompt: list[int], params: SamplingParams = GREEDY) -> None:
         self.reqs[req_id] = Req(list(prompt), params)
@@ -51,7 +52,7 @@ class Driver:
         req = self.reqs[req_id] if preempt else self.reqs.pop(req_id)
         self.free.extend(reversed(req.blocks))
         req.blocks, req.computed, req.synced = [], 0, -1
-        self.finished.append(req_id)
+        (self.preempted if preempt else self.finished).append(req_id)
 
     def step(self, plan: dict[str, int]) -> ModelRunnerOutput:
         bs = self.runner.block_size
@@ -72,8 +73,8 @@ class Driver:
                     CachedRequestData(req_id, req.tokens[req.synced :], new_blocks, req.computed)
                 )
             req.synced = len(req.tokens)
-        so = SchedulerOutput(new, cached, plan, sum(plan.values()), self.finished)
-        self.finished = []
+        so = SchedulerOutput(new, cached, plan, sum(plan.values()), self.finished, self.preempted)
+        self.finished, self.preempted = [], []
         out = self.runner.execute_model(so)
         expected = {
             r for r, n in plan.items() if self.reqs[r].computed + n == len(self.reqs[r].tokens)
@@ -208,13 +209,13 @@ def test_bad_scheduler_outputs_are_refused_by_name(tiny_dir):
     new = NewRequestData("r1", [5, 6, 7], [], GREEDY, [0], 0)
     with pytest.raises(ValueError, match="'ghost'"):
         r.execute_model(SchedulerOutput([], [CachedRequestData("ghost", [], [], 0)], {}, 0))
-    with pytest.raises(ValueError, match="exceed its 3 tokens"):
+    with pytest.raises(AssertionError, match="scheduled past a request's tokens"):
         r.execute_model(SchedulerOutput([new], [], {"r1": 4}, 4))
     bad_block = NewRequestData("r2", [5, 6, 7], [], GREEDY, [8], 0)
     with pytest.raises(ValueError, match="block id 8"):
         r.execute_model(SchedulerOutput([bad_block], [], {"r2": 3}, 3))
     short = NewRequestData("r3", list(range(40)), [], GREEDY, [1], 0)
-    with pytest.raises(ValueError, match="needs 3 KV blocks"):
+    with pytest.raises(AssertionError, match="short of KV blocks"):
         r.execute_model(SchedulerOutput([short], [], {"r3": 40}, 40))
 
 

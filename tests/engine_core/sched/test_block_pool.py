@@ -16,13 +16,13 @@ def test_free_queue_removes_from_the_middle_and_keeps_order():
     assert [b.block_id for b in queue] == [0, 1, 3, 4, 2]
     assert queue.popleft() is blocks[0]
     assert len(queue) == 4
-    with pytest.raises(ValueError, match="block 0 is not in the free queue"):
+    with pytest.raises(AssertionError, match="block 0 is not free"):
         queue.remove(blocks[0])
 
 
 def test_free_queue_pop_from_empty_raises():
     queue = FreeBlockQueue([])
-    with pytest.raises(ValueError, match="no free KV cache block"):
+    with pytest.raises(AssertionError, match="no free KV cache block"):
         queue.popleft()
 
 
@@ -32,12 +32,12 @@ def test_null_block_is_never_handed_out():
     assert pool.num_free_blocks == 3
     ids = [b.block_id for b in pool.get_new_blocks(3)]
     assert sorted(ids) == [1, 2, 3]
-    with pytest.raises(ValueError, match="cannot allocate 1 blocks: only 0 are free"):
+    with pytest.raises(AssertionError, match="only 0 free"):
         pool.get_new_blocks(1)
 
 
 def test_too_few_blocks_is_rejected():
-    with pytest.raises(ValueError, match="num_blocks must be at least 2"):
+    with pytest.raises(AssertionError, match="1 blocks are too few"):
         BlockPool(1)
 
 
@@ -51,7 +51,7 @@ def test_ref_counts_with_touch_and_free():
     assert block.ref_cnt == 1 and pool.num_free_blocks == 2
     pool.free_blocks([block])
     assert block.ref_cnt == 0 and pool.num_free_blocks == 3
-    with pytest.raises(ValueError, match="freed more often than held"):
+    with pytest.raises(AssertionError, match="freed more often than held"):
         pool.free_blocks([block])
     # Touching an unheld (cached) block takes it back out of the free queue.
     pool.touch([block])

@@ -1,11 +1,11 @@
-"""The CUDA path of the model runner: kernel-path metadata, decode graphs, memory budget.
+"""The cuda backend through the model runner: its metadata, decode graphs, memory budget.
 
-On a CPU, kernels_cuda.ops runs its torch references, so the kernel path (and the decode
+On a CPU, kernels_cuda.ops runs its torch references, so the cuda backend (and the decode
 graphs, with an eager stand-in for capture) runs here too: these tests prove its metadata,
-dispatch and static-buffer plumbing give the CPU path's tokens. The slow emulated test runs
-the CUDA kernels' own source on the CPU emulator through the whole model. The tests marked
-`cuda` run on a GPU: our kernels and CUDA graphs against the torch path, and the memory
-profile.
+dispatch and static-buffer plumbing give the native backend's tokens. The slow emulated test
+runs the CUDA kernels' own source on the CPU emulator through the whole model. The tests
+marked `cuda` run on a GPU: our kernels and CUDA graphs against the native backend, and the
+memory profile.
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine_core.attention import cuda as attention_cuda
-from engine_core.attention import torch_paged as attention
-from engine_core.attention.cuda import stage_step, unsupported_by_kernels
-from engine_core.attention.torch_paged import AttentionMetadata, token_positions
 from engine_core.config import EngineConfig
 from engine_core.models import loader as model_loader
 from engine_core.protocol import CachedRequestData, NewRequestData, SamplingParams, SchedulerOutput
@@ -33,9 +29,9 @@ from engine_core.worker.cuda_graphs import (
     capture_sizes,
     eager_capture,
 )
-from engine_core.worker.gpu_memory import kv_cache_blocks, profile_num_blocks, profile_step_shape
-from engine_core.worker.input_batch import PinnedStaging
+from engine_core.worker.gpu_memory import kv_cache_blocks, profile_step_shape
 from engine_core.worker.model_runner import ModelRunner
+from engine_core.worker.staging import PinnedStaging
 from kernels_cuda import launch, ops
 
 # Logprobs come back from the raw logits: comparing them makes every step's numerics count.
@@ -197,7 +193,7 @@ def test_capture_sizes_are_1_2_4_8_then_steps_of_8_up_to_max_num_seqs():
     assert capture_sizes(3) == [1, 2, 4]
     assert capture_sizes(1) == [1]
     assert capture_sizes(4096)[-1] == 512
-    with pytest.raises(ValueError, match="max_num_seqs must be at least 1, got 0"):
+    with pytest.raises(AssertionError, match="max_num_seqs=0"):
         capture_sizes(0)
 
 
@@ -234,80 +230,16 @@ def test_staging_moves_a_step_with_one_buffer_and_grows_when_needed():
     assert big["ids"].tolist() == list(range(100)) and staging.capacity >= 800
 
 
-def test_kernel_metadata_splits_decode_and_prefill_rows():
-    # Rows: two decodes (contexts 5 and 17), a fresh 3-token prefill, a 4-token chunk after 16.
-    query_lens, computed = np.array([1, 1, 3, 4]), np.array([4, 16, 0, 16])
-    tables = np.array([[7, 0], [2, 9], [4, 0], [5, 6]])
-    positions = token_positions(query_lens, computed)
-    step = stage_step(
-        PinnedStaging(256, "cpu"), np.arange(9) + 100, positions, query_lens, computed, tables,
-        BLOCK, np.array([0, 1, 4, 8]),
-    )  # fmt: skip
-    m = step.meta
-    assert step.input_ids.tolist() == list(range(100, 109))
-    assert m.positions.tolist() == [4, 16, 0, 1, 2, 16, 17, 18, 19]
-    assert m.slot_mapping.tolist() == [7 * 16 + 4, 9 * 16, 64, 65, 66, 96, 97, 98, 99]
-    assert m.num_decode_tokens == 2 and m.max_decode_context_len == 17
-    assert m.decode_block_tables.tolist() == [[7, 0], [2, 9]]
-    assert m.decode_context_lens.tolist() == [5, 17]
-    assert m.prefill_block_tables.tolist() == [[4, 0], [5, 6]]
-    assert m.prefill_context_lens.tolist() == [3, 20]
-    assert m.prefill_cu_seqlens_q.tolist() == [0, 3, 7] and m.max_prefill_query_len == 4
-    assert step.logits_indices.tolist() == [0, 1, 4, 8]
-    with pytest.raises(ValueError, match="single-query rows must come before"):
-        stage_step(
-            PinnedStaging(256, "cpu"), np.arange(4), np.arange(4), np.array([3, 1]),
-            np.array([0, 0]), tables[:2], BLOCK, np.array([3]),
-        )  # fmt: skip
-
-
-def test_kernel_attention_matches_the_cpu_attention_on_a_mixed_step():
-    gen = torch.Generator().manual_seed(0)
-    heads, kv_heads, hd = 6, 2, 16
-    query_lens = np.array([1, 1, 1, 9, 30, 5])
-    computed = np.array([4, 40, 17, 0, 21, 0])
-    blocks = -(-(query_lens + computed) // BLOCK)
-    perm = np.random.default_rng(0).permutation(40)
-    starts = np.cumsum(blocks) - blocks
-    tables = np.zeros((6, blocks.max()), dtype=np.int64)
-    for i in range(6):
-        tables[i, : blocks[i]] = perm[starts[i] : starts[i] + blocks[i]]
-    caches = torch.randn(2, 40, BLOCK, kv_heads, hd, generator=gen)  # cached prefixes: random
-    t = int(query_lens.sum())
-    q, k, v = (torch.randn(t, h, hd, generator=gen) for h in (heads, kv_heads, kv_heads))
-    cpu_caches, kernel_caches = caches.clone(), caches.clone()
-    meta = AttentionMetadata.build(query_lens, computed, tables, BLOCK)
-    expected = attention.paged_attention(q, k, v, cpu_caches[0], cpu_caches[1], meta)
-    positions = token_positions(query_lens, computed)
-    step = stage_step(
-        PinnedStaging(64, "cpu"), np.zeros(t, dtype=np.int64), positions, query_lens, computed,
-        tables, BLOCK, np.zeros(0, dtype=np.int64),
-    )  # fmt: skip
-    got = attention_cuda.paged_attention(
-        q, k, v, kernel_caches[0], kernel_caches[1], step.meta, hd**-0.5
-    )
-    assert torch.equal(kernel_caches, cpu_caches)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
 # ------------------------------------------------------------------------------ the runner
-
-
-def test_kernels_support_half_precision_and_vectorizable_shapes():
-    assert unsupported_by_kernels(torch.bfloat16, 64, 576, 1536) is None  # SmolLM2-135M
-    assert unsupported_by_kernels(torch.float16, 128, 4096, 14336) is None  # Llama-3-8B
-    assert "not torch.float32" in unsupported_by_kernels(torch.float32, 64, 576, 1536)
-    assert "head_dim 72" in unsupported_by_kernels(torch.bfloat16, 72, 576, 1536)
-    assert "MLP size 1532" in unsupported_by_kernels(torch.bfloat16, 64, 576, 1532)
 
 
 def test_kernel_path_generates_the_cpu_paths_tokens(tiny_dir):
     cpu_runner = tiny_runner(tiny_dir)
-    # On a CPU the runner keeps the torch path unless asked: no staging, no graphs.
-    assert not cpu_runner.use_kernels and cpu_runner.staging is None
+    # On a CPU the runner keeps the native backend unless asked: no graphs.
+    assert cpu_runner.attn_backend.name == "native"
     assert cpu_runner.cuda_graphs is None
     cpu = outputs_of_scenario(cpu_runner)
-    kernels_runner = tiny_runner(tiny_dir, use_kernels=True)
+    kernels_runner = tiny_runner(tiny_dir, attention_backend="cuda")
     assert kernels_runner.cuda_graphs is None  # graphs need CUDA or a capture stand-in
     kernels = outputs_of_scenario(kernels_runner)
     assert len(cpu) == 11 and all(len(v) >= 7 for v in cpu.values())
@@ -316,7 +248,7 @@ def test_kernel_path_generates_the_cpu_paths_tokens(tiny_dir):
 
 def test_decode_graphs_replay_the_eager_tokens_and_mixed_steps_do_not_replay(tiny_dir):
     capture = CountingCapture()
-    graphs_runner = tiny_runner(tiny_dir, use_kernels=True, graph_capture=capture)
+    graphs_runner = tiny_runner(tiny_dir, attention_backend="cuda", graph_capture=capture)
     assert graphs_runner.cuda_graphs.sizes == [1, 2, 4, 8, 16]
     assert graphs_runner.cuda_graphs.captured and not capture.replays
     replays_at: list[tuple[str, int]] = []
@@ -326,7 +258,10 @@ def test_decode_graphs_replay_the_eager_tokens_and_mixed_steps_do_not_replay(tin
 
     with_graphs = outputs_of_scenario(graphs_runner, on_step)
     eager_runner = tiny_runner(
-        tiny_dir, use_kernels=True, graph_capture=eager_capture, config={"enforce_eager": True}
+        tiny_dir,
+        attention_backend="cuda",
+        graph_capture=eager_capture,
+        config={"enforce_eager": True},
     )
     assert eager_runner.cuda_graphs is None
     eager = outputs_of_scenario(eager_runner)
@@ -353,7 +288,7 @@ def test_profile_step_fills_the_token_budget_over_the_allowed_rows():
 
 
 def test_profile_run_writes_exactly_the_profiled_tokens(tiny_dir):
-    runner = tiny_runner(tiny_dir, use_kernels=True)
+    runner = tiny_runner(tiny_dir, attention_backend="cuda")
     query_lens, table = profile_step_shape(100, 12, runner.max_model_len, BLOCK)
     runner.profile_run(query_lens, table)
     written = runner.kv_cache.abs().sum(dim=(0, 1, 4, 5)).flatten() > 0
@@ -366,7 +301,7 @@ def test_profile_run_writes_exactly_the_profiled_tokens(tiny_dir):
 
 def test_gpu_memory_profile_logic_with_faked_cuda_memory_stats(tiny_dir, monkeypatch, caplog):
     """profile_num_blocks' sequence on the CPU, torch.cuda's memory counters faked."""
-    runner = tiny_runner(tiny_dir, use_kernels=True, graph_capture=eager_capture)
+    runner = tiny_runner(tiny_dir, attention_backend="cuda", graph_capture=eager_capture)
     real_cache = runner.kv_cache
     peaks = iter([300 * 2**20, 100 * 2**20])  # the prefill profile, then the largest graph
     seen_caches = []
@@ -386,7 +321,7 @@ def test_gpu_memory_profile_logic_with_faked_cuda_memory_stats(tiny_dir, monkeyp
         monkeypatch.setattr(torch.cuda, name, fake)
     block_bytes = 2**20
     with caplog.at_level("INFO", logger="engine_core.worker.gpu_memory"):
-        blocks = profile_num_blocks(runner, block_bytes)
+        blocks = runner._profile_num_blocks(block_bytes)
     # 10 GiB x 0.9 - 2 GiB in use - 300 MiB peak - (100 MiB graphs + 256 MiB margin)
     assert blocks == 9 * 1024 - 2048 - 300 - 100 - 256
     assert f"KV cache: {blocks} blocks = {blocks * BLOCK} tokens" in caplog.text
@@ -407,7 +342,7 @@ def test_kv_cache_gets_what_utilization_leaves_after_the_profile():
 
 
 def _load_emulator():
-    path = Path(__file__).resolve().parents[1] / "kernels_cuda" / "kernel_emulator.py"
+    path = Path(__file__).resolve().parents[2] / "kernels_cuda" / "kernel_emulator.py"
     spec = importlib.util.spec_from_file_location("kernel_emulator", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -428,7 +363,7 @@ def test_cuda_kernels_emulated_through_the_model_give_the_reference_ops_tokens(
     )
     config = {"dtype": "bfloat16", "max_model_len": 256}
     reference = outputs_of_scenario(
-        tiny_runner(tiny_dir, use_kernels=True, config=config | {"enforce_eager": True})
+        tiny_runner(tiny_dir, attention_backend="cuda", config=config | {"enforce_eager": True})
     )
     emulator = emulator_module.Emulator(tmp_path)
     monkeypatch.setattr(ops, "_use_cuda", lambda t: True)
@@ -436,7 +371,7 @@ def test_cuda_kernels_emulated_through_the_model_give_the_reference_ops_tokens(
     monkeypatch.setattr(launch, "stream", lambda device: 0)
     monkeypatch.setattr(launch, "sm_count", lambda device: 4)  # decode splits at 256 tokens
     capture = CountingCapture()
-    runner = tiny_runner(tiny_dir, use_kernels=True, graph_capture=capture, config=config)
+    runner = tiny_runner(tiny_dir, attention_backend="cuda", graph_capture=capture, config=config)
     emulated = outputs_of_scenario(runner)
     launched = {k.name for k in emulator.kernels}
     assert {"reshape_and_cache", "paged_attention_prefill", "paged_attention_decode_g2",
@@ -488,7 +423,7 @@ def _assert_bf16_greedy_agree(ours: dict[str, list[int]], ref: dict[str, list[in
 @pytest.mark.cuda
 @needs_gpu
 def test_gpu_kernels_generate_the_torch_paths_greedy_tokens(smollm2_tokenizer):
-    torch_path = _gpu_greedy(smollm2_tokenizer, use_kernels=False)
+    torch_path = _gpu_greedy(smollm2_tokenizer, attention_backend="native")
     kernels = _gpu_greedy(smollm2_tokenizer)  # kernels and CUDA graphs: the default on CUDA
     _assert_bf16_greedy_agree(kernels, torch_path)
 

@@ -43,11 +43,7 @@ def run_core(config: EngineConfig, prompts, params) -> tuple[list[list[int]], li
     """Generate with an EngineCore in this process: (tokens per prompt, weight bytes per rank)."""
     core = EngineCore(config)
     try:
-        executor = core.executor
-        if hasattr(executor, "weight_bytes"):
-            weights = list(executor.weight_bytes)
-        else:
-            weights = [executor.model.weight_bytes()]
+        weights = list(core.executor.weight_bytes)
         for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
             core.add_request(EngineCoreRequest(str(i), prompt, sp))
         tokens: list[list[int]] = [[] for _ in prompts]
@@ -149,22 +145,20 @@ def tp_llama(make_tiny_llama) -> str:
 def one_and_two_ranks(tp_llama):
     params = [GREEDY, GREEDY, GREEDY, SEEDED]
     one = run_core(tiny_config(tp_llama, 1), PROMPTS, params)
-    t0 = time.monotonic()
     two = run_core(tiny_config(tp_llama, 2), PROMPTS, params)
-    return one, two, time.monotonic() - t0
+    return one, two
 
 
 @pytest.mark.slow
 def test_two_ranks_generate_what_one_generates(one_and_two_ranks):
-    (one, _), (two, _), seconds = one_and_two_ranks
+    (one, _), (two, _) = one_and_two_ranks
     assert all(len(t) == 24 for t in one)
     assert two == one
-    assert seconds < 30, f"start-up, generation and shutdown of 2 ranks took {seconds:.1f} s"
 
 
 @pytest.mark.slow
 def test_each_of_two_ranks_holds_half_the_weights(one_and_two_ranks):
-    (_, (whole,)), (_, per_rank), _ = one_and_two_ranks
+    (_, (whole,)), (_, per_rank) = one_and_two_ranks
     assert len(per_rank) == 2
     # Every weight is sharded but the norms (4 * 2 + 1 vectors of 64 floats, replicated) and
     # the vocabulary's padding row (64 floats in the embedding and in the LM head).

@@ -136,7 +136,7 @@ def test_blocks_are_freed_tail_first_so_the_tail_is_evicted_first():
 def test_allocating_more_tokens_than_the_request_has_is_an_error():
     kv = KVCacheManager(num_blocks=8, block_size=BS)
     r = make_request("a", [1, 2, 3])
-    with pytest.raises(ValueError, match="cannot schedule 4 tokens, it has 3"):
+    with pytest.raises(AssertionError, match="4 > 3"):
         kv.allocate_slots(r, 4)
-    with pytest.raises(ValueError, match="num_new_tokens must be at least 1, got 0"):
+    with pytest.raises(AssertionError, match="num_new_tokens=0"):
         kv.allocate_slots(r, 0)

@@ -48,7 +48,7 @@ class FakeRunner:
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.steps += 1
-        for req_id in out.finished_req_ids:
+        for req_id in (*out.finished_req_ids, *out.preempted_req_ids):
             self.reqs.pop(req_id, None)
         for new in out.scheduled_new_reqs:
             assert new.req_id not in self.reqs, f"{new.req_id} sent as new twice"
@@ -248,7 +248,8 @@ def test_preemption_takes_the_tail_and_nothing_is_lost_or_duplicated():
         out, outs = step(sched, runner)
         for o in outs:
             outputs.setdefault(o.request_id, []).append(o)
-        preempted = set(out.finished_req_ids) & set(running_before)
+        preempted = set(out.preempted_req_ids)
+        assert preempted <= set(running_before) and not preempted & set(out.finished_req_ids)
         if preempted:
             # The tail of running goes first, and lands at the head of waiting in its order.
             k = len(preempted)
@@ -275,7 +276,8 @@ def test_nothing_is_admitted_in_a_step_that_preempts():
     while sched.has_unfinished_requests():
         running_before = {r.request_id for r in sched.running}
         out, outs = step(sched, runner)
-        if set(out.finished_req_ids) & running_before - {o.request_id for o in outs}:
+        if out.preempted_req_ids:
+            assert set(out.preempted_req_ids) <= running_before
             num_preempting_steps += 1
             assert out.scheduled_new_reqs == []
         for o in outs:
@@ -489,7 +491,7 @@ def test_add_request_rejects_bad_requests():
     add(sched, "a", 7)
     with pytest.raises(ValueError, match="request id 'a' is already in the scheduler"):
         add(sched, "a", 3)
-    with pytest.raises(ValueError, match="block_size 8"):
+    with pytest.raises(AssertionError, match="block_size 8"):
         sched.add_request(Request("b", [1], SamplingParams(), [EOS], 0.0, 8))
     with pytest.raises(ValueError, match="at least one token"):
         Request("c", [], SamplingParams(), [EOS], 0.0, 4)
