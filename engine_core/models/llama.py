@@ -267,7 +267,9 @@ class LlamaForCausalLM(nn.Module):
 
         A CudaAttentionMetadata selects the CUDA path (see the module docstring).
         """
-        if self.tp.tp_size == 1:
+        if isinstance(self.embed_tokens, nn.Module):  # a QuantizedEmbedding (models/gguf_quant.py)
+            h = self.embed_tokens(input_ids)
+        elif self.tp.tp_size == 1:
             h = F.embedding(input_ids, self.embed_tokens)
         else:
             h = self._vocab_parallel_embedding(input_ids)
