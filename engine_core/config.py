@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
-_QUANTIZATIONS = (None, "none")
+_QUANTIZATIONS = (None, "none", "int8", "int4")
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +15,8 @@ class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
     tokenizer: str | None = None
     dtype: str = "bfloat16"
-    # None: a quantized checkpoint (GGUF Q4_0/Q4_1/Q8_0) runs quantized; "none": dequantized
+    # None: a quantized checkpoint (GGUF Q4_0/Q4_1/Q8_0) runs quantized; "none": dequantized;
+    # "int8" / "int4": a plain checkpoint quantized at load (RTN into Q8_0 / Q4_1 blocks)
     quantization: str | None = None
     tensor_parallel_size: int = 1
     max_num_seqs: int = 256

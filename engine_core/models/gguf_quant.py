@@ -20,7 +20,7 @@ import torch
 from engine_core.models.gguf_file import GGUFFile, GGUFTensor
 from engine_core.models.layers import Linear
 from engine_core.models.llama import LlamaForCausalLM
-from engine_core.models.quant_layers import QuantizedEmbedding, QuantizedLinear
+from engine_core.models.quant_layers import QuantizedEmbedding, QuantizedLinear, quantize_rtn
 from kernels_cpu import ops
 
 logger = logging.getLogger(__name__)
@@ -153,3 +153,24 @@ def load_gguf_quantized(
     else:
         model.lm_head = _linear([(get("output.weight"), None)], "lm_head")
     model.to(compute_dtype)
+
+
+def quantize_model_rtn(model: LlamaForCausalLM, quantization: str) -> None:
+    """Replace `model`'s fp32 linear layers (loaded, unpacked) by RTN-quantized ones in place.
+
+    int8: Q8_0 blocks; int4: Q4_1 blocks (group 32, with a minimum: finer than the usual
+    group-128 int4, and what the kernels run). The embedding stays float (a lookup reads
+    few rows); a tied LM head is quantized from it.
+    """
+    wtype = {"int8": ops.Q8_0, "int4": ops.Q4_1}[quantization]
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for owner, name in (
+            (attn, "qkv_proj"),
+            (attn, "o_proj"),
+            (mlp, "gate_up_proj"),
+            (mlp, "down_proj"),
+        ):
+            setattr(owner, name, quantize_rtn(getattr(owner, name).weight, wtype))
+    head = model.embed_tokens if model.config.tie_word_embeddings else model.lm_head.weight
+    model.lm_head = quantize_rtn(head, wtype)

@@ -28,7 +28,7 @@ import torch
 from engine_core.config import EngineConfig
 from engine_core.model_files import ModelFiles, default_model_path, resolve_model
 from engine_core.models.gguf_file import GGUFFile, GGUFTensor
-from engine_core.models.gguf_quant import load_gguf_quantized
+from engine_core.models.gguf_quant import load_gguf_quantized, quantize_model_rtn
 from engine_core.models.llama import LlamaForCausalLM, Shard
 from engine_core.models.model_config import ModelConfig
 from kernels_cpu import ops as kernels_cpu_ops
@@ -121,6 +121,11 @@ def load_model(
     if isinstance(source, GGUFWeights) and _keep_gguf_quantized(config, device, tp_size):
         load_gguf_quantized(model, source.file, compute_dtype)
         weight_dtype = torch.float32  # the blocks' values, exact in fp32
+    elif config.quantization in ("int8", "int4") and _can_quantize(device, tp_size):
+        model.load_weights(source, torch.float32)
+        quantize_model_rtn(model, config.quantization)
+        model.to(compute_dtype)
+        weight_dtype = torch.float32
     else:
         model.load_weights(source, weight_dtype)
         model.pack_weights()
@@ -128,16 +133,17 @@ def load_model(
     return LoadedModel(model, model_config, weight_dtype, compute_dtype)
 
 
+def _can_quantize(device: torch.device, tp_size: int) -> bool:
+    """Whether quantized layers can run here: one CPU process with the kernels built."""
+    if device.type != "cpu" or tp_size != 1:
+        logger.info("weights dequantized: quantized layers run on one CPU process only")
+        return False
+    return kernels_cpu_ops.available()  # logs why not (no compiler, build failure)
+
+
 def _keep_gguf_quantized(config: EngineConfig, device: torch.device, tp_size: int) -> bool:
     """Whether a GGUF's weights load into quantized layers rather than dequantized ones."""
-    if config.quantization == "none":
-        return False
-    if device.type != "cpu" or tp_size != 1:
-        logger.info("GGUF weights dequantized: quantized layers run on one CPU process only")
-        return False
-    if not kernels_cpu_ops.available():  # logs why (no compiler, build failure)
-        return False
-    return True
+    return config.quantization != "none" and _can_quantize(device, tp_size)
 
 
 # ------------------------------------------------------------------------------ weight sources

@@ -87,6 +87,27 @@ class QuantizedLinear(nn.Module):
         )
 
 
+def quantize_rtn(weight: torch.Tensor, wtype: int) -> QuantizedLinear:
+    """A QuantizedLinear holding `weight` [out, in] rounded to nearest in `wtype`'s blocks.
+
+    Q8_0: int8 with one fp16 scale per 32 (absmax / 127); Q4_1: 4 bits with an fp16 scale and
+    minimum per 32 ((max - min) / 15), gguf's own quantizers (llama.cpp's reference ones).
+    """
+    import gguf
+
+    qtypes = {ops.Q8_0: gguf.GGMLQuantizationType.Q8_0, ops.Q4_1: gguf.GGMLQuantizationType.Q4_1}
+    if wtype not in qtypes:
+        raise ValueError(f"RTN quantization into ggml type {wtype} is not supported.")
+    out_features, in_features = weight.shape
+    if in_features % ops.QK:
+        raise ValueError(
+            f"in_features must be a multiple of {ops.QK} to quantize, got {in_features}."
+        )
+    raw = gguf.quants.quantize(weight.detach().float().cpu().numpy(), qtypes[wtype])
+    blocks = torch.from_numpy(raw.reshape(-1).copy())
+    return QuantizedLinear(blocks, wtype, in_features, out_features)
+
+
 class QuantizedEmbedding(nn.Module):
     """Token embedding rows dequantized on lookup from GGUF blocks (shared with a tied head)."""
 

@@ -166,3 +166,27 @@ def test_quantization_none_dequantizes_the_gguf():
 def test_unknown_quantization_is_refused_by_name():
     with pytest.raises(ValueError, match="'int3'"):
         EngineConfig(quantization="int3")
+
+
+@pytest.mark.parametrize("quantization,wtype", [("int8", ops.Q8_0), ("int4", ops.Q4_1)])
+def test_rtn_quantization_of_a_plain_checkpoint_matches_its_dequantized_weights(
+    make_tiny_llama, quantization, wtype
+):
+    hf_dir = make_tiny_llama("plain-tied")
+    quant = load(hf_dir, quantization=quantization).model
+    plain = load(hf_dir).model
+    layers = [m for m in quant.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 4 * len(quant.layers) + 1 and {m.wtype for m in layers} == {wtype}
+    # The reference: the plain model with each linear's weight replaced by its RTN values.
+    ref = load(hf_dir).model
+    for name, module in quant.named_modules():
+        if isinstance(module, QuantizedLinear):
+            target = ref.get_submodule(name)
+            target.packed = None
+            target.weight = torch.nn.Parameter(module.dequantized(), requires_grad=False)
+    tokens = list(range(3, 23))
+    rows = [(tokens, 0, blocks(0, 32))]
+    got = step_logits(quant, new_kv_cache(quant), rows)[0]
+    torch.testing.assert_close(got, step_logits(ref, new_kv_cache(ref), rows)[0])
+    err = (got - step_logits(plain, new_kv_cache(plain), rows)[0]).abs().max().item()
+    assert 0 < err < (0.02 if quantization == "int8" else 0.5)
