@@ -18,7 +18,7 @@ import tempfile
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("quant_gemm.cpp",)
+SOURCES = ("quant_gemm.cpp", "paged_attention.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -54,6 +54,9 @@ def _load() -> ctypes.CDLL | None:
     lib.rs_gemm_f32.argtypes = lib.rs_gemm.argtypes
     lib.rs_dequant_rows.argtypes = [ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.rs_simd_level.restype = ctypes.c_int
+    lib.rs_paged_decode_attention.argtypes = (
+        [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _ptr, ctypes.c_int]
+    )
     _lib = lib
     return lib
 
@@ -156,4 +159,57 @@ def dequantize(
     )
     if rc:
         raise RuntimeError(f"rs_dequant_rows failed ({rc}) for type {wtype}.")
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of q [rows, heads, head_dim] (one token a row) over the paged cache in place.
+
+    k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim] fp32; block_ids [rows * width]
+    int64 (each row's block table padded to width); bias [rows, width * block_size] additive
+    (0 or -inf). Returns [rows, heads, head_dim] fp32.
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"kernels_cpu is not available: {_load_error}")
+    rows, heads, head_dim = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    width = block_ids.numel() // max(rows, 1)
+    for name, t, dtype in (
+        ("q", q, torch.float32),
+        ("k_cache", k_cache, torch.float32),
+        ("v_cache", v_cache, torch.float32),
+        ("block_ids", block_ids, torch.int64),
+        ("bias", bias, torch.float32),
+    ):
+        if t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous {dtype}, got {t.dtype}.")
+    if bias.numel() != rows * width * block_size:
+        raise ValueError(f"bias has {bias.numel()} elements, expected {rows * width * block_size}.")
+    out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
+    rc = lib.rs_paged_decode_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_ids.data_ptr(),
+        bias.data_ptr(),
+        rows,
+        width,
+        heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads.")
     return out

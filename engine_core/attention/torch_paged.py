@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kernels_cpu import ops as cpu_ops
+
 # Decode rows attended together. Rows come sorted by length, so small groups pad little,
 # and a group's gathered K/V (8 rows x 272 tokens: 3.3 MB) stays in cache: for 32 rows of
 # 32-640 tokens, groups of 8 took 4.7 ms a layer, one group of 32 took 14-26 ms.
@@ -219,6 +221,12 @@ def _decode_attention(
 ) -> torch.Tensor:
     rows, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
+    if q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and cpu_ops.available():
+        # kernels_cpu reads the blocks in place: no gathered copy of the group's K/V.
+        bias = group.bias.reshape(rows, -1)
+        return cpu_ops.paged_decode_attention(
+            q.contiguous(), k_cache, v_cache, group.block_ids, bias, head_dim**-0.5
+        )
     k = _gather(k_cache, group.block_ids, q.dtype).view(rows, -1, kv_heads, head_dim)
     v = _gather(v_cache, group.block_ids, q.dtype).view(rows, -1, kv_heads, head_dim)
     # Each KV head's query heads act as that head's query rows: K/V are read once per KV
