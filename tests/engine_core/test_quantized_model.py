@@ -136,14 +136,27 @@ def test_default_gguf_stays_quantized_and_memory_mapped():
     assert _mapped_file(model.embed_tokens.table.qweight.data_ptr()) == path
 
 
+@pytest.fixture
+def one_thread():
+    # Two OpenMP threads on a busy 2-core machine wait on each other at every op's barrier.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_default_model_greedy_tokens_equal_the_dequantized_fp32_model(smollm2_tokenizer):
+@pytest.mark.timeout(900)
+def test_default_model_greedy_tokens_equal_the_dequantized_fp32_model(
+    smollm2_tokenizer, one_thread
+):
     quant, ref = load(None).model, load(None, quantization="none").model
     prompts = [
-        "The capital of France is",
+        "The capital of France is",  # prefill of 5 rows: the GEMM kernel
+        # 17+ rows: dequantized tiles and sgemm
         "Write a short poem about the sea, the wind and the old lighthouse keeper who",
     ]
-    n_new = 24
+    n_new = 16
     for prompt in prompts:
         ids = smollm2_tokenizer.encode(prompt)
         outs = []
@@ -190,3 +203,37 @@ def test_rtn_quantization_of_a_plain_checkpoint_matches_its_dequantized_weights(
     torch.testing.assert_close(got, step_logits(ref, new_kv_cache(ref), rows)[0])
     err = (got - step_logits(plain, new_kv_cache(plain), rows)[0]).abs().max().item()
     assert 0 < err < (0.02 if quantization == "int8" else 0.5)
+
+
+def test_bf16_dispatch_follows_the_cpu_and_quantized_layers_keep_the_activation_dtype(
+    monkeypatch,
+):
+    from engine_core.models import loader
+    from engine_core.models.model_config import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(
+        {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1}
+        | {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    )
+    cpu = torch.device("cpu")
+    native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    expected = torch.bfloat16 if native else torch.float32
+    assert loader.resolve_dtypes("bfloat16", cfg, cpu) == (torch.bfloat16, expected)
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":  # this project's machines
+        assert loader.resolve_dtypes("bfloat16", cfg, cpu)[1] == torch.float32
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    assert loader.resolve_dtypes("bfloat16", cfg, cpu) == (torch.bfloat16, torch.bfloat16)
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
+    assert loader.resolve_dtypes("bfloat16", cfg, cpu) == (torch.bfloat16, torch.float32)
+    # bf16 activations (a native-bf16 CPU) go through the kernel in fp32 and come back bf16.
+    layer = quantize_rtn_for_test(torch.randn(64, 64))
+    x = torch.randn(3, 64)
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x.bfloat16().float()), atol=0.05, rtol=0.02)
+
+
+def quantize_rtn_for_test(w: torch.Tensor) -> QuantizedLinear:
+    from engine_core.models.quant_layers import quantize_rtn
+
+    return quantize_rtn(w, ops.Q8_0)
