@@ -2,9 +2,10 @@
 
 Per call (one layer's shapes) and whole model (its 30 layers' linears + the LM head), at
 several row counts, as the default GGUF holds them (Q4_1 layers, Q8_0 LM head). Also the
-ctypes call overhead (a 1x32 @ 32x32 product). `--quick` runs one short repeat.
+ctypes call overhead (a 1x32 @ 32x32 product). `--quick` runs one short repeat. Times are
+CPU seconds per thread (see _time): run it alone for wall-clock figures.
 
-    python tools/bench_quant.py [--rows 1,8,32] [--quick]
+    python tools/bench_quant.py [--rows 1,8,32] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ def _random_blocks(wtype: int, n: int, k: int) -> torch.Tensor:
 
 
 def _time(fn, repeat: int) -> float:
+    """Best of `repeat` runs, in seconds of this process's CPU time per thread used.
+
+    CPU time rather than wall time: on a shared machine a run waits for a core, and that
+    wait is not the kernel's. With one thread it is the kernel's own time.
+    """
     fn()
     best = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, (time.process_time() - t) / torch.get_num_threads())
     return best
 
 
@@ -44,7 +50,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,8,32")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeat = 1 if args.quick else 5
     print(f"kernels_cpu: {ops.simd_level()}, threads {torch.get_num_threads()}")
     x1 = torch.randn(1, 32)
@@ -59,19 +68,23 @@ def main() -> None:
     for m in (int(r) for r in args.rows.split(",")):
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
         runs = {
-            "quant": lambda: [ops.gemm(xs[k], w, t, n, k) for w, t, n, k in quant],
-            "fp32": lambda: [F.linear(xs[w.shape[1]], w) for w in fp32],
-            "bf16": lambda: [F.linear(xs[w.shape[1]].bfloat16(), w) for w in bf16],
+            "quant": lambda xs=xs: [ops.gemm(xs[k], w, t, n, k) for w, t, n, k in quant],
+            "quant-int8act": lambda xs=xs: [
+                ops.gemm(xs[k], w, t, n, k, int8_activations=True) for w, t, n, k in quant
+            ],
+            "fp32": lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in fp32],
+            "bf16": lambda xs=xs: [F.linear(xs[w.shape[1]].bfloat16(), w) for w in bf16],
         }
         times = {name: _time(fn, repeat) for name, fn in runs.items()}
         layer = {
             "quant": _time(
-                lambda: [ops.gemm(xs[k], w, t, n, k) for w, t, n, k in quant[:4]], repeat
+                lambda xs=xs: [ops.gemm(xs[k], w, t, n, k) for w, t, n, k in quant[:4]], repeat
             ),
-            "fp32": _time(lambda: [F.linear(xs[w.shape[1]], w) for w in fp32[:4]], repeat),
+            "fp32": _time(lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in fp32[:4]], repeat),
         }
         print(
-            f"M={m:3d}  whole model: quant {times['quant'] * 1e3:7.2f} ms  fp32 "
+            f"M={m:3d}  whole model: quant {times['quant'] * 1e3:7.2f} ms  "
+            f"int8-act {times['quant-int8act'] * 1e3:7.2f} ms  fp32 "
             f"{times['fp32'] * 1e3:7.2f} ms  bf16 {times['bf16'] * 1e3:7.2f} ms  "
             f"(fp32/quant {times['fp32'] / times['quant']:.2f}x)  one layer: quant "
             f"{layer['quant'] * 1e3:.3f} ms fp32 {layer['fp32'] * 1e3:.3f} ms"
