@@ -143,6 +143,11 @@ def _can_quantize(device: torch.device, tp_size: int) -> bool:
 
 def _keep_gguf_quantized(config: EngineConfig, device: torch.device, tp_size: int) -> bool:
     """Whether a GGUF's weights load into quantized layers rather than dequantized ones."""
+    if config.quantization in ("int8", "int4"):
+        logger.info(
+            "--quantization %s is for plain checkpoints: the GGUF keeps its own types",
+            config.quantization,
+        )
     return config.quantization != "none" and _can_quantize(device, tp_size)
 
 
