@@ -18,8 +18,9 @@ import tempfile
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("quant_gemm.cpp", "paged_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+SOURCES = ("quant_gemm.cpp", "quant_gemm_f32.cpp", "paged_attention.cpp")
+HEADERS = ("quant_blocks.h",)
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -54,28 +55,39 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _key(compiler: str) -> str:
+def _key(compiler: str, march: str) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         with open(os.path.join(_HERE, name), "rb") as f:
             h.update(f.read())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    h.update(version.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode())
+    h.update(version.encode() + " ".join(FLAGS).encode() + march.encode())
+    h.update(_cpu_flags().encode())
     return h.hexdigest()[:16]
 
 
-def library_path(build: bool = True) -> str:
-    """Path of the compiled library, compiling it first if the cache lacks it."""
+def library_path(build: bool = True, march: str = "native") -> str:
+    """Path of the compiled library, compiling it first if the cache lacks it.
+
+    march: g++'s -march; "native" for use, "x86-64" (no AVX2) to test the scalar fallback.
+    """
     compiler = find_compiler()
     if compiler is None:
         raise BuildError("no C++ compiler found (tried $CXX, g++, c++)")
-    path = os.path.join(cache_dir(), f"ringserve_cpu_{_key(compiler)}.so")
+    path = os.path.join(cache_dir(), f"ringserve_cpu_{_key(compiler, march)}.so")
     if os.path.isfile(path) or not build:
         return path
     os.makedirs(cache_dir(), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
-    cmd = [compiler, *FLAGS, *(os.path.join(_HERE, s) for s in SOURCES), "-o", tmp]
+    cmd = [
+        compiler,
+        *FLAGS,
+        f"-march={march}",
+        *(os.path.join(_HERE, s) for s in SOURCES),
+        "-o",
+        tmp,
+    ]
     logger.info("kernels_cpu: compiling %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

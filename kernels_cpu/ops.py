@@ -29,36 +29,29 @@ _load_error: str | None = None
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _load_error
-    if _lib is not None or _load_error is not None:
-        return _lib
-    try:
-        lib = ctypes.CDLL(library_path())
-    except (BuildError, OSError) as e:
-        _load_error = str(e)
-        logger.warning("kernels_cpu unavailable, quantized weights will be dequantized: %s", e)
-        return None
-    lib.rs_gemm.argtypes = [
-        ctypes.c_int,
-        _ptr,
-        _i64,
-        _i64,
-        _ptr,
-        _i64,
-        _i64,
-        _ptr,
-        _i64,
-        ctypes.c_int,
-    ]
-    lib.rs_gemm_f32.argtypes = lib.rs_gemm.argtypes
+def load_library(path: str) -> ctypes.CDLL:
+    """Open a built kernels_cpu library and declare its functions' argument types."""
+    lib = ctypes.CDLL(path)
+    args = [ctypes.c_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, ctypes.c_int]
+    lib.rs_gemm.argtypes = lib.rs_gemm_f32.argtypes = args
     lib.rs_dequant_rows.argtypes = [ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.rs_simd_level.restype = ctypes.c_int
     lib.rs_paged_decode_attention.argtypes = (
         [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _ptr, ctypes.c_int]
     )
-    _lib = lib
     return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _load_error
+    if _lib is not None or _load_error is not None:
+        return _lib
+    try:
+        _lib = load_library(library_path())
+    except (BuildError, OSError) as e:
+        _load_error = str(e)
+        logger.warning("kernels_cpu unavailable, quantized weights will be dequantized: %s", e)
+    return _lib
 
 
 def available() -> bool:

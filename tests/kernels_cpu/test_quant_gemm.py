@@ -91,3 +91,27 @@ def test_bad_inputs_name_the_problem() -> None:
         ops.dequantize(w[:-1], ops.Q8_0, 8, 64)
     with pytest.raises(ValueError, match="multiple of 32"):
         ops.gemm(torch.randn(1, 48), w, ops.Q8_0, 8, 48)
+
+
+@pytest.fixture(scope="module")
+def scalar_library():
+    """The kernels built for plain x86-64 (no AVX2, no F16C): the scalar fallback."""
+    from kernels_cpu.build import library_path
+
+    return ops.load_library(library_path(march="x86-64"))
+
+
+@pytest.mark.parametrize("wtype", sorted(TYPES))
+def test_scalar_fallback_matches_the_same_references(scalar_library, monkeypatch, wtype):
+    monkeypatch.setattr(ops, "_lib", scalar_library)
+    assert ops.simd_level() == "scalar"
+    n, k, m = 40, 96, 6
+    w, deq = quantized_weight(wtype, n, k, seed=11)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5))
+    ref = x.numpy().astype(np.float64) @ deq.astype(np.float64).T
+    scale = np.abs(ref).max()
+    assert np.abs(ops.gemm(x, w, wtype, n, k).numpy() - ref).max() / scale < 2e-6
+    ref_q8 = q8_activations(x.numpy()) @ deq.astype(np.float64).T
+    y8 = ops.gemm(x, w, wtype, n, k, int8_activations=True).numpy()
+    assert np.abs(y8 - ref_q8).max() / scale < 2e-5
+    assert np.array_equal(ops.dequantize(w, wtype, n, k).numpy(), deq)
