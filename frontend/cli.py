@@ -101,6 +101,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     e.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        choices=["none", "int8", "int4"],
+        help="weight-only quantization at load (RTN: int8 = Q8_0, int4 = Q4_1 blocks of 32); "
+        "none: dequantize a quantized GGUF (default: keep a checkpoint's own quantization)",
+    )
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
     e.add_argument("--max-num-seqs", type=int, default=None)
     e.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -126,6 +134,7 @@ _ENGINE_FLAGS = (
     "model",
     "tokenizer",
     "dtype",
+    "quantization",
     "tensor_parallel_size",
     "max_num_seqs",
     "max_num_batched_tokens",

@@ -1,9 +1,11 @@
-"""Offline throughput: ringserve's LLM against Hugging Face transformers' static batching.
+"""Offline throughput: ringserve's LLM against transformers, vLLM and llama.cpp's server.
 
-Both run the same seeded synthetic workload in one run, one after the other (never at the
+All run the same seeded synthetic workload in one run, one after the other (never at the
 same time: on a 2-core machine they would slow each other), on the same model and dtype.
+`single` is one stream (a 256-token prompt, 256 new tokens); llama.cpp runs the GGUF itself.
 
     python tools/bench_throughput.py --workload batch32 --json out.json
+    python tools/bench_throughput.py --workload single --skip-hf --llamacpp-server PATH
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def make_workload(name: str, vocab_size: int, seed: int) -> list[tuple[list[int]
     elif name == "sharegpt-like":
         lens = np.clip(rng.lognormal(mean=5.0, sigma=1.0, size=200), 4, 1024).astype(int)
         outs = np.clip(rng.lognormal(mean=4.6, sigma=0.9, size=200), 4, 512).astype(int).tolist()
+    elif name == "single":  # one stream: decode speed
+        lens, outs = np.array([256]), [256]
     elif name == "tiny":  # a smoke run for tests and quick checks
         lens, outs = np.array([8, 16, 24, 32]), [8] * 4
     else:
@@ -48,7 +52,12 @@ def run_ringserve(args, workload) -> dict:
     from frontend import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        quantization=args.quantization,
+    )
     startup = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": p} for p, _ in workload]
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in workload]
@@ -190,7 +199,13 @@ def run_hf(args, workload, batch_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--workload", default="batch32", choices=["batch32", "sharegpt-like", "tiny"]
+        "--workload", default="batch32", choices=["batch32", "sharegpt-like", "single", "tiny"]
+    )
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        choices=["none", "int8", "int4"],
+        help="ringserve's --quantization (default: the checkpoint's own: Q4_1 for the GGUF)",
     )
     parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -203,6 +218,13 @@ def main() -> None:
         default=None,
         help="also run vLLM, with this interpreter (a venv with vllm installed, outside the project)",
     )
+    parser.add_argument(
+        "--llamacpp-server",
+        default=None,
+        metavar="PATH",
+        help="also run llama.cpp's llama-server binary (built outside the project) on the GGUF",
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's -t")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -221,6 +243,15 @@ def main() -> None:
     if args.vllm_python:
         results.append(run_vllm(args, workload))
         print(f"  vllm done: {results[-1]['new_tok_per_s']:.1f} new tok/s", flush=True)
+    if args.llamacpp_server:
+        from engine_core.model_files import resolve_model
+        from tools.llamacpp_bench import run_llamacpp
+
+        gguf_path = resolve_model(args.model).gguf_path
+        if gguf_path is None:
+            parser.error("--llamacpp-server needs a GGUF model (the default one is).")
+        results.append(run_llamacpp(args.llamacpp_server, gguf_path, workload, args.threads))
+        print(f"  llama.cpp done: {results[-1]['new_tok_per_s']:.1f} new tok/s", flush=True)
     if not args.skip_hf:
         results.append(run_hf(args, workload, args.hf_batch_size))
     base = results[-1]["new_tok_per_s"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from engine_core.attention import AttentionBackend
 from engine_core.attention.common import StepInputs, StepLayout, step_layout
 from engine_core.models.ops import NATIVE_OPS
+from kernels_cpu import ops as cpu_ops
 
 # Decode rows attended together. Rows come sorted by length, so small groups pad little and
 # a group's gathered K/V stays in the CPU's cache.
@@ -248,6 +249,12 @@ def _decode_attention(
 ) -> torch.Tensor:
     rows, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
+    if q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and cpu_ops.available():
+        # kernels_cpu reads the blocks in place: no gathered copy of the group's K/V.
+        bias = group.bias.reshape(rows, -1)
+        return cpu_ops.paged_decode_attention(
+            q.contiguous(), k_cache, v_cache, group.block_ids, bias, head_dim**-0.5
+        )
     k = _gather(k_cache, group.block_ids, q.dtype).view(rows, -1, kv_heads, head_dim)
     v = _gather(v_cache, group.block_ids, q.dtype).view(rows, -1, kv_heads, head_dim)
     # Each KV head's query heads act as that head's query rows: K/V are read once per KV

@@ -245,7 +245,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of the step's tokens; kv_caches is [layers, 2, blocks, ...];
         meta is the attention backend's metadata for the step."""
-        if self.tp.tp_size == 1:
+        if isinstance(self.embed_tokens, nn.Module):  # a QuantizedEmbedding (models/gguf_quant.py)
+            h = self.embed_tokens(input_ids)
+        elif self.tp.tp_size == 1:
             h = F.embedding(input_ids, self.embed_tokens)
         else:
             h = self._vocab_parallel_embedding(input_ids)

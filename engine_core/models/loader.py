@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ import torch
 from engine_core.config import EngineConfig
 from engine_core.model_files import ModelFiles, default_model_path, resolve_model
 from engine_core.models.gguf_file import GGUFFile, GGUFTensor
+from engine_core.models.gguf_quant import load_gguf_quantized, quantize_model_rtn
 from engine_core.models.llama import LlamaForCausalLM, Shard
 from engine_core.models.model_config import ModelConfig
+from kernels_cpu import ops as kernels_cpu_ops
 
 __all__ = [
     "DummyWeights",
@@ -38,6 +41,8 @@ __all__ = [
     "load_model_config",
     "resolve_dtypes",
 ]
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -111,10 +116,37 @@ def load_model(
         source = SafetensorsWeights(files.directory)
     with torch.device(device):
         model = LlamaForCausalLM(model_config, max_positions, tp_rank, tp_size).to(compute_dtype)
-    model.load_weights(source, weight_dtype)
-    model.pack_weights()
+    if isinstance(source, GGUFWeights) and _keep_gguf_quantized(config, device, tp_size):
+        load_gguf_quantized(model, source.file, compute_dtype)
+        weight_dtype = torch.float32  # the blocks' values, exact in fp32
+    elif config.quantization in ("int8", "int4") and _can_quantize(device, tp_size):
+        model.load_weights(source, torch.float32)
+        quantize_model_rtn(model, config.quantization)
+        model.to(compute_dtype)
+        weight_dtype = torch.float32
+    else:
+        model.load_weights(source, weight_dtype)
+        model.pack_weights()
     model.eval()
     return LoadedModel(model, model_config, weight_dtype, compute_dtype)
+
+
+def _can_quantize(device: torch.device, tp_size: int) -> bool:
+    """Whether quantized layers can run here: one CPU process with the kernels built."""
+    if device.type != "cpu" or tp_size != 1:
+        logger.info("weights dequantized: quantized layers run on one CPU process only")
+        return False
+    return kernels_cpu_ops.available()  # logs why not (no compiler, build failure)
+
+
+def _keep_gguf_quantized(config: EngineConfig, device: torch.device, tp_size: int) -> bool:
+    """Whether a GGUF's weights load into quantized layers rather than dequantized ones."""
+    if config.quantization in ("int8", "int4"):
+        logger.info(
+            "--quantization %s is for plain checkpoints: the GGUF keeps its own types",
+            config.quantization,
+        )
+    return config.quantization != "none" and _can_quantize(device, tp_size)
 
 
 # ------------------------------------------------------------------------------ weight sources
@@ -169,6 +201,7 @@ class GGUFWeights:
     _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
     def __init__(self, gguf_file: GGUFFile, model_config: ModelConfig) -> None:
+        self.file = gguf_file
         self._tensors = gguf_file.tensors
         self._config = model_config
 

@@ -1,0 +1,126 @@
+"""Weight-only quantized layers: GGUF blocks (Q4_0, Q4_1, Q8_0) kept as they are in memory.
+
+A step of few rows (decode) runs kernels_cpu's GEMM on the blocks (activations quantized to
+int8 blocks on the fly, as llama.cpp does); a step of many rows (a prefill chunk) dequantizes
+the weight tile by tile into one shared fp32 scratch buffer and runs torch's fp32 matmul, so
+a long prompt gets sgemm's speed and the exact fp32 product of the dequantized weights,
+without a resident fp32 copy (the model stays at the file's ~5 bits a weight).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels_cpu import ops
+
+# Rows up to which the int8 GEMM beats dequantize + sgemm (see tools/bench_quant.py).
+GEMM_MAX_ROWS = 16
+# fp32 elements of the dequantization scratch (16 MiB): the LM head goes through in tiles.
+_SCRATCH_ELEMS = 1 << 22
+_scratch: torch.Tensor | None = None
+
+
+def _scratch_buffer(numel: int) -> torch.Tensor:
+    global _scratch
+    if _scratch is None or _scratch.numel() < numel:
+        _scratch = torch.empty(numel, dtype=torch.float32)
+    return _scratch[:numel]
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ W.T without bias, W held as GGUF blocks of `wtype` (rows of in/32 blocks)."""
+
+    def __init__(self, blocks: torch.Tensor, wtype: int, in_features: int, out_features: int):
+        super().__init__()
+        row_bytes = in_features // ops.QK * ops.BLOCK_BYTES.get(wtype, 0)
+        if blocks.dtype != torch.uint8 or blocks.numel() != out_features * row_bytes:
+            raise ValueError(
+                f"blocks of {blocks.numel()} bytes do not hold a {out_features}x{in_features} "
+                f"weight of ggml type {wtype}."
+            )
+        self.in_features, self.out_features, self.wtype = in_features, out_features, wtype
+        # uint8 "parameter": counted by weight_bytes(), left alone by Module.to(dtype).
+        self.qweight = nn.Parameter(blocks.reshape(-1).contiguous(), requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as fp32 [out, in] (a new tensor)."""
+        return ops.dequantize(self.qweight, self.wtype, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, k)
+        if dtype != torch.float32:
+            x2 = x2.float()
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        if x2.shape[0] <= GEMM_MAX_ROWS:
+            y = ops.gemm(x2, self.qweight, self.wtype, n, k)
+        else:
+            y = self._dequantized_matmul(x2)
+        y = y.reshape(*lead, n)
+        return y if dtype == torch.float32 else y.to(dtype)
+
+    def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        tile = max(1, min(n, _SCRATCH_ELEMS // k))
+        if tile == n:
+            return F.linear(x, self._dequantize_rows(0, n))
+        out = torch.empty(x.shape[0], n, dtype=torch.float32)
+        for r0 in range(0, n, tile):
+            r1 = min(n, r0 + tile)
+            torch.matmul(x, self._dequantize_rows(r0, r1).t(), out=out[:, r0:r1])
+        return out
+
+    def _dequantize_rows(self, r0: int, r1: int) -> torch.Tensor:
+        k = self.in_features
+        row_bytes = k // ops.QK * ops.BLOCK_BYTES[self.wtype]
+        w = self.qweight[r0 * row_bytes : r1 * row_bytes]
+        buf = _scratch_buffer((r1 - r0) * k).view(r1 - r0, k)
+        return ops.dequantize(w, self.wtype, r1 - r0, k, out=buf)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, wtype={self.wtype}"
+        )
+
+
+def quantize_rtn(weight: torch.Tensor, wtype: int) -> QuantizedLinear:
+    """A QuantizedLinear holding `weight` [out, in] rounded to nearest in `wtype`'s blocks.
+
+    Q8_0: int8 with one fp16 scale per 32 (absmax / 127); Q4_1: 4 bits with an fp16 scale and
+    minimum per 32 ((max - min) / 15), gguf's own quantizers (llama.cpp's reference ones).
+    """
+    import gguf
+
+    qtypes = {ops.Q8_0: gguf.GGMLQuantizationType.Q8_0, ops.Q4_1: gguf.GGMLQuantizationType.Q4_1}
+    if wtype not in qtypes:
+        raise ValueError(f"RTN quantization into ggml type {wtype} is not supported.")
+    out_features, in_features = weight.shape
+    if in_features % ops.QK:
+        raise ValueError(
+            f"in_features must be a multiple of {ops.QK} to quantize, got {in_features}."
+        )
+    raw = gguf.quants.quantize(weight.detach().float().cpu().numpy(), qtypes[wtype])
+    blocks = torch.from_numpy(raw.reshape(-1).copy())
+    return QuantizedLinear(blocks, wtype, in_features, out_features)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding rows dequantized on lookup from GGUF blocks (shared with a tied head)."""
+
+    def __init__(self, table: QuantizedLinear, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.table = table  # [vocab, hidden] as a linear layer's weight
+        self.dtype = dtype  # of the rows handed out (the model's activations)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        flat = input_ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= t.out_features):
+            raise IndexError(f"token id out of range for a vocabulary of {t.out_features}.")
+        rows = ops.dequantize(t.qweight, t.wtype, t.out_features, t.in_features, rows=flat)
+        rows = rows if self.dtype == torch.float32 else rows.to(self.dtype)
+        return rows.reshape(*input_ids.shape, t.in_features)

@@ -1,0 +1,208 @@
+"""Python face of the CPU kernels: quantized GEMM and row dequantization over ctypes.
+
+ctypes over data pointers rather than a torch extension: the library builds in ~3 s against
+no torch headers (a torch extension takes ~1 min on this 2-core machine) and a call costs a
+few microseconds (measured in tools/bench_quant.py), against ~210 linears a decode step.
+The library links libgomp.so.1, which resolves to the copy torch already loaded: one
+OpenMP runtime, one thread pool. Tensors must be CPU, contiguous, float32 (activations)
+and uint8 (the GGUF blocks, rows of k/32 blocks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from kernels_cpu.build import BuildError, library_path
+
+logger = logging.getLogger(__name__)
+
+# ggml type ids the kernels take, with their (block elements, block bytes)
+Q4_0, Q4_1, Q8_0 = 2, 3, 8
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
+QK = 32
+
+_lib: ctypes.CDLL | None = None
+_load_error: str | None = None
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+def load_library(path: str) -> ctypes.CDLL:
+    """Open a built kernels_cpu library and declare its functions' argument types."""
+    lib = ctypes.CDLL(path)
+    args = [ctypes.c_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, ctypes.c_int]
+    lib.rs_gemm.argtypes = lib.rs_gemm_f32.argtypes = args
+    lib.rs_dequant_rows.argtypes = [ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
+    lib.rs_simd_level.restype = ctypes.c_int
+    lib.rs_paged_decode_attention.argtypes = (
+        [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _ptr, ctypes.c_int]
+    )
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _load_error
+    if _lib is not None or _load_error is not None:
+        return _lib
+    try:
+        _lib = load_library(library_path())
+    except (BuildError, OSError) as e:
+        _load_error = str(e)
+        logger.warning("kernels_cpu unavailable, quantized weights will be dequantized: %s", e)
+    return _lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (compiling them on first call if needed)."""
+    return _load() is not None
+
+
+def simd_level() -> str:
+    """Which dot-product path the library was compiled with: scalar, avx2 or avx512vnni."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"kernels_cpu is not available: {_load_error}")
+    return ("scalar", "avx2", "avx512vnni")[lib.rs_simd_level()]
+
+
+def _check(w: torch.Tensor, wtype: int, n: int, k: int) -> None:
+    if wtype not in BLOCK_BYTES:
+        raise ValueError(f"unsupported weight type {wtype} (kernels take {sorted(BLOCK_BYTES)}).")
+    if k % QK:
+        raise ValueError(f"in_features must be a multiple of {QK}, got {k}.")
+    if w.dtype != torch.uint8 or not w.is_contiguous() or w.device.type != "cpu":
+        raise ValueError("quantized weight must be a contiguous uint8 CPU tensor.")
+    if w.numel() != n * (k // QK) * BLOCK_BYTES[wtype]:
+        raise ValueError(
+            f"quantized weight has {w.numel()} bytes, expected {n}x{k} of type {wtype}."
+        )
+
+
+def gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    wtype: int,
+    n: int,
+    k: int,
+    out: torch.Tensor | None = None,
+    int8_activations: bool = False,
+) -> torch.Tensor:
+    """x [M, k] float32 @ W.T where W [n, k] is `w`'s blocks of `wtype`: [M, n] float32.
+
+    int8_activations: quantize x to int8 blocks first (llama.cpp's way: int8 dot products,
+    ~1% error); otherwise x stays fp32 and the result is the dequantized product to fp32
+    rounding.
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"kernels_cpu is not available: {_load_error}")
+    assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float32)
+    fn = lib.rs_gemm if int8_activations else lib.rs_gemm_f32
+    rc = fn(
+        wtype,
+        w.data_ptr(),
+        n,
+        k,
+        x.data_ptr(),
+        m,
+        x.stride(0),
+        out.data_ptr(),
+        out.stride(0),
+        torch.get_num_threads(),
+    )
+    if rc:
+        _check(w, wtype, n, k)
+        raise RuntimeError(f"gemm failed ({rc}) for type {wtype}, n={n}, k={k}.")
+    return out
+
+
+def dequantize(
+    w: torch.Tensor,
+    wtype: int,
+    n: int,
+    k: int,
+    rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 values of W [n, k] (or of its rows `rows`, int64) from `w`'s blocks."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"kernels_cpu is not available: {_load_error}")
+    _check(w, wtype, n, k)
+    count = n if rows is None else rows.numel()
+    if rows is not None:
+        rows = rows.to(torch.int64).contiguous()
+        if count and (int(rows.min()) < 0 or int(rows.max()) >= n):
+            raise IndexError(f"row index out of range for a weight of {n} rows.")
+    if out is None:
+        out = torch.empty(count, k, dtype=torch.float32)
+    rc = lib.rs_dequant_rows(
+        wtype,
+        w.data_ptr(),
+        k,
+        None if rows is None else rows.data_ptr(),
+        count,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise RuntimeError(f"rs_dequant_rows failed ({rc}) for type {wtype}.")
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of q [rows, heads, head_dim] (one token a row) over the paged cache in place.
+
+    k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim] fp32; block_ids [rows * width]
+    int64 (each row's block table padded to width); bias [rows, width * block_size] additive
+    (0 or -inf). Returns [rows, heads, head_dim] fp32.
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"kernels_cpu is not available: {_load_error}")
+    rows, heads, head_dim = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    width = block_ids.numel() // max(rows, 1)
+    for name, t, dtype in (
+        ("q", q, torch.float32),
+        ("k_cache", k_cache, torch.float32),
+        ("v_cache", v_cache, torch.float32),
+        ("block_ids", block_ids, torch.int64),
+        ("bias", bias, torch.float32),
+    ):
+        if t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous {dtype}, got {t.dtype}.")
+    if bias.numel() != rows * width * block_size:
+        raise ValueError(f"bias has {bias.numel()} elements, expected {rows * width * block_size}.")
+    out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
+    rc = lib.rs_paged_decode_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_ids.data_ptr(),
+        bias.data_ptr(),
+        rows,
+        width,
+        heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads.")
+    return out

@@ -1,0 +1,239 @@
+"""GGUF weights loaded into quantized layers: memory, exactness against the dequantized model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_model import blocks, new_kv_cache, step_logits
+
+from engine_core.config import EngineConfig
+from engine_core.models.layers import Linear
+from engine_core.models.loader import load_model
+from engine_core.models.quant_layers import QuantizedEmbedding, QuantizedLinear
+from kernels_cpu import ops
+
+pytestmark = pytest.mark.skipif(not ops.available(), reason="no C++ compiler on this machine")
+Q = gguf.GGMLQuantizationType
+
+
+def load(path: str | None, quantization: str | None = None):
+    cfg = EngineConfig(model=path, dtype="float32", quantization=quantization)
+    return load_model(cfg, torch.device("cpu"))
+
+
+def write_mixed_gguf(hf_dir: str, path: str, types: dict[str, Q]) -> None:
+    """An HF Llama dir as a llama.cpp GGUF whose tensors take types[part] (default F32)."""
+    cfg = json.loads(open(os.path.join(hf_dir, "config.json")).read())
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    parts |= {f"self_attn.{a}_proj": f"attn_{a}" for a in "qkv"}
+    parts["self_attn.o_proj"] = "attn_output"
+    parts |= {f"mlp.{a}_proj": f"ffn_{a}" for a in ("gate", "up", "down")}
+    for name, t in load_file(os.path.join(hf_dir, "model.safetensors")).items():
+        a = t.float().numpy()
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers.") :].split(".", 1)
+            short = parts[rest.rsplit(".", 1)[0]]
+            if short in ("attn_q", "attn_k"):  # llama.cpp's row permutation
+                n = heads if short == "attn_q" else kv_heads
+                a = (
+                    a.reshape(n, 2, a.shape[0] // n // 2, a.shape[1])
+                    .swapaxes(1, 2)
+                    .reshape(a.shape)
+                )
+            gguf_name = f"blk.{i}.{short}.weight"
+        else:
+            short = {"embed_tokens": "token_embd", "norm": "output_norm"}[name.split(".")[-2]]
+            gguf_name = f"{short}.weight"
+        qtype = types.get(short, Q.F32)
+        if qtype == Q.F32:
+            w.add_tensor(gguf_name, np.ascontiguousarray(a))
+        else:
+            q = gguf.quants.quantize(a, qtype)
+            w.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_mixed_block_types_match_the_dequantized_model_and_log_what_is_dequantized(
+    make_tiny_llama, tmp_path, caplog
+):
+    hf_dir = make_tiny_llama("plain-tied")
+    path = str(tmp_path / "mixed.gguf")
+    types = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_0, "attn_v": Q.Q4_0, "attn_output": Q.Q8_0}
+    types |= {"ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.F16, "token_embd": Q.Q8_0}
+    write_mixed_gguf(hf_dir, path, types)
+    with caplog.at_level(logging.INFO, logger="engine_core.models.gguf_quant"):
+        quant = load(path).model
+    assert "blk.0.ffn_down.weight (F16)" in caplog.text and "dequantized" in caplog.text
+    layer = quant.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, QuantizedLinear)
+    assert layer.self_attn.qkv_proj.wtype == ops.Q4_0 and layer.self_attn.o_proj.wtype == ops.Q8_0
+    assert layer.mlp.gate_up_proj.wtype == ops.Q4_1 and isinstance(layer.mlp.down_proj, Linear)
+    assert (
+        isinstance(quant.embed_tokens, QuantizedEmbedding)
+        and quant.lm_head is quant.embed_tokens.table
+    )
+    ref = load(path, quantization="none").model
+    tokens = list(range(3, 43))
+    # 40 prefill rows (dequantized tiles + sgemm), then single decode rows (the GEMM kernel).
+    kv_q, kv_r = new_kv_cache(quant), new_kv_cache(ref)
+    rows = [(tokens, 0, blocks(0, 48))]
+    torch.testing.assert_close(step_logits(quant, kv_q, rows)[0], step_logits(ref, kv_r, rows)[0])
+    for pos, tok in enumerate([7, 9, 11], start=len(tokens)):
+        rows = [([tok], pos, blocks(0, 48))]
+        got, want = step_logits(quant, kv_q, rows)[0], step_logits(ref, kv_r, rows)[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file mapped at `address` in this process, from /proc/self/maps."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+def test_default_gguf_stays_quantized_and_memory_mapped():
+    from engine_core.model_files import default_model_path
+
+    loaded = load(None)
+    model, cfg = loaded.model, loaded.config
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert not any(isinstance(m, Linear) for m in model.modules())
+    assert {m.wtype for m in linears} == {ops.Q4_1, ops.Q8_0}  # what the file holds
+    # fp32 bytes of the weights (the embedding tied to the head counted once)
+    h, hd = cfg.hidden_size, cfg.head_dim
+    per_layer = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + h * cfg.num_heads * hd
+    per_layer += 3 * h * cfg.intermediate_size
+    fp32_bytes = 4 * (cfg.num_layers * per_layer + cfg.vocab_size * h)
+    assert model.weight_bytes() <= fp32_bytes / 4
+    # o_proj's blocks and the embedding table are the file's pages, not copies.
+    path = os.path.realpath(default_model_path())
+    assert _mapped_file(model.layers[0].self_attn.o_proj.qweight.data_ptr()) == path
+    assert _mapped_file(model.embed_tokens.table.qweight.data_ptr()) == path
+
+
+@pytest.fixture
+def one_thread():
+    # Two OpenMP threads on a busy 2-core machine wait on each other at every op's barrier.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_default_model_greedy_tokens_equal_the_dequantized_fp32_model(
+    smollm2_tokenizer, one_thread
+):
+    quant, ref = load(None).model, load(None, quantization="none").model
+    prompts = [
+        "The capital of France is",  # prefill of 5 rows: the GEMM kernel
+        # 17+ rows: dequantized tiles and sgemm
+        "Write a short poem about the sea, the wind and the old lighthouse keeper who",
+    ]
+    n_new = 16
+    for prompt in prompts:
+        ids = smollm2_tokenizer.encode(prompt)
+        outs = []
+        for model in (quant, ref):
+            kv, table = new_kv_cache(model), blocks(0, len(ids) + n_new)
+            logits = step_logits(model, kv, [(ids, 0, table)])[0][-1]
+            out = []
+            for i in range(n_new):
+                out.append(int(logits.argmax()))
+                logits = step_logits(model, kv, [([out[-1]], len(ids) + i, table)])[0][-1]
+            outs.append(out)
+        assert outs[0] == outs[1], prompt
+
+
+def test_quantization_none_dequantizes_the_gguf():
+    model = load(None, quantization="none").model
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def test_unknown_quantization_is_refused_by_name():
+    with pytest.raises(ValueError, match="'int3'"):
+        EngineConfig(quantization="int3")
+
+
+@pytest.mark.parametrize("quantization,wtype", [("int8", ops.Q8_0), ("int4", ops.Q4_1)])
+def test_rtn_quantization_of_a_plain_checkpoint_matches_its_dequantized_weights(
+    make_tiny_llama, quantization, wtype
+):
+    hf_dir = make_tiny_llama("plain-tied")
+    quant = load(hf_dir, quantization=quantization).model
+    plain = load(hf_dir).model
+    layers = [m for m in quant.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 4 * len(quant.layers) + 1 and {m.wtype for m in layers} == {wtype}
+    # The reference: the plain model with each linear's weight replaced by its RTN values.
+    ref = load(hf_dir).model
+    for name, module in quant.named_modules():
+        if isinstance(module, QuantizedLinear):
+            target = ref.get_submodule(name)
+            target.packed = None
+            target.weight = torch.nn.Parameter(module.dequantized(), requires_grad=False)
+    tokens = list(range(3, 23))
+    rows = [(tokens, 0, blocks(0, 32))]
+    got = step_logits(quant, new_kv_cache(quant), rows)[0]
+    torch.testing.assert_close(got, step_logits(ref, new_kv_cache(ref), rows)[0])
+    err = (got - step_logits(plain, new_kv_cache(plain), rows)[0]).abs().max().item()
+    assert 0 < err < (0.02 if quantization == "int8" else 0.5)
+
+
+def test_bf16_dispatch_follows_the_cpu_and_quantized_layers_keep_the_activation_dtype(
+    monkeypatch,
+):
+    from engine_core.models import loader
+    from engine_core.models.model_config import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(
+        {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1}
+        | {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    )
+    cpu = torch.device("cpu")
+    native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    expected = torch.bfloat16 if native else torch.float32
+    assert loader.resolve_dtypes("bfloat16", cfg, cpu) == (torch.bfloat16, expected)
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":  # this project's machines
+        assert loader.resolve_dtypes("bfloat16", cfg, cpu)[1] == torch.float32
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    assert loader.resolve_dtypes("bfloat16", cfg, cpu) == (torch.bfloat16, torch.bfloat16)
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
+    assert loader.resolve_dtypes("bfloat16", cfg, cpu) == (torch.bfloat16, torch.float32)
+    # bf16 activations (a native-bf16 CPU) go through the kernel in fp32 and come back bf16.
+    layer = quantize_rtn_for_test(torch.randn(64, 64))
+    x = torch.randn(3, 64)
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x.bfloat16().float()), atol=0.05, rtol=0.02)
+
+
+def quantize_rtn_for_test(w: torch.Tensor) -> QuantizedLinear:
+    from engine_core.models.quant_layers import quantize_rtn
+
+    return quantize_rtn(w, ops.Q8_0)

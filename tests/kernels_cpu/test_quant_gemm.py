@@ -1,0 +1,117 @@
+"""kernels_cpu's quantized GEMM against dequantize-then-matmul references."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from kernels_cpu import ops
+
+pytestmark = pytest.mark.skipif(not ops.available(), reason="no C++ compiler on this machine")
+
+TYPES = {
+    ops.Q4_0: gguf.GGMLQuantizationType.Q4_0,
+    ops.Q4_1: gguf.GGMLQuantizationType.Q4_1,
+    ops.Q8_0: gguf.GGMLQuantizationType.Q8_0,
+}
+
+
+def quantized_weight(wtype: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Random W [n, k] quantized with gguf's own quantizer: (its blocks, its dequantized values)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    if wtype == ops.Q4_1:
+        w += rng.standard_normal((n, 1)).astype(np.float32) * 0.02  # blocks with an offset
+    raw = gguf.quants.quantize(w, TYPES[wtype])
+    deq = gguf.quants.dequantize(raw, TYPES[wtype]).astype(np.float32).reshape(n, k)
+    return torch.from_numpy(np.ascontiguousarray(raw).reshape(-1)), deq
+
+
+def q8_activations(x: np.ndarray) -> np.ndarray:
+    """The activations as the kernel sees them: blocks of 32 int8 with scale amax/127."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.round(blocks * inv)
+    return (q * (amax / np.float32(127.0))).reshape(x.shape).astype(np.float64)
+
+
+@pytest.mark.parametrize("wtype", sorted(TYPES))
+@pytest.mark.parametrize("n,k", [(16, 32), (192, 576), (100, 1536), (576, 64)])
+@pytest.mark.parametrize("m", [1, 3, 8, 33, 64])
+def test_gemm_matches_dequantize_then_matmul(wtype: int, n: int, k: int, m: int) -> None:
+    w, deq = quantized_weight(wtype, n, k, seed=n * k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    ref = x.numpy().astype(np.float64) @ deq.astype(np.float64).T
+    scale = np.abs(ref).max() + 1e-6
+    # fp32 activations: the dequantized product, to fp32 rounding.
+    assert np.abs(ops.gemm(x, w, wtype, n, k).numpy() - ref).max() / scale < 2e-6
+    y = ops.gemm(x, w, wtype, n, k, int8_activations=True)
+    # Exact up to fp32 summation: the reference quantizes the activations the same way.
+    ref_q8 = q8_activations(x.numpy()) @ deq.astype(np.float64).T
+    assert np.abs(y.numpy() - ref_q8).max() / scale < 2e-5
+    # And close to the plain fp32 matmul: the int8 activations cost well under 1%.
+    rel = np.linalg.norm(y.numpy() - ref) / np.linalg.norm(ref)
+    assert rel < 0.01
+
+
+def test_gemm_writes_into_strided_rows_and_keeps_results_across_thread_counts() -> None:
+    w, _ = quantized_weight(ops.Q4_1, 64, 128, seed=1)
+    x_full = torch.randn(5, 256)
+    x = x_full[:, :128]  # a row stride of 256
+    out = torch.zeros(5, 100)[:, :64]
+    for int8 in (False, True):
+        ops.gemm(x, w, ops.Q4_1, 64, 128, out=out, int8_activations=int8)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single = ops.gemm(x.contiguous(), w, ops.Q4_1, 64, 128, int8_activations=int8)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(out, single)
+
+
+@pytest.mark.parametrize("wtype", sorted(TYPES))
+def test_dequantize_matches_gguf(wtype: int) -> None:
+    w, deq = quantized_weight(wtype, 70, 96, seed=3)
+    assert np.array_equal(ops.dequantize(w, wtype, 70, 96).numpy(), deq)
+    rows = torch.tensor([5, 0, 69, 5])
+    assert np.array_equal(ops.dequantize(w, wtype, 70, 96, rows=rows).numpy(), deq[[5, 0, 69, 5]])
+    with pytest.raises(IndexError):
+        ops.dequantize(w, wtype, 70, 96, rows=torch.tensor([70]))
+
+
+def test_bad_inputs_name_the_problem() -> None:
+    w, _ = quantized_weight(ops.Q8_0, 8, 64, seed=0)
+    with pytest.raises(ValueError, match="unsupported weight type"):
+        ops.dequantize(w, 12, 8, 64)
+    with pytest.raises(ValueError, match="bytes"):
+        ops.dequantize(w[:-1], ops.Q8_0, 8, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.gemm(torch.randn(1, 48), w, ops.Q8_0, 8, 48)
+
+
+@pytest.fixture(scope="module")
+def scalar_library():
+    """The kernels built for plain x86-64 (no AVX2, no F16C): the scalar fallback."""
+    from kernels_cpu.build import library_path
+
+    return ops.load_library(library_path(march="x86-64"))
+
+
+@pytest.mark.parametrize("wtype", sorted(TYPES))
+def test_scalar_fallback_matches_the_same_references(scalar_library, monkeypatch, wtype):
+    monkeypatch.setattr(ops, "_lib", scalar_library)
+    assert ops.simd_level() == "scalar"
+    n, k, m = 40, 96, 6
+    w, deq = quantized_weight(wtype, n, k, seed=11)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5))
+    ref = x.numpy().astype(np.float64) @ deq.astype(np.float64).T
+    scale = np.abs(ref).max()
+    assert np.abs(ops.gemm(x, w, wtype, n, k).numpy() - ref).max() / scale < 2e-6
+    ref_q8 = q8_activations(x.numpy()) @ deq.astype(np.float64).T
+    y8 = ops.gemm(x, w, wtype, n, k, int8_activations=True).numpy()
+    assert np.abs(y8 - ref_q8).max() / scale < 2e-5
+    assert np.array_equal(ops.dequantize(w, wtype, n, k).numpy(), deq)
