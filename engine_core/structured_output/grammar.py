@@ -39,6 +39,7 @@ _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_ONE = ("items", "additionalProperties", "additionalItems")
 _WS = "[ \\n\\r\\t]*"
+_LABELS = {"json": "JSON schema", "json_object": "JSON grammar", "structural_tag": "structural tag"}
 
 
 class GrammarSpecError(ValueError):
@@ -140,7 +141,8 @@ def grammar_of(params: StructuredOutputsParams) -> Any:
             return xgr.Grammar.from_ebnf(params.grammar)
         return xgr.Grammar.from_structural_tag(params.structural_tag)
     except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
-        raise GrammarSpecError(f"Invalid {kind}: {_xgr_message(e)}", param) from None
+        label = _LABELS.get(kind, kind)
+        raise GrammarSpecError(f"Invalid {label}: {_xgr_message(e)}", param) from None
 
 
 def check_spec(params: StructuredOutputsParams) -> None:
