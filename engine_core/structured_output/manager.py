@@ -28,11 +28,11 @@ _CACHE_SIZE = 256  # compiled grammars kept (LRU)
 class GrammarState:
     """One request's grammar: compiling, failed, or a matcher advanced by its accepted tokens."""
 
-    def __init__(self, manager: StructuredOutputManager, key: tuple, future: Any) -> None:
+    def __init__(self, manager: StructuredOutputManager, key: tuple, job: _CompileJob) -> None:
         self._manager = manager
         self.key = key
-        self._future = future
-        self._deadline = time.monotonic() + manager.compile_timeout
+        self._job = job
+        self._future = job.future
         self.matcher: Any = None
         self.error: str | None = None
 
@@ -43,7 +43,8 @@ class GrammarState:
         if self.error is not None:
             return False
         if not self._future.done():
-            if time.monotonic() > self._deadline:
+            started = self._job.started
+            if started is not None and time.monotonic() - started > self._manager.compile_timeout:
                 self.error = (
                     f"the structured output grammar did not compile within the time limit "
                     f"of {self._manager.compile_timeout:g} s "
@@ -100,6 +101,17 @@ class GrammarState:
         return rows
 
 
+class _CompileJob:
+    """One spec's compile, shared by every request with that spec."""
+
+    __slots__ = ("future", "started")
+
+    def __init__(self) -> None:
+        self.future: Any = None
+        # When the compile itself began (the vocabulary is built first, once, untimed).
+        self.started: float | None = None
+
+
 class StructuredOutputManager:
     """Compile pool, compiled-grammar cache and the per-step bitmask of the structured rows."""
 
@@ -112,8 +124,8 @@ class StructuredOutputManager:
         )
         self._lock = threading.Lock()
         self._compiler: Any = None
-        # key -> Future of a CompiledGrammar (done ones are the cache, LRU order)
-        self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        # key -> the compile of a CompiledGrammar (done ones are the cache, LRU order)
+        self._cache: collections.OrderedDict[tuple, _CompileJob] = collections.OrderedDict()
         self._bitmask: Any = None
 
     # ---------------------------------------------------------------- compiling
@@ -122,20 +134,23 @@ class StructuredOutputManager:
         """Start (or share, or reuse) the compile of a spec; never blocks."""
         key = params.key()
         with self._lock:
-            future = self._cache.get(key)
-            if future is not None and future.done() and future.exception() is not None:
-                future = None  # a failed compile is not cached: it may have been transient
-            if future is None:
-                future = self._pool.submit(self._compile, params)
-                self._cache[key] = future
+            job = self._cache.get(key)
+            if job is not None and job.future.done() and job.future.exception() is not None:
+                job = None  # a failed compile is not cached: it may have been transient
+            if job is None:
+                job = _CompileJob()
+                job.future = self._pool.submit(self._compile, params, job)
+                self._cache[key] = job
             self._cache.move_to_end(key)
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return GrammarState(self, key, future)
+        return GrammarState(self, key, job)
 
-    def _compile(self, params: StructuredOutputsParams) -> Any:
+    def _compile(self, params: StructuredOutputsParams, job: _CompileJob) -> Any:
+        compiler = self._get_compiler()
+        job.started = time.monotonic()
         try:
-            return compile_spec(self._get_compiler(), params)
+            return compile_spec(compiler, params)
         except GrammarSpecError as e:
             raise ValueError(str(e)) from None
 
