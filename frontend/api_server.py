@@ -21,6 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from engine_core.protocol import SamplingParams
+from engine_core.structured_output.manager import GRAMMAR_ERROR_MARK
 from frontend.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from frontend.cli import ServerArgs
 from frontend.metrics import CONTENT_TYPE, Metrics
@@ -247,12 +248,20 @@ def _endpoint(fn: Callable[[Request, ServerState], Awaitable[Response]]) -> Call
         except RequestError as e:
             return _error(e)
         except _FAILED as e:
-            return _error(RequestError(str(e), 500))
+            return _error(RequestError(str(e), _failed_status(e)))
         except Exception as e:
             logger.exception("internal error in %s", request.url.path)
             return _error(RequestError(f"Internal server error: {type(e).__name__}: {e}", 500))
 
     return handler
+
+
+def _failed_status(e: Exception) -> int:
+    # The request's own grammar (too slow to compile) is the client's to fix: a 400, so that
+    # clients do not retry it as they retry a 5xx.
+    if isinstance(e, RequestFailedError) and GRAMMAR_ERROR_MARK in str(e):
+        return 400
+    return 500
 
 
 async def _wait_disconnect(receive: Callable) -> None:
@@ -390,7 +399,7 @@ async def _stream(request: Request, st: ServerState, job: _Job) -> AsyncIterator
         if job.include_usage:
             yield _sse(job.body(st, [], usage(job.num_prompt_tokens, num_tokens), True))
     except _FAILED as e:
-        yield _sse(error_body(str(e), 500))
+        yield _sse(error_body(str(e), _failed_status(e)))
     yield _DONE
 
 

@@ -22,6 +22,8 @@ from engine_core.protocol import StructuredOutputsParams
 from engine_core.structured_output.grammar import GrammarSpecError, compile_spec
 
 _NUM_COMPILE_THREADS = 2
+# In every error of a request whose grammar failed: the frontend answers those with a 400.
+GRAMMAR_ERROR_MARK = "structured output grammar"
 _CACHE_SIZE = 256  # compiled grammars kept (LRU)
 
 
@@ -46,7 +48,7 @@ class GrammarState:
             started = self._job.started
             if started is not None and time.monotonic() - started > self._manager.compile_timeout:
                 self.error = (
-                    f"the structured output grammar did not compile within the time limit "
+                    f"the {GRAMMAR_ERROR_MARK} did not compile within the time limit "
                     f"of {self._manager.compile_timeout:g} s "
                     "(--structured-outputs-compile-timeout)."
                 )
@@ -54,7 +56,7 @@ class GrammarState:
         try:
             compiled = self._future.result()
         except Exception as e:
-            self.error = f"the structured output grammar failed to compile: {e}"
+            self.error = f"the {GRAMMAR_ERROR_MARK} failed to compile: {e}"
             return False
         self.matcher = self._manager.new_matcher(compiled)
         return True
