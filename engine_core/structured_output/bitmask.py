@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import numpy as np
 import torch
 
@@ -34,5 +37,18 @@ def apply_grammar_bitmask(
     full = torch.full((logits.shape[0], mask.shape[1]), -1, dtype=torch.int32)
     full[indices] = mask
     xgr.apply_token_bitmask_inplace(
-        logits, full.to(logits.device, non_blocking=True), indices=indices
+        logits,
+        full.to(logits.device, non_blocking=True),
+        indices=indices,
+        backend=_backend(logits.device.type),
     )
+
+
+@functools.cache
+def _backend(device_type: str) -> str:
+    """xgrammar's kernel: its CPU one; on CUDA its Triton one, or plain torch without Triton."""
+    if device_type == "cpu":
+        return "cpu"
+    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "torch_native"

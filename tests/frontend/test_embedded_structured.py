@@ -13,7 +13,8 @@ import pytest
 from frontend import AsyncLLM, SamplingParams, StructuredOutputsParams
 from tests.procs import pid_alive
 
-pytestmark = pytest.mark.slow
+# A shared, loaded machine can take minutes per test: the limit is a safety net only.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 SCHEMA = {
     "type": "object",

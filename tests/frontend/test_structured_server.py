@@ -15,7 +15,8 @@ import jsonschema
 import openai
 import pytest
 
-pytestmark = pytest.mark.slow
+# A shared, loaded machine can take minutes per test: the limit is a safety net only.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 SCHEMA = {
     "type": "object",
