@@ -75,6 +75,29 @@ def unsupported_schema_keyword(schema: Any, path: str = "") -> tuple[str, str] |
     return None
 
 
+def structural_tag_json(text: str) -> str:
+    """xgrammar's structural tag; vLLM's older form ({"structures": [{"begin", "schema",
+    "end"}], "triggers"}) becomes its triggered_tags format."""
+    try:
+        tag = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GrammarSpecError(
+            f"The structural tag is not valid JSON: {e}", "structured_outputs.structural_tag"
+        ) from None
+    if not isinstance(tag, dict) or "format" in tag or "structures" not in tag:
+        return text
+    tags = [
+        {
+            "begin": s.get("begin", ""),
+            "content": {"type": "json_schema", "json_schema": s.get("schema", {})},
+            "end": s.get("end", ""),
+        }
+        for s in tag["structures"]
+    ]
+    fmt = {"type": "triggered_tags", "triggers": tag.get("triggers", []), "tags": tags}
+    return json.dumps({"type": "structural_tag", "format": fmt})
+
+
 def choice_ebnf(choices: list[str]) -> str:
     """An EBNF grammar whose sentences are exactly the choices."""
     # JSON string escapes are EBNF string escapes.
@@ -139,7 +162,7 @@ def grammar_of(params: StructuredOutputsParams) -> Any:
             return xgr.Grammar.from_ebnf(choice_ebnf(params.choice))
         if kind == "grammar":
             return xgr.Grammar.from_ebnf(params.grammar)
-        return xgr.Grammar.from_structural_tag(params.structural_tag)
+        return xgr.Grammar.from_structural_tag(structural_tag_json(params.structural_tag))
     except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
         label = _LABELS.get(kind, kind)
         raise GrammarSpecError(f"Invalid {label}: {_xgr_message(e)}", param) from None

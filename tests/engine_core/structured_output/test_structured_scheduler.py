@@ -192,6 +192,18 @@ def test_bad_specs_name_their_part(spec, param):
     assert e.value.param == param
 
 
+def test_structural_tag_new_and_vllm_legacy_forms_convert():
+    legacy = {
+        "type": "structural_tag",
+        "structures": [{"begin": "<f=add>", "schema": {"type": "object"}, "end": "</f>"}],
+        "triggers": ["<f="],
+    }
+    check_spec(StructuredOutputsParams(structural_tag=json.dumps(legacy)))
+    with pytest.raises(GrammarSpecError) as e:
+        check_spec(StructuredOutputsParams(structural_tag='{"type": "structural_tag"}'))
+    assert e.value.param == "structured_outputs.structural_tag"
+
+
 def test_structured_outputs_params_want_exactly_one_kind():
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams(regex="a", choice=["a"])
