@@ -36,8 +36,12 @@ class ToolSetup:
 
     def structured_outputs(self) -> StructuredOutputsParams | None:
         """The grammar that enforces tool_choice (named or required); None otherwise."""
+        # Compact JSON: arguments need no free whitespace, and a sampled call cannot spend
+        # its tokens on it.
         if self.mode == "named":
-            return StructuredOutputsParams(json=json.dumps(self.parameters(self.named)))
+            return StructuredOutputsParams(
+                json=json.dumps(self.parameters(self.named)), disable_any_whitespace=True
+            )
         if self.mode != "required":
             return None
         calls = [
@@ -55,7 +59,7 @@ class ToolSetup:
         schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
         if not self.parallel:
             schema["maxItems"] = 1
-        return StructuredOutputsParams(json=json.dumps(schema))
+        return StructuredOutputsParams(json=json.dumps(schema), disable_any_whitespace=True)
 
 
 def tool_setup(

@@ -77,10 +77,13 @@ def test_async_llm_embedded_with_concurrent_requests_and_aborts():
 
     async def main() -> int:
         async with AsyncLLM(max_num_seqs=8) as engine:
+            # Compact JSON: sampled, a model may otherwise write whitespace to max_tokens.
             json_p = SamplingParams(
                 temperature=0.5,
                 max_tokens=40,
-                structured_outputs=StructuredOutputsParams(json=SCHEMA),
+                structured_outputs=StructuredOutputsParams(
+                    json=SCHEMA, disable_any_whitespace=True
+                ),
             )
             long_p = SamplingParams(temperature=0.8, max_tokens=200, ignore_eos=True)
             tasks = [
@@ -98,6 +101,7 @@ def test_async_llm_embedded_with_concurrent_requests_and_aborts():
             await engine.abort("aborted")
             results = await asyncio.gather(*tasks)
             for r in results[:2]:
+                assert r.outputs[0].finish_reason == "stop"
                 jsonschema.validate(json.loads(r.outputs[0].text), SCHEMA)
             assert results[2].outputs[0].finish_reason == "abort"
             assert results[4].outputs[0].finish_reason == "length"
