@@ -306,7 +306,7 @@ def test_auto_tool_choice_reads_hermes_calls(oai, model):
         messages=[{"role": "user", "content": "Add two numbers."}],
         tools=TOOLS,
         tool_choice="auto",
-        max_tokens=40,
+        max_tokens=80,
         temperature=0,
         extra_body={"structured_outputs": {"regex": forced}},
     )
