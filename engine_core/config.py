@@ -40,6 +40,8 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads in the core; None: all cores
     extra: dict[str, str] = field(default_factory=dict)
+    # Structured outputs: a grammar that takes longer to compile fails its request alone.
+    structured_outputs_compile_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.quantization not in _QUANTIZATIONS:
@@ -76,6 +78,11 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}.")
+        if not 0.0 < self.structured_outputs_compile_timeout < float("inf"):
+            raise ValueError(
+                "structured_outputs_compile_timeout must be positive and finite, "
+                f"got {self.structured_outputs_compile_timeout}."
+            )
         if self.load_format == "dummy" and self.hf_config is None and self.model is None:
             raise ValueError(
                 "load_format='dummy' needs hf_config (a config.json) or model (a directory)."

@@ -33,6 +33,7 @@ from engine_core.protocol import (
 )
 from engine_core.sched.request import Request
 from engine_core.sched.scheduler import Scheduler
+from engine_core.structured_output.manager import StructuredOutputManager
 from ipc import MessageQueue, MessageQueueHandle, PeerDiedError
 
 logger = logging.getLogger("ringserve.engine_core")
@@ -63,6 +64,7 @@ class EngineCore:
         self.eos_token_ids = list(self.executor.model_config.eos_token_ids)
         self.vocab_size = self.executor.model_config.vocab_size
         self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len)
+        self.scheduler.structured_output = StructuredOutputManager(config, self.vocab_size)
         # Outputs produced outside a step (rejected requests), sent with the next message.
         self._pending: list[EngineCoreOutput] = []
 
@@ -146,6 +148,7 @@ class EngineCore:
         return UtilityOutput(call_id=req.call_id, result=msgspec.msgpack.encode(result))
 
     def shutdown(self) -> None:
+        self.scheduler.structured_output.shutdown()
         self.executor.shutdown()
 
 

@@ -19,6 +19,48 @@ _DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 20
 
 
+class StructuredOutputsParams(msgspec.Struct, **_STRUCT):
+    """Constrain a request's output: exactly one of json, regex, choice, grammar, json_object,
+    structural_tag (vLLM's names). `json` may be a schema dict or its JSON text; it travels as
+    canonical JSON text, which is also the compile cache's key."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF (GBNF)
+    json_object: bool | None = None
+    structural_tag: str | None = None  # xgrammar's structural tag, as JSON text
+    whitespace_pattern: str | None = None  # json/json_object: the regex of whitespace allowed
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            self.json = msgspec.json.encode(self.json).decode()
+        kinds = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError(
+                "structured_outputs must have exactly one of "
+                f"{', '.join(_STRUCTURED_KINDS)}; got {', '.join(kinds) or 'none'}."
+            )
+        if self.choice is not None and not self.choice:
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings.")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple:
+        """The exact spec: what a compiled grammar is cached under."""
+        kind = self.kind
+        value = getattr(self, kind)
+        if kind == "choice":
+            value = tuple(value)
+        return (kind, value, self.whitespace_pattern, self.disable_any_whitespace)
+
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
 class SamplingParams(msgspec.Struct, **_STRUCT):
     """How one request samples its tokens and when it stops (vLLM's names and defaults)."""
 
@@ -41,6 +83,7 @@ class SamplingParams(msgspec.Struct, **_STRUCT):
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus top-k
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # compiled by the EngineCore
 
     def __post_init__(self) -> None:
         self.validate()
@@ -229,6 +272,10 @@ class SchedulerOutput(msgspec.Struct, **_STRUCT):
     # Requests preempted since the last step: the runner drops them too (they come back, if
     # they do, as new requests that recompute).
     preempted_req_ids: list[str] = []
+    # Structured outputs: one row of int32 words (bit t set: token t allowed) per request in
+    # structured_req_ids, little-endian bytes (broadcast to TP workers: no tensor).
+    structured_req_ids: list[str] = []
+    grammar_bitmask: bytes | None = None
 
 
 class ModelRunnerOutput(msgspec.Struct, **_STRUCT):

@@ -2,13 +2,21 @@
 
 from typing import TYPE_CHECKING
 
-from engine_core.protocol import SamplingParams
+from engine_core.protocol import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
+    from frontend.async_engine import AsyncLLM
     from frontend.llm import LLM
     from frontend.outputs import CompletionOutput, RequestOutput
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "RequestOutput",
+    "CompletionOutput",
+]
 
 
 def __getattr__(name: str):
@@ -17,6 +25,10 @@ def __getattr__(name: str):
         from frontend.llm import LLM
 
         return LLM
+    if name == "AsyncLLM":
+        from frontend.async_engine import AsyncLLM
+
+        return AsyncLLM
     if name in ("RequestOutput", "CompletionOutput"):
         from frontend import outputs
 

@@ -21,6 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from engine_core.protocol import SamplingParams
+from engine_core.structured_output.manager import GRAMMAR_ERROR_MARK
 from frontend.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from frontend.cli import ServerArgs
 from frontend.metrics import CONTENT_TYPE, Metrics
@@ -48,6 +49,10 @@ from frontend.openai_protocol import (
     usage,
 )
 from frontend.outputs import CompletionOutput, RequestOutputKind
+from frontend.structured import request_spec
+from frontend.tool_output import ChoiceTools
+from frontend.tool_parsers import ToolParser, get_parser
+from frontend.tools import ToolSetup, tool_setup
 
 logger = logging.getLogger("ringserve.frontend")
 access_logger = logging.getLogger("ringserve.access")
@@ -243,12 +248,20 @@ def _endpoint(fn: Callable[[Request, ServerState], Awaitable[Response]]) -> Call
         except RequestError as e:
             return _error(e)
         except _FAILED as e:
-            return _error(RequestError(str(e), 500))
+            return _error(RequestError(str(e), _failed_status(e)))
         except Exception as e:
             logger.exception("internal error in %s", request.url.path)
             return _error(RequestError(f"Internal server error: {type(e).__name__}: {e}", 500))
 
     return handler
+
+
+def _failed_status(e: Exception) -> int:
+    # The request's own grammar (too slow to compile) is the client's to fix: a 400, so that
+    # clients do not retry it as they retry a 5xx.
+    if isinstance(e, RequestFailedError) and GRAMMAR_ERROR_MARK in str(e):
+        return 400
+    return 500
 
 
 async def _wait_disconnect(receive: Callable) -> None:
@@ -269,6 +282,8 @@ class _Job:
     include_usage: bool = False
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids
     return_token_ids: bool = False  # each choice carries its new `token_ids`
+    tools: ToolSetup | None = None  # chat with tools: choices carry tool_calls
+    tool_parser: ToolParser | None = None
     created: int = field(default_factory=now)  # one timestamp for the response and its chunks
 
     @property
@@ -297,6 +312,11 @@ class _Job:
         if self.chat:
             return chat_logprobs(c.token_ids, c.logprobs or [], name, k)
         return completion_logprobs(c.token_ids, c.logprobs or [], name, offset, k)
+
+    def tool_view(self) -> ChoiceTools | None:
+        if self.tools is None or self.tools.mode == "none":
+            return None
+        return ChoiceTools(self.tools, self.tool_parser)
 
     def body(self, st: ServerState, choices: list, usage_: dict | None, chunk: bool) -> dict:
         make = chat_body if self.chat else completion_body
@@ -339,6 +359,10 @@ async def _respond(request: Request, st: ServerState, job: _Job) -> Response:
             choices.append(choice(job.chat, i * job.n + c.index, prefix + c.text, lps, c, False))
             if job.return_token_ids:
                 choices[-1]["token_ids"] = list(c.token_ids)
+            view = job.tool_view()
+            if view is not None:
+                msg, reason = view.message(c.text, c.finish_reason)
+                choices[-1]["message"], choices[-1]["finish_reason"] = msg, reason
     request.state.output_tokens = num_tokens
     return _json(job.body(st, choices, usage(job.num_prompt_tokens, num_tokens), False))
 
@@ -346,6 +370,7 @@ async def _respond(request: Request, st: ServerState, job: _Job) -> Response:
 async def _stream(request: Request, st: ServerState, job: _Job) -> AsyncIterator[bytes]:
     """The job's server-sent events: a chunk per new text, then usage if asked, then [DONE]."""
     offsets: dict[int, int] = {}  # per choice: characters sent so far (logprobs' text_offset)
+    views: dict[int, ChoiceTools | None] = {}  # per choice: its tool calls, with tools
     num_tokens = 0
     try:
         if job.chat:  # the first chunk of each choice carries the role, as OpenAI's do
@@ -364,6 +389,11 @@ async def _stream(request: Request, st: ServerState, job: _Job) -> AsyncIterator
                     num_tokens += len(c.token_ids)
                     lps = job.logprobs(st, i, c, offsets[index]) if c.token_ids else None
                     offsets[index] += len(c.text)
+                    view = views.setdefault(index, job.tool_view())
+                    if view is not None:
+                        for chunk in _tool_chunks(view, index, text, lps, c):
+                            yield _sse(job.body(st, [chunk], None, True))
+                        continue
                     ids = job.return_token_ids and c.token_ids
                     if not text and lps is None and c.finish_reason is None and not ids:
                         continue  # text held back (a partial character or stop string)
@@ -375,8 +405,31 @@ async def _stream(request: Request, st: ServerState, job: _Job) -> AsyncIterator
         if job.include_usage:
             yield _sse(job.body(st, [], usage(job.num_prompt_tokens, num_tokens), True))
     except _FAILED as e:
-        yield _sse(error_body(str(e), 500))
+        yield _sse(error_body(str(e), _failed_status(e)))
     yield _DONE
+
+
+def _tool_chunks(
+    view: ChoiceTools, index: int, text: str, lps: dict | None, c: CompletionOutput
+) -> list:
+    """A choice's stream chunks under tools: content, then one chunk per tool_calls entry
+    (a call's name, then its argument fragments, as OpenAI streams them)."""
+    final = c.finish_reason is not None
+    delta = view.delta(text, final)
+    base = {"index": index, "logprobs": None, "finish_reason": None, "stop_reason": None}
+    chunks = []
+    if "content" in delta:
+        chunks.append({**base, "delta": {"content": delta["content"]}})
+    for call in delta.get("tool_calls", ()):
+        chunks.append({**base, "delta": {"tool_calls": [call]}})
+    if final or (lps is not None and not chunks):
+        chunks.append({**base, "delta": {}})
+    if chunks:
+        chunks[-1]["logprobs"] = lps
+    if final:
+        chunks[-1]["finish_reason"] = view.finish_reason(c.finish_reason)
+        chunks[-1]["stop_reason"] = c.stop_reason
+    return chunks
 
 
 async def _encode(st: ServerState, text: str, add_special: bool) -> list[int]:
@@ -394,10 +447,13 @@ async def _tokenize_prompt(st: ServerState, prompt: str | list[int], add_special
     return None, prompt
 
 
-def _apply_chat_template(st: ServerState, messages: list, req: Any) -> str:
+def _apply_chat_template(
+    st: ServerState, messages: list, req: Any, tools: list | None = None
+) -> str:
     try:
         return st.engine.tokenizer.apply_chat_template(
             messages,
+            tools=tools,
             tokenize=False,
             add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message,
@@ -425,6 +481,9 @@ async def create_completion(request: Request, st: ServerState) -> Response:
         check_token_ids(req.continuation_token_ids, st.engine.vocab_size, "continuation_token_ids")
         inputs = [(None, inputs[0][1] + req.continuation_token_ids)]
     params = [st.sampling_params(req, len(ids)) for _, ids in inputs]
+    spec = await request_spec(req)
+    if spec is not None:
+        params = [msgspec.structs.replace(p, structured_outputs=spec) for p in params]
     st.check_accepting(len(inputs) * req.n)
     job = _Job(False, random_id("cmpl"), req.n, inputs, params, req.echo, _include_usage(req))
     job.tokens_as_ids = req.return_tokens_as_token_ids
@@ -438,14 +497,25 @@ async def create_chat_completion(request: Request, st: ServerState) -> Response:
     st.check_model(req.model)
     st.check_accepting()
     check_chat_unsupported(req)
-    prompt = _apply_chat_template(st, chat_messages(req.messages), req)
+    args = st.args
+    tools = tool_setup(
+        req.tools, req.tool_choice, req.parallel_tool_calls, args.enable_auto_tool_choice
+    )
+    messages = chat_messages(req.messages)
+    spec = await request_spec(req, tools)
+    prompt = _apply_chat_template(st, messages, req, tools.tools if tools else None)
     ids = await _encode(st, prompt, add_special=False)
     if req.continuation_token_ids:
         check_token_ids(req.continuation_token_ids, st.engine.vocab_size, "continuation_token_ids")
         ids = ids + req.continuation_token_ids
     params = st.sampling_params(req, len(ids))
+    if spec is not None:
+        params = msgspec.structs.replace(params, structured_outputs=spec)
     st.check_accepting(req.n)
     job = _Job(True, random_id("chatcmpl"), req.n, [(prompt, ids)], [params])
+    job.tools = tools
+    if tools is not None and tools.mode == "auto":
+        job.tool_parser = get_parser(args.tool_call_parser)
     job.include_usage = _include_usage(req)
     job.tokens_as_ids = req.return_tokens_as_token_ids
     job.return_token_ids = req.return_token_ids

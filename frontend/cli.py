@@ -25,6 +25,8 @@ class ServerArgs:
     log_requests: bool = True
     log_level: str = "info"
     max_logprobs: int = MAX_LOGPROBS
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs tool_call_parser)
+    tool_call_parser: str | None = None  # a name in frontend.tool_parsers.PARSERS
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -41,6 +43,12 @@ class ServerArgs:
             raise ValueError(
                 f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {self.max_logprobs}."
             )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser.")
+        if self.tool_call_parser is not None:
+            from frontend.tool_parsers import get_parser
+
+            get_parser(self.tool_call_parser)  # an unknown name is an error now, not later
         if self.api_key == "":
             raise ValueError("api_key must not be empty (leave it out to disable authentication).")
 
@@ -91,6 +99,24 @@ def make_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"]
+    )
+
+    t = p.add_argument_group("structured outputs and tools")
+    t.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='allow tool_choice "auto": the model decides, --tool-call-parser reads its calls',
+    )
+    t.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="how to read tool calls out of the model's text: hermes, llama3_json",
+    )
+    t.add_argument(
+        "--structured-outputs-compile-timeout",
+        type=float,
+        default=None,
+        help="seconds a grammar may take to compile before its request fails (default: 10)",
     )
 
     e = p.add_argument_group("engine")
@@ -151,6 +177,7 @@ _ENGINE_FLAGS = (
     "hf_config",
     "seed",
     "num_threads",
+    "structured_outputs_compile_timeout",
 )
 
 
@@ -173,6 +200,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerArgs]
             log_requests=not ns.disable_log_requests,
             log_level=ns.log_level,
             max_logprobs=ns.max_logprobs,
+            enable_auto_tool_choice=ns.enable_auto_tool_choice,
+            tool_call_parser=ns.tool_call_parser,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -82,6 +82,7 @@ class LLM:
         for prompt, sp in zip(prompt_list, params, strict=True):
             text, token_ids = self._tokenize(prompt)
             self._check_length(token_ids, sp)
+            check_structured_outputs(sp)
             pending.append((str(next(self._ids)), text, token_ids, sp))
         return self._run(pending, use_tqdm)
 
@@ -156,23 +157,7 @@ class LLM:
         raise TypeError(f"unsupported prompt type {type(prompt).__name__}")
 
     def _check_length(self, token_ids: list[int], sp: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("a prompt must have at least one token")
-        n = len(token_ids)
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens, but the model's context is {self.max_model_len} tokens "
-                "(and at least one must be left to generate)"
-            )
-        if sp.max_tokens is not None and n + sp.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"the prompt ({n} tokens) plus max_tokens ({sp.max_tokens}) exceeds the model's "
-                f"context of {self.max_model_len} tokens"
-            )
-        vocab = self.engine.ready.vocab_size
-        for t in token_ids:
-            if not 0 <= t < vocab:
-                raise ValueError(f"prompt token id {t} is out of the vocabulary (size {vocab})")
+        check_prompt(token_ids, sp, self.max_model_len, self.engine.ready.vocab_size)
 
     def _run(self, requests: list[tuple], use_tqdm: bool) -> list[RequestOutput]:
         order = {rid: i for i, (rid, *_rest) in enumerate(requests)}
@@ -226,6 +211,41 @@ class LLM:
                 if u.error:
                     raise RuntimeError(u.error)
                 return msgspec.msgpack.decode(u.result) if u.result else None
+
+
+def check_prompt(
+    token_ids: list[int], sp: SamplingParams, max_model_len: int, vocab_size: int
+) -> None:
+    """Raise ValueError unless the prompt fits the model with room for max_tokens."""
+    if not token_ids:
+        raise ValueError("a prompt must have at least one token")
+    n = len(token_ids)
+    if n >= max_model_len:
+        raise ValueError(
+            f"the prompt has {n} tokens, but the model's context is {max_model_len} tokens "
+            "(and at least one must be left to generate)"
+        )
+    if sp.max_tokens is not None and n + sp.max_tokens > max_model_len:
+        raise ValueError(
+            f"the prompt ({n} tokens) plus max_tokens ({sp.max_tokens}) exceeds the model's "
+            f"context of {max_model_len} tokens"
+        )
+    for t in token_ids:
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"prompt token id {t} is out of the vocabulary (size {vocab_size})")
+
+
+def check_structured_outputs(sp: SamplingParams) -> None:
+    """Raise ValueError naming the bad part of a structured-output spec that does not convert."""
+    if sp.structured_outputs is None:
+        return
+    from frontend.openai_protocol import RequestError
+    from frontend.structured import check_sync
+
+    try:
+        check_sync(sp.structured_outputs)
+    except RequestError as e:
+        raise ValueError(f"{e.param}: {e.message}") from None
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

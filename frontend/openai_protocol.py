@@ -107,6 +107,8 @@ class _SamplingRequest(msgspec.Struct):
     # carries the `token_ids` it adds; `continuation_token_ids` go after the prompt's tokens.
     return_token_ids: bool = False
     continuation_token_ids: list[int] | None = None
+    structured_outputs: dict[str, Any] | None = None  # see frontend.structured
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -130,6 +132,8 @@ class ChatMessage(msgspec.Struct):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this answers
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -145,7 +149,7 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(msgspec.Struct):
@@ -217,9 +221,10 @@ def chat_messages(
     out = []
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
+        if role not in ("system", "user", "assistant", "tool"):
             raise RequestError(
-                f"messages[{i}].role must be 'system', 'user' or 'assistant', got {m.role!r}.",
+                f"messages[{i}].role must be 'system', 'user', 'assistant' or 'tool', "
+                f"got {m.role!r}.",
                 param=f"{param}[{i}].role",
             )
         content = m.content
@@ -241,23 +246,33 @@ def chat_messages(
                     param=f"{param}[{i}].content",
                 )
             content = ""
-        msg = {"role": role, "content": content}
+        msg: dict[str, Any] = {"role": role, "content": content}
         if m.name is not None:
             msg["name"] = m.name
+        if m.tool_calls is not None:
+            if role != "assistant":
+                raise RequestError(
+                    f"messages[{i}].tool_calls is only for assistant messages.",
+                    param=f"{param}[{i}].tool_calls",
+                )
+            from frontend.tools import template_tool_calls
+
+            msg["tool_calls"] = template_tool_calls(m.tool_calls, f"{param}[{i}].tool_calls")
+        if role == "tool":
+            if m.tool_call_id is None:
+                raise RequestError(
+                    f"messages[{i}] (role 'tool') needs `tool_call_id`.",
+                    param=f"{param}[{i}].tool_call_id",
+                )
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
 
 
 def check_chat_unsupported(req: ChatCompletionRequest) -> None:
     """Refuse what this server cannot honour rather than silently ignore it."""
-    if req.tools:
-        raise RequestError("Tool calling is not supported by this server.", param="tools")
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise RequestError(
-            f"response_format type {fmt!r} is not supported; only 'text'.", param="response_format"
-        )
-    if req.top_logprobs is not None and not req.logprobs:
+    # As vLLM: top_logprobs 0 without logprobs asks for nothing, and is accepted.
+    if req.top_logprobs and not req.logprobs:
         raise RequestError("`top_logprobs` needs `logprobs` set to true.", param="top_logprobs")
 
 

@@ -48,6 +48,7 @@ class Request:
     prompt: str | list[int] | list[dict]  # text, token ids, or chat messages
     output_len: int
     input_len: int  # as generated or estimated; the server's usage replaces it when given
+    structured: dict | None = None  # vLLM's structured_outputs body field, if any
 
 
 @dataclass
@@ -62,6 +63,20 @@ class Result:
     error: str = ""
 
 
+# --structured: what constrains a structured request. The json and regex ones let the model
+# write up to max_tokens (an array of strings, words), so that lengths match plain requests.
+STRUCTURED = {
+    "json": {
+        "json": {
+            "type": "object",
+            "properties": {"words": {"type": "array", "items": {"type": "string"}}},
+            "required": ["words"],
+        }
+    },
+    "regex": {"regex": "([a-z]+ )+"},
+    "choice": {"choice": ["yes", "no", "maybe", "it depends"]},
+}
+
 # ---------------------------------------------------------------- datasets
 
 
@@ -74,7 +89,17 @@ def random_prompt(
 
 
 def make_requests(args: argparse.Namespace) -> list[Request]:
-    """The benchmark's requests, deterministic for --seed."""
+    """The benchmark's requests, deterministic for --seed; --structured-ratio of them spread
+    evenly get the --structured constraint."""
+    reqs = _make_requests(args)
+    if args.structured is not None:
+        for i, req in enumerate(reqs):
+            if math.floor((i + 1) * args.structured_ratio) > math.floor(i * args.structured_ratio):
+                req.structured = STRUCTURED[args.structured]
+    return reqs
+
+
+def _make_requests(args: argparse.Namespace) -> list[Request]:
     rng = random.Random(args.seed)
     chat = args.endpoint == "chat"
     if args.dataset in ("random", "sharegpt-like"):
@@ -138,6 +163,8 @@ def request_body(args: argparse.Namespace, req: Request) -> dict:
     if args.ignore_eos:
         body["ignore_eos"] = True
     body["messages" if args.endpoint == "chat" else "prompt"] = req.prompt
+    if req.structured is not None:
+        body["structured_outputs"] = req.structured
     return body
 
 
@@ -397,6 +424,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--server-pid", type=int, default=None, help="default: the local listener")
+    p.add_argument(
+        "--structured",
+        choices=sorted(STRUCTURED),
+        default=None,
+        help="constrain requests with vLLM's structured_outputs (json schema, regex, choice)",
+    )
+    p.add_argument(
+        "--structured-ratio",
+        type=float,
+        default=1.0,
+        help="with --structured: the fraction of requests constrained (default: all)",
+    )
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--plot", default=None, metavar="PATH.png")
     args = p.parse_args(argv)
@@ -407,6 +446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--max-token-id must be above {_TOKEN_ID_RANGE[0]}, got {args.max_token_id}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         p.error("--max-concurrency must be at least 1")
+    if not 0.0 <= args.structured_ratio <= 1.0:
+        p.error("--structured-ratio must be in [0, 1]")
     if not args.request_rate > 0:
         p.error("--request-rate must be positive (or inf)")
     if args.dataset not in ("random", "sharegpt-like") and not os.path.isfile(args.dataset):
@@ -420,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     args.model = args.model or resolve_model(args)
     reqs = make_requests(args)
     # One request first, untimed: fail fast on a wrong URL, model or key.
-    probe = asyncio.run(run(args, [Request(reqs[0].prompt, 4, reqs[0].input_len)]))[0][0]
+    first = Request(reqs[0].prompt, 4, reqs[0].input_len, reqs[0].structured)
+    probe = asyncio.run(run(args, [first]))[0][0]
     if not probe.ok:
         raise SystemExit(f"the first test request failed: {probe.error}")
     server_pid = args.server_pid or find_listener_pid(args.base_url)

@@ -6,6 +6,7 @@ import enum
 
 from engine_core.protocol import FinishReason, SamplingParams
 from engine_core.sched.block_pool import BlockHash, hash_block_tokens
+from engine_core.structured_output.manager import GrammarState
 
 
 class RequestStatus(enum.IntEnum):
@@ -52,6 +53,8 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | None = None
         self.error: str | None = None
+        # Structured outputs: its grammar's compile and matcher (set by the scheduler).
+        self.grammar: GrammarState | None = None
         # One chained hash per full block of all_token_ids, grown as blocks fill.
         self.block_hashes: list[BlockHash] = []
         self._update_block_hashes()

@@ -29,6 +29,7 @@ from engine_core.protocol import (
 )
 from engine_core.sched.kv_cache_manager import KVCacheManager
 from engine_core.sched.request import Request, RequestStatus
+from engine_core.structured_output.manager import StructuredOutputManager
 
 
 class Scheduler:
@@ -60,6 +61,8 @@ class Scheduler:
         self._prefix_cache_queries = 0
         self._prefix_cache_hits = 0
         self._num_preemptions = 0
+        # Set by the EngineCore (it knows the vocabulary): compiles grammars, fills bitmasks.
+        self.structured_output: StructuredOutputManager | None = None
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -82,6 +85,11 @@ class Scheduler:
                 f"tokens, but max_model_len is {self.max_model_len} and the prompt must leave "
                 "room for at least one output token."
             )
+        spec = request.sampling_params.structured_outputs
+        if spec is not None:
+            if self.structured_output is None:
+                raise ValueError("this engine has no structured outputs (no grammar compiler).")
+            request.grammar = self.structured_output.grammar_for(spec)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -172,7 +180,9 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        # Strict FCFS: a waiting request that does not fit blocks those behind it.
+        # Strict FCFS: a waiting request that does not fit blocks those behind it (one whose
+        # grammar still compiles steps aside: it keeps its place for the next step).
+        compiling: list[Request] = []
         while (
             self._num_preemptions == num_preemptions_before
             and self.waiting
@@ -180,6 +190,13 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting[0]
+            if request.grammar is not None and not request.grammar.ready():
+                self.waiting.popleft()
+                if request.grammar.failed:
+                    self._fail_grammar(request)
+                else:
+                    compiling.append(request)
+                continue
             if not kv.can_ever_fit(request.num_tokens):
                 self.waiting.popleft()
                 self._fail_too_big(request)
@@ -214,6 +231,7 @@ class Scheduler:
             num_scheduled[request.request_id] = num_new
             budget -= num_new
 
+        self.waiting.extendleft(reversed(compiling))
         total = self.max_num_batched_tokens - budget
         output = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
@@ -227,7 +245,29 @@ class Scheduler:
         if total > 0:
             self.finished_req_ids = set()
             self.preempted_req_ids = set()
+        if self.structured_output is not None:
+            self._add_grammar_bitmask(output, compiling)
         return output
+
+    def _add_grammar_bitmask(self, output: SchedulerOutput, compiling: list[Request]) -> None:
+        """One bitmask row per structured request that samples this step."""
+        manager = self.structured_output
+        assert manager is not None
+        ids, grammars = [], []
+        for req_id, num_new in output.num_scheduled_tokens.items():
+            request = self.requests[req_id]
+            if request.grammar is not None and (
+                request.num_computed_tokens + num_new >= request.num_tokens
+            ):
+                ids.append(req_id)
+                grammars.append(request.grammar)
+        if ids:
+            output.structured_req_ids = ids
+            output.grammar_bitmask = manager.make_bitmask(grammars)
+        elif compiling and output.total_num_scheduled_tokens == 0:
+            # Nothing else to run: wait a little for a compile rather than spin empty steps.
+            waiting = [r.grammar for r in compiling if r.grammar is not None]
+            manager.wait_for_compiles(waiting, 0.01)
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput | None
@@ -252,6 +292,8 @@ class Scheduler:
                 continue
             request.append_output_token(token)
             self._check_stop(request, token)
+            if request.grammar is not None and not request.is_finished:
+                self._advance_grammar(request, [token])
             lp = logprobs_of.get(req_id)
             outputs.append(
                 EngineCoreOutput(
@@ -261,6 +303,7 @@ class Scheduler:
                     finish_reason=request.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=request.num_cached_tokens,
+                    error=request.error,
                 )
             )
             if request.is_finished:
@@ -285,6 +328,34 @@ class Scheduler:
             params.max_tokens is not None and request.num_output_tokens >= params.max_tokens
         ) or request.num_tokens >= self.max_model_len:
             request.finish(FinishReason.LENGTH)
+
+    def _advance_grammar(self, request: Request, token_ids: list[int]) -> None:
+        """Accepted tokens advance the matcher; a terminated grammar ends the request."""
+        grammar = request.grammar
+        assert grammar is not None
+        if not grammar.accept_tokens(token_ids):
+            request.error = (
+                f"request {request.request_id!r}: a sampled token broke its structured output "
+                "grammar."
+            )
+            request.finish(FinishReason.ERROR)
+        elif grammar.is_terminated():
+            request.finish(FinishReason.STOP)
+
+    def _fail_grammar(self, request: Request) -> None:
+        """Finish a request whose grammar did not compile (in time): it fails alone."""
+        assert request.grammar is not None
+        request.error = f"request {request.request_id!r}: {request.grammar.error}"
+        request.finish(FinishReason.ERROR)
+        self._free_request(request)
+        self._error_outputs.append(
+            EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[],
+                finish_reason=FinishReason.ERROR,
+                error=request.error,
+            )
+        )
 
     def _preempt_until_allocated(self, request: Request, num_new: int) -> list[int] | None:
         """Preempt from the tail of running until a running request's allocation fits.

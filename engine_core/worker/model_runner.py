@@ -38,6 +38,7 @@ from engine_core.protocol import (
     WorkerModelConfig,
 )
 from engine_core.sample.sampler import Sampler, SamplingMetadata
+from engine_core.structured_output.bitmask import apply_grammar_bitmask
 from engine_core.worker import gpu_memory
 from engine_core.worker.cuda_graphs import Capture, CudaGraphCapture, DecodeGraphs, capture_sizes
 from engine_core.worker.input_batch import InputBatch
@@ -239,6 +240,8 @@ class ModelRunner:
         if logits is None:
             return None
         states = [self.input_batch.requests[req_ids[i]] for i in sampled]
+        if scheduler_output.grammar_bitmask is not None:
+            apply_grammar_bitmask(logits, [s.req_id for s in states], scheduler_output)
         metadata = SamplingMetadata.build(
             [s.sampling_params for s in states],
             [s.prompt_token_ids for s in states],

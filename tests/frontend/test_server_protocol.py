@@ -191,20 +191,22 @@ def test_chat_messages_text_parts_and_roles():
         {"role": "assistant", "content": ""},
     ]
     assert refused(chat_messages, []).param == "messages"
-    bad_role = chat(messages=[{"role": "tool", "content": "x"}])
+    bad_role = chat(messages=[{"role": "function", "content": "x"}])
     assert refused(chat_messages, bad_role.messages).param == "messages[0].role"
+    no_call_id = chat(messages=[{"role": "tool", "content": "x"}])
+    assert refused(chat_messages, no_call_id.messages).param == "messages[0].tool_call_id"
     image = chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}])
     assert refused(chat_messages, image.messages).param == "messages[0].content[0]"
     no_content = chat(messages=[{"role": "user"}])
     assert refused(chat_messages, no_content.messages).param == "messages[0].content"
 
 
-def test_chat_features_this_server_cannot_honour_are_refused():
-    assert refused(check_chat_unsupported, chat(tools=[{"type": "function"}])).param == "tools"
-    fmt = chat(response_format={"type": "json_object"})
-    assert refused(check_chat_unsupported, fmt).param == "response_format"
+def test_top_logprobs_without_logprobs_is_refused_unless_zero():
     assert refused(check_chat_unsupported, chat(top_logprobs=2)).param == "top_logprobs"
     check_chat_unsupported(chat(response_format={"type": "text"}, logprobs=True, top_logprobs=2))
+    # As vLLM: top_logprobs 0 with logprobs false or absent asks for nothing.
+    check_chat_unsupported(chat(top_logprobs=0))
+    check_chat_unsupported(chat(top_logprobs=0, logprobs=False))
 
 
 def test_error_body_is_openai_shaped():

@@ -1,0 +1,1 @@
+"""Structured outputs: grammars compiled by xgrammar, token bitmasks applied to the logits."""

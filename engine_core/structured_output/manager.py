@@ -1,0 +1,206 @@
+"""The EngineCore's structured outputs: grammars compiled off the loop, one matcher a request.
+
+Compiles run on a small thread pool (xgrammar releases the GIL while it compiles), keyed
+and LRU-cached by the exact spec; the scheduler polls `GrammarState.ready` and keeps the
+request waiting meanwhile. A compile that takes longer than the time limit fails its
+request (the compile itself runs on; if it finishes, its result is cached).
+
+The vocabulary (xgrammar's TokenizerInfo) is built once, by the first compile, from the
+tokenizer the frontend uses (its converted copy is cached on disk).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+from typing import Any
+
+from engine_core.config import EngineConfig
+from engine_core.protocol import StructuredOutputsParams
+from engine_core.structured_output.grammar import GrammarSpecError, compile_spec
+
+_NUM_COMPILE_THREADS = 2
+# In every error of a request whose grammar failed: the frontend answers those with a 400.
+GRAMMAR_ERROR_MARK = "structured output grammar"
+_CACHE_SIZE = 256  # compiled grammars kept (LRU)
+
+
+class GrammarState:
+    """One request's grammar: compiling, failed, or a matcher advanced by its accepted tokens."""
+
+    def __init__(self, manager: StructuredOutputManager, key: tuple, job: _CompileJob) -> None:
+        self._manager = manager
+        self.key = key
+        self._job = job
+        self._future = job.future
+        self.matcher: Any = None
+        self.error: str | None = None
+
+    def ready(self) -> bool:
+        """True once the matcher exists; False while compiling or once failed (see error)."""
+        if self.matcher is not None:
+            return True
+        if self.error is not None:
+            return False
+        if not self._future.done():
+            started = self._job.started
+            if started is not None and time.monotonic() - started > self._manager.compile_timeout:
+                self.error = (
+                    f"the {GRAMMAR_ERROR_MARK} did not compile within the time limit "
+                    f"of {self._manager.compile_timeout:g} s "
+                    "(--structured-outputs-compile-timeout)."
+                )
+            return False
+        try:
+            compiled = self._future.result()
+        except Exception as e:
+            self.error = f"the {GRAMMAR_ERROR_MARK} failed to compile: {e}"
+            return False
+        self.matcher = self._manager.new_matcher(compiled)
+        return True
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def accept_tokens(self, token_ids: list[int]) -> bool:
+        """Advance by sampled tokens; False if the grammar refuses one (the rest are skipped)."""
+        for t in token_ids:
+            if not self.matcher.accept_token(t):
+                return False
+        return True
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def fill_bitmask(self, bitmask: Any, row: int) -> None:
+        """Row `row` of `bitmask`: the tokens the grammar allows next."""
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def fill_bitmask_for_drafts(
+        self, bitmask: Any, first_row: int, draft_token_ids: list[int]
+    ) -> int:
+        """The speculative-decoding seam: one row per position (the next token, then after each
+        draft token in turn), rolling the matcher back afterwards; returns the rows filled.
+
+        A draft token the grammar refuses ends the rows there: the later drafts would be
+        rejected anyway. The update step then accepts the tokens that were kept.
+        """
+        rows = 0
+        accepted = 0
+        for pos in range(len(draft_token_ids) + 1):
+            self.matcher.fill_next_token_bitmask(bitmask, first_row + pos)
+            rows += 1
+            if pos == len(draft_token_ids) or self.matcher.is_terminated():
+                break
+            if not self.matcher.accept_token(draft_token_ids[pos]):
+                break
+            accepted += 1
+        if accepted:
+            self.matcher.rollback(accepted)
+        return rows
+
+
+class _CompileJob:
+    """One spec's compile, shared by every request with that spec."""
+
+    __slots__ = ("future", "started")
+
+    def __init__(self) -> None:
+        self.future: Any = None
+        # When the compile itself began (the vocabulary is built first, once, untimed).
+        self.started: float | None = None
+
+
+class StructuredOutputManager:
+    """Compile pool, compiled-grammar cache and the per-step bitmask of the structured rows."""
+
+    def __init__(self, config: EngineConfig, vocab_size: int) -> None:
+        self.config = config
+        self.vocab_size = vocab_size
+        self.compile_timeout = config.structured_outputs_compile_timeout
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            _NUM_COMPILE_THREADS, thread_name_prefix="grammar-compile"
+        )
+        self._lock = threading.Lock()
+        self._compiler: Any = None
+        # key -> the compile of a CompiledGrammar (done ones are the cache, LRU order)
+        self._cache: collections.OrderedDict[tuple, _CompileJob] = collections.OrderedDict()
+        self._bitmask: Any = None
+
+    # ---------------------------------------------------------------- compiling
+
+    def grammar_for(self, params: StructuredOutputsParams) -> GrammarState:
+        """Start (or share, or reuse) the compile of a spec; never blocks."""
+        key = params.key()
+        with self._lock:
+            job = self._cache.get(key)
+            if job is not None and job.future.done() and job.future.exception() is not None:
+                job = None  # a failed compile is not cached: it may have been transient
+            if job is None:
+                job = _CompileJob()
+                job.future = self._pool.submit(self._compile, params, job)
+                self._cache[key] = job
+            self._cache.move_to_end(key)
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return GrammarState(self, key, job)
+
+    def _compile(self, params: StructuredOutputsParams, job: _CompileJob) -> Any:
+        compiler = self._get_compiler()
+        job.started = time.monotonic()
+        try:
+            return compile_spec(compiler, params)
+        except GrammarSpecError as e:
+            raise ValueError(str(e)) from None
+
+    def _get_compiler(self) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+
+                info = xgr.TokenizerInfo.from_huggingface(
+                    _load_tokenizer(self.config), vocab_size=self.vocab_size
+                )
+                # Our own LRU is the cache: xgrammar's would keep every grammar forever.
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+            return self._compiler
+
+    def wait_for_compiles(self, states: list[GrammarState], timeout: float) -> None:
+        """Block up to `timeout` seconds for one of the states' compiles to finish."""
+        futures = [s._future for s in states if s.matcher is None and s.error is None]
+        if futures:
+            concurrent.futures.wait(
+                futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+
+    def new_matcher(self, compiled: Any) -> Any:
+        import xgrammar as xgr
+
+        return xgr.GrammarMatcher(compiled)
+
+    # ---------------------------------------------------------------- the step's bitmask
+
+    def make_bitmask(self, states: list[GrammarState]) -> bytes:
+        """One row per state, in order: the grammar bitmask the model runner applies."""
+        import xgrammar as xgr
+
+        n = len(states)
+        if self._bitmask is None or self._bitmask.shape[0] < n:
+            rows = max(n, self.config.max_num_seqs)
+            self._bitmask = xgr.allocate_token_bitmask(rows, self.vocab_size)
+        for i, state in enumerate(states):
+            state.fill_bitmask(self._bitmask, i)
+        return self._bitmask[:n].numpy().tobytes()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _load_tokenizer(config: EngineConfig) -> Any:
+    # The frontend's loader: the same vocabulary the frontend encodes and decodes with.
+    from frontend.tokenizer import load_tokenizer
+
+    return load_tokenizer(config.model, config.tokenizer)
