@@ -201,6 +201,6 @@ class StructuredOutputManager:
 
 def _load_tokenizer(config: EngineConfig) -> Any:
     # The frontend's loader: the same vocabulary the frontend encodes and decodes with.
-    from frontend.tokenizer import load_tokenizer
+    from engine_core.tokenizer import load_tokenizer
 
     return load_tokenizer(config.model, config.tokenizer)
