@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -32,6 +33,9 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads in the core; None: all cores
     extra: dict[str, str] = field(default_factory=dict)
+    # vLLM's speculative_config dict ({"method": "ngram" | "suffix", "num_speculative_tokens": k,
+    # ...}); None: no speculative decoding. Validated by spec_decode.config.SpeculativeConfig.
+    speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -68,3 +72,7 @@ class EngineConfig:
             raise ValueError(
                 "load_format='dummy' needs hf_config (a config.json) or model (a directory)."
             )
+        if self.speculative_config is not None:
+            from engine_core.spec_decode.config import SpeculativeConfig
+
+            SpeculativeConfig.from_dict(self.speculative_config)
