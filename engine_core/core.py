@@ -33,6 +33,7 @@ from engine_core.protocol import (
 )
 from engine_core.sched.request import Request
 from engine_core.sched.scheduler import Scheduler
+from engine_core.spec_decode import make_drafter
 from ipc import MessageQueue, MessageQueueHandle, PeerDiedError
 
 logger = logging.getLogger("ringserve.engine_core")
@@ -64,6 +65,8 @@ class EngineCore:
         self.eos_token_ids = list(runner.model_config.eos_token_ids)
         self.vocab_size = runner.model_config.vocab_size
         self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len)
+        # Speculative decoding: proposes drafts after each step (None: off).
+        self.drafter = make_drafter(config)
         # Outputs produced outside a step (rejected requests), sent with the next message.
         self._pending: list[EngineCoreOutput] = []
 
@@ -125,13 +128,21 @@ class EngineCore:
         if self.scheduler.has_unfinished_requests():
             scheduler_output = self.scheduler.schedule()
             if scheduler_output.total_num_scheduled_tokens > 0:
+                t0 = time.perf_counter()
                 runner_output = self.executor.execute_model(scheduler_output)
+                if self.drafter is not None:
+                    self.drafter.observe_step(
+                        scheduler_output.total_num_scheduled_tokens, time.perf_counter() - t0
+                    )
             else:
                 runner_output = None
             outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
-        return EngineCoreOutputs(
-            outputs=outputs, scheduler_stats=self.scheduler.make_stats(), timestamp=time.time()
-        )
+            if self.drafter is not None:
+                self.drafter.propose(self.scheduler)
+        stats = self.scheduler.make_stats()
+        if self.drafter is not None:
+            self.drafter.record(stats)
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=stats, timestamp=time.time())
 
     def call_utility(self, req: UtilityRequest) -> UtilityOutput:
         if req.method == "ping":

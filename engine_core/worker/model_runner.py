@@ -32,6 +32,8 @@ from engine_core.attention.torch_paged import AttentionMetadata, token_positions
 from engine_core.config import EngineConfig
 from engine_core.models.loader import load_model, load_model_config
 from engine_core.protocol import ModelRunnerOutput, SamplingParams, SchedulerOutput
+from engine_core.sample.metadata import rows_per_position
+from engine_core.sample.rejection_sampler import RejectionSampler
 from engine_core.sample.sampler import Sampler, SamplingMetadata
 from engine_core.sched.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from engine_core.worker import gpu_memory
@@ -52,6 +54,9 @@ class StepInputs:
     meta: AttentionMetadata | CudaAttentionMetadata
     sampled: list[int]  # indices into req_ids of the requests sampled this step
     logits_indices: torch.Tensor  # [len(sampled)]: their last token in the batch
+    # Speculative decoding: per sampled request its drafts, whose positions get logits too
+    # (logits_indices then holds len(drafts) + 1 rows per sampled request). None: no drafts.
+    draft_token_ids: list[list[int]] | None = None
 
 
 class ModelRunner:
@@ -94,6 +99,7 @@ class ModelRunner:
         self.compute_dtype = loaded.compute_dtype
         self.num_kv_heads = self.model.tp.num_kv_heads  # this rank's
         self.sampler = Sampler()
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self.max_blocks_per_req = -(-self.max_model_len // self.block_size)
         # The scheduler's step budget: the largest step the memory profile runs.
         self.max_num_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -223,6 +229,8 @@ class ModelRunner:
         if logits is None:
             return None
         states = [self.input_batch.requests[step.req_ids[i]] for i in step.sampled]
+        if step.draft_token_ids is not None:
+            return self._verify_drafts(logits, states, step.draft_token_ids)
         metadata = SamplingMetadata.build(
             [s.sampling_params for s in states],
             [s.prompt_token_ids for s in states],
@@ -238,6 +246,33 @@ class ModelRunner:
             req_ids=[s.req_id for s in states],
             sampled_token_ids=out.token_ids.tolist(),
             logprobs=logprobs,
+        )
+
+    def _verify_drafts(
+        self, logits: torch.Tensor, states: list, drafts: list[list[int]]
+    ) -> ModelRunnerOutput:
+        """The rejection sampler over a step with drafts: every token each request emits."""
+        rows = rows_per_position(
+            [s.sampling_params for s in states],
+            [s.prompt_token_ids for s in states],
+            [s.output_token_ids for s in states],
+            [s.generator for s in states],
+            drafts,
+        )
+        metadata = SamplingMetadata.build(
+            *rows,
+            self.model_config.vocab_size,
+            self.device,
+            eos_token_ids=self.model_config.eos_token_ids,
+        )
+        out = self.rejection_sampler(logits, metadata, drafts)
+        any_lp = any(lp is not None for lp in out.logprobs)
+        return ModelRunnerOutput(
+            req_ids=[s.req_id for s in states],
+            sampled_token_ids=[t[0] for t in out.token_ids],
+            logprobs=[lp[0] if lp else None for lp in out.logprobs] if any_lp else None,
+            emitted_token_ids=out.token_ids,
+            emitted_logprobs=out.logprobs if any_lp else None,
         )
 
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -276,6 +311,13 @@ class ModelRunner:
         req_ids = [req_ids[i] for i in order]
         rows, query_lens, num_computed = rows[order], query_lens[order], num_computed[order]
         num_tokens = batch.num_tokens[rows]
+        spec = so.scheduled_spec_decode_tokens
+        if spec:  # drafts sit past a request's tokens for this step only
+            num_drafts = np.array([len(spec.get(r, ())) for r in req_ids], dtype=np.int64)
+            for r, row, n in zip(req_ids, rows.tolist(), num_tokens.tolist(), strict=True):
+                if r in spec:
+                    batch.token_ids[row, n : n + len(spec[r])] = spec[r]
+            num_tokens = num_tokens + num_drafts
         over = num_computed + query_lens > num_tokens
         if over.any():
             i = int(np.argmax(over))
@@ -296,6 +338,14 @@ class ModelRunner:
         block_tables = batch.block_table[rows, : int(needed_blocks.max())]
         sampled = np.flatnonzero(num_computed + query_lens == num_tokens)
         logits_indices = np.cumsum(query_lens)[sampled] - 1
+        draft_token_ids = None
+        if spec:
+            # Logits at the last token and at every draft: len(drafts) + 1 rows a request.
+            counts = num_drafts[sampled] + 1
+            logits_indices = np.repeat(logits_indices - counts + 1, counts) + (
+                np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            )
+            draft_token_ids = [list(spec.get(req_ids[i], ())) for i in sampled.tolist()]
         if self.staging is not None:
             step = stage_step(
                 self.staging,
@@ -308,7 +358,12 @@ class ModelRunner:
                 logits_indices,
             )
             return StepInputs(
-                req_ids, step.input_ids, step.meta, sampled.tolist(), step.logits_indices
+                req_ids,
+                step.input_ids,
+                step.meta,
+                sampled.tolist(),
+                step.logits_indices,
+                draft_token_ids,
             )
         meta = AttentionMetadata.build(
             query_lens,
@@ -325,6 +380,7 @@ class ModelRunner:
             meta=meta,
             sampled=sampled.tolist(),
             logits_indices=torch.from_numpy(logits_indices).to(self.device),
+            draft_token_ids=draft_token_ids,
         )
 
     # ------------------------------------------------------------------------------ warm-up
