@@ -66,6 +66,7 @@ class Drafter:
         ]
         for r in running:
             r.spec_token_ids = []
+            self._tracked[r.request_id] = r
         limit = self.config.disable_by_batch_size
         if not decoding or (limit is not None and len(running) >= limit):
             return
@@ -89,7 +90,6 @@ class Drafter:
         for r, n in zip(decoding, chosen, strict=True):
             if n > 0:
                 r.spec_token_ids = self.proposer.propose(r, n)
-                self._tracked[r.request_id] = r
             if not r.spec_token_ids:
                 # Not verified this step: its estimate drifts back to the engine's, so that
                 # a request whose drafts failed once gets another chance later.
