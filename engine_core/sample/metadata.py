@@ -6,11 +6,11 @@ import math
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
 import torch
 
 from engine_core.protocol import SamplingParams
-
-_SAMPLING_EPS = 1e-5  # below this temperature a request is greedy (vLLM's _SAMPLING_EPS)
+from engine_core.sample.rows import GatheredRows, SamplingRows, to_tensor
 
 Rows = slice | torch.Tensor  # which batch rows a stage touches: slice(None) when all of them
 
@@ -57,8 +57,15 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device | str = "cpu",
         eos_token_ids: list[int] | None = None,
+        *,
+        sampling_rows: SamplingRows | None = None,
+        batch_rows: np.ndarray | None = None,
     ) -> SamplingMetadata:
-        """Batch the requests' parameters; row i of the logits belongs to params[i]."""
+        """Batch the requests' parameters; row i of the logits belongs to params[i].
+
+        sampling_rows, batch_rows: the persistent batch's parameter rows and the batch row of
+        each logits row (the model runner's path); None: rows built from params here.
+        """
         n = len(params)
         if not len(prompt_token_ids) == len(output_token_ids) == len(generators) == n:
             raise ValueError(
@@ -68,70 +75,69 @@ class SamplingMetadata:
             )
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be at least 1, got {vocab_size}.")
-        random_rows: list[int] = []
-        temps: list[float] = []
-        min_ps: list[float] = []
-        top_ks: list[int] = []
-        top_ps: list[float] = []
+        if sampling_rows is None:
+            sampling_rows, batch_rows = SamplingRows.from_params(params), np.arange(n)
+        elif batch_rows is None or len(batch_rows) != n:
+            raise ValueError("batch_rows must give the batch row of each of the params.")
+        g = sampling_rows.gather(np.asarray(batch_rows, dtype=np.int64), vocab_size)
+        random_rows = g.random.tolist()
         seeded: list[tuple[int, torch.Generator]] = []
-        penalty_rows: list[int] = []
+        for j in g.seeded.tolist():
+            i = random_rows[j]
+            gen = generators[i]
+            if gen is None:
+                raise ValueError(f"row {i} has seed={params[i].seed} but no torch.Generator.")
+            seeded.append((j, gen))
         bias_rows: list[int] = []
         bias_ids: list[int] = []
         bias_values: list[float] = []
+        for i in g.bias_rows.tolist():
+            for token_id, value in params[i].logit_bias.items():
+                bias_rows.append(i)
+                bias_ids.append(_token_id(token_id, vocab_size, "logit_bias"))
+                bias_values.append(value)
         mask_rows: list[int] = []
         mask_ids: list[int] = []
-        logprob_rows: list[int] = []
-        num_logprobs: list[int] = []
-        for i, sp in enumerate(params):
-            if sp.temperature >= _SAMPLING_EPS:
-                gen = generators[i]
-                if gen is not None:
-                    seeded.append((len(random_rows), gen))
-                elif sp.seed is not None:
-                    raise ValueError(f"row {i} has seed={sp.seed} but no torch.Generator.")
-                random_rows.append(i)
-                temps.append(sp.temperature)
-                min_ps.append(sp.min_p)
-                top_ks.append(sp.top_k if 0 < sp.top_k < vocab_size else vocab_size)
-                top_ps.append(sp.top_p if sp.top_p < 1.0 else math.inf)
-            if sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty:
-                penalty_rows.append(i)
-            if sp.logit_bias:
-                for token_id, value in sp.logit_bias.items():
-                    bias_rows.append(i)
-                    bias_ids.append(_token_id(token_id, vocab_size, "logit_bias"))
-                    bias_values.append(value)
-            if sp.min_tokens and len(output_token_ids[i]) < sp.min_tokens:
+        for i in np.flatnonzero(g.min_tokens).tolist():
+            sp = params[i]
+            if len(output_token_ids[i]) < sp.min_tokens:
                 stops = chain(sp.stop_token_ids or (), () if sp.ignore_eos else eos_token_ids or ())
                 # A stop id outside the vocabulary can never be sampled: nothing to mask.
                 for token_id in stops:
                     if 0 <= token_id < vocab_size:
                         mask_rows.append(i)
                         mask_ids.append(token_id)
-            if sp.logprobs is not None:
-                logprob_rows.append(i)
-                num_logprobs.append(min(sp.logprobs, vocab_size))
+        logprob_rows = np.flatnonzero(g.logprobs >= 0)
+        num_logprobs = np.minimum(g.logprobs[logprob_rows], vocab_size).tolist()
 
         def tensor(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
         num_random = len(random_rows)
-        top_k_in_use = [k for k in top_ks if k < vocab_size]
+        top_k_in_use = g.top_k[g.top_k < vocab_size]
         penalties = None
-        if penalty_rows:
+        if g.penalty_rows.size:
             penalties = _build_penalties(
-                params, penalty_rows, prompt_token_ids, output_token_ids, vocab_size, device
+                g,
+                g.penalty_rows.tolist(),
+                n,
+                prompt_token_ids,
+                output_token_ids,
+                vocab_size,
+                device,
             )
         return cls(
             num_rows=n,
             vocab_size=vocab_size,
             all_greedy=num_random == 0,
             random_rows=_rows(random_rows, n, device) if num_random else None,
-            temperature=tensor(temps)[:, None] if any(t != 1.0 for t in temps) else None,
-            min_p=tensor(min_ps)[:, None] if any(min_ps) else None,
-            top_k=tensor(top_ks, torch.long) if top_k_in_use else None,
-            max_top_k=max(top_k_in_use, default=0),
-            top_p=tensor(top_ps) if any(p != math.inf for p in top_ps) else None,
+            temperature=(
+                to_tensor(g.temperature, device)[:, None] if (g.temperature != 1.0).any() else None
+            ),
+            min_p=to_tensor(g.min_p, device)[:, None] if g.min_p.any() else None,
+            top_k=to_tensor(g.top_k, device) if top_k_in_use.size else None,
+            max_top_k=int(top_k_in_use.max()) if top_k_in_use.size else 0,
+            top_p=to_tensor(g.top_p, device) if (g.top_p != math.inf).any() else None,
             seeded=seeded,
             any_unseeded=len(seeded) < num_random,
             logit_bias=(
@@ -143,7 +149,7 @@ class SamplingMetadata:
                 (tensor(mask_rows, torch.long), tensor(mask_ids, torch.long)) if mask_rows else None
             ),
             penalties=penalties,
-            logprob_rows=_rows(logprob_rows, n, device) if logprob_rows else None,
+            logprob_rows=_rows(logprob_rows.tolist(), n, device) if logprob_rows.size else None,
             num_logprobs=num_logprobs,
         )
 
@@ -176,8 +182,9 @@ def _flat_token_index(
 
 
 def _build_penalties(
-    params: list[SamplingParams],
+    g: GatheredRows,
     rows: list[int],
+    num_rows: int,
     prompt_token_ids: list[list[int]],
     output_token_ids: list[list[int]],
     vocab_size: int,
@@ -188,27 +195,27 @@ def _build_penalties(
         [output_token_ids[i] for i in rows], vocab_size, device, "output_token_ids"
     )
 
-    def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    def column(values: np.ndarray) -> torch.Tensor:
+        return to_tensor(values[rows], device)[:, None]
 
     repetition = seen = None
-    if any(params[i].repetition_penalty != 1.0 for i in rows):
+    if (g.repetition[rows] != 1.0).any():
         prompt = _flat_token_index(
             [prompt_token_ids[i] for i in rows], vocab_size, device, "prompt_token_ids"
         )
         seen = torch.zeros(shape, dtype=torch.bool, device=device)
         seen.view(-1)[prompt] = True
         seen.view(-1)[output] = True
-        repetition = column([params[i].repetition_penalty for i in rows])
+        repetition = column(g.repetition)
     subtract = None
-    if any(params[i].frequency_penalty or params[i].presence_penalty for i in rows):
+    if (g.frequency[rows] != 0.0).any() or (g.presence[rows] != 0.0).any():
         counts = torch.zeros(shape, device=device)
         counts.view(-1).index_add_(0, output, torch.ones(output.shape, device=device))
-        frequency = column([params[i].frequency_penalty for i in rows])
-        presence = column([params[i].presence_penalty for i in rows])
+        frequency = column(g.frequency)
+        presence = column(g.presence)
         generated = counts > 0  # before counts is scaled in place
         subtract = counts.mul_(frequency).add_(presence * generated)
-    return Penalties(_rows(rows, len(params), device), seen, repetition, subtract)
+    return Penalties(_rows(rows, num_rows, device), seen, repetition, subtract)
 
 
 def rows_per_position(

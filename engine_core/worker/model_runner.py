@@ -239,6 +239,8 @@ class ModelRunner:
             self.model_config.vocab_size,
             self.device,
             eos_token_ids=self.model_config.eos_token_ids,
+            sampling_rows=self.input_batch.sampling,
+            batch_rows=np.fromiter((s.row for s in states), dtype=np.int64, count=len(states)),
         )
         out = self.sampler(logits, metadata)
         logprobs = out.logprobs if any(lp is not None for lp in out.logprobs) else None
@@ -264,6 +266,8 @@ class ModelRunner:
             self.model_config.vocab_size,
             self.device,
             eos_token_ids=self.model_config.eos_token_ids,
+            sampling_rows=self.input_batch.sampling,
+            batch_rows=np.repeat([s.row for s in states], [len(d) + 1 for d in drafts]),
         )
         out = self.rejection_sampler(logits, metadata, drafts)
         any_lp = any(lp is not None for lp in out.logprobs)
