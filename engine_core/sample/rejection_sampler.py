@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from engine_core.protocol import Logprobs
-from engine_core.sample.metadata import SamplingMetadata
+from engine_core.protocol import Logprobs, ModelRunnerOutput
+from engine_core.sample.metadata import SamplingMetadata, rows_per_position
+from engine_core.sample.rows import SamplingRows
 from engine_core.sample.sampler import Sampler, gather_logprobs, inverse_cdf, warp_random_rows
 
 
@@ -119,3 +121,41 @@ def _emitted_logprobs(
         out.append(None if rows[0] is None else [lp for lp in rows if lp is not None])
         start += len(d) + 1
     return out
+
+
+def verify_drafts(
+    rejection_sampler: RejectionSampler,
+    logits: torch.Tensor,
+    states: list,
+    drafts: list[list[int]],
+    sampling_rows: SamplingRows,
+    vocab_size: int,
+    device: torch.device,
+    eos_token_ids: list[int],
+) -> ModelRunnerOutput:
+    """The model runner's step with drafts: logits [sum(k_i + 1), V] of the sampled requests
+    (their InputBatch RequestStates), verified; every token each request emits."""
+    rows = rows_per_position(
+        [s.sampling_params for s in states],
+        [s.prompt_token_ids for s in states],
+        [s.output_token_ids for s in states],
+        [s.generator for s in states],
+        drafts,
+    )
+    metadata = SamplingMetadata.build(
+        *rows,
+        vocab_size,
+        device,
+        eos_token_ids=eos_token_ids,
+        sampling_rows=sampling_rows,
+        batch_rows=np.repeat([s.row for s in states], [len(d) + 1 for d in drafts]),
+    )
+    out = rejection_sampler(logits, metadata, drafts)
+    any_lp = any(lp is not None for lp in out.logprobs)
+    return ModelRunnerOutput(
+        req_ids=[s.req_id for s in states],
+        sampled_token_ids=[t[0] for t in out.token_ids],
+        logprobs=[lp[0] if lp else None for lp in out.logprobs] if any_lp else None,
+        emitted_token_ids=out.token_ids,
+        emitted_logprobs=out.logprobs if any_lp else None,
+    )

@@ -32,8 +32,7 @@ from engine_core.attention.torch_paged import AttentionMetadata, token_positions
 from engine_core.config import EngineConfig
 from engine_core.models.loader import load_model, load_model_config
 from engine_core.protocol import ModelRunnerOutput, SamplingParams, SchedulerOutput
-from engine_core.sample.metadata import rows_per_position
-from engine_core.sample.rejection_sampler import RejectionSampler
+from engine_core.sample.rejection_sampler import RejectionSampler, verify_drafts
 from engine_core.sample.sampler import Sampler, SamplingMetadata
 from engine_core.sched.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from engine_core.worker import gpu_memory
@@ -229,8 +228,17 @@ class ModelRunner:
         if logits is None:
             return None
         states = [self.input_batch.requests[step.req_ids[i]] for i in step.sampled]
-        if step.draft_token_ids is not None:
-            return self._verify_drafts(logits, states, step.draft_token_ids)
+        if step.draft_token_ids is not None:  # speculative decoding: verify the drafts
+            return verify_drafts(
+                self.rejection_sampler,
+                logits,
+                states,
+                step.draft_token_ids,
+                self.input_batch.sampling,
+                self.model_config.vocab_size,
+                self.device,
+                self.model_config.eos_token_ids,
+            )
         metadata = SamplingMetadata.build(
             [s.sampling_params for s in states],
             [s.prompt_token_ids for s in states],
@@ -248,35 +256,6 @@ class ModelRunner:
             req_ids=[s.req_id for s in states],
             sampled_token_ids=out.token_ids.tolist(),
             logprobs=logprobs,
-        )
-
-    def _verify_drafts(
-        self, logits: torch.Tensor, states: list, drafts: list[list[int]]
-    ) -> ModelRunnerOutput:
-        """The rejection sampler over a step with drafts: every token each request emits."""
-        rows = rows_per_position(
-            [s.sampling_params for s in states],
-            [s.prompt_token_ids for s in states],
-            [s.output_token_ids for s in states],
-            [s.generator for s in states],
-            drafts,
-        )
-        metadata = SamplingMetadata.build(
-            *rows,
-            self.model_config.vocab_size,
-            self.device,
-            eos_token_ids=self.model_config.eos_token_ids,
-            sampling_rows=self.input_batch.sampling,
-            batch_rows=np.repeat([s.row for s in states], [len(d) + 1 for d in drafts]),
-        )
-        out = self.rejection_sampler(logits, metadata, drafts)
-        any_lp = any(lp is not None for lp in out.logprobs)
-        return ModelRunnerOutput(
-            req_ids=[s.req_id for s in states],
-            sampled_token_ids=[t[0] for t in out.token_ids],
-            logprobs=[lp[0] if lp else None for lp in out.logprobs] if any_lp else None,
-            emitted_token_ids=out.token_ids,
-            emitted_logprobs=out.logprobs if any_lp else None,
         )
 
     def _update_states(self, so: SchedulerOutput) -> None:
