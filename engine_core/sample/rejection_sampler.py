@@ -5,18 +5,20 @@ token after the request's tokens plus drafts[:j]. Every row goes through the Sam
 (logit bias, min_tokens, penalties, temperature, min-p, top-k, top-p) with its metadata row
 built from the tokens before that position, exactly as a step without speculation would.
 
-Greedy rows: accept drafts while each equals the target's argmax; at the first mismatch emit
-the argmax; when every draft is accepted also emit the argmax of the last row (the bonus
-token). Random rows (the draft is a point mass, as n-gram and suffix drafts are): accept
-draft d with probability p(d); on rejection emit a sample of p with d removed and
-renormalised, which makes the emitted token's distribution exactly p (vLLM's rule with
-q = one-hot(d)); after k acceptances draw the bonus token from the last row. Seeded requests
-draw their uniforms from their own generator.
+Every row's target token is the token a plain step would emit there: the argmax for a
+greedy row, for a random row one uniform u and the inverse CDF of p (the Sampler's draw).
+Drafts are accepted while each equals its row's target token; at the first mismatch the
+target token is emitted; when all are accepted the last row's target token is the bonus.
+For a point-mass draft d (n-gram and suffix drafts are) this is exact rejection sampling:
+the draft is accepted with probability p(d), and on rejection the emitted token follows p
+with d removed and renormalised (vLLM's rule with q = one-hot(d)); every emitted token
+follows p. A seeded request draws its uniforms from its own generator, one per position,
+and its generator is rewound to one draw per emitted token: its tokens are the ones it
+gets without speculation.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,22 +61,14 @@ class RejectionSampler:
         # drafts[r]: the draft verified at row r, -1 at a request's last row (the bonus).
         drafts_l = [t for d in draft_token_ids for t in (*d, -1)]
         drafts = torch.tensor(drafts_l, dtype=torch.long, device=device)
-        target = logits.argmax(dim=-1)  # the greedy rows' answer at every position
-        accepted = target == drafts
+        target = logits.argmax(dim=-1)  # the greedy rows' tokens at every position
+        saved = [(gen, gen.get_state()) for _, gen in md.seeded]
         if not md.all_greedy:
-            rows = md.random_rows
-            x = warp_random_rows(logits, md)
-            d = drafts[rows]
-            has_draft = d >= 0
-            safe = d.clamp(min=0)[:, None]
-            p_draft = (x.gather(1, safe) - x.logsumexp(dim=-1, keepdim=True)).exp_().squeeze_(1)
-            u = _uniforms(x.shape[0], md, device)
-            accept = has_draft & (u < p_draft)
-            # The recovered token: p without the draft, renormalised (the bonus rows: p itself).
-            x.scatter_(1, safe, torch.where(has_draft[:, None], -math.inf, x.gather(1, safe)))
-            recovered = inverse_cdf(x, md.seeded, md.any_unseeded)
-            target[rows] = torch.where(accept, d, recovered)
-            accepted[rows] = accept
+            # Every position draws its token as a plain step would (one uniform, inverse CDF).
+            target[md.random_rows] = inverse_cdf(
+                warp_random_rows(logits, md), md.seeded, md.any_unseeded
+            )
+        accepted = target == drafts
         target_l, accepted_l = target.tolist(), accepted.tolist()
         tokens: list[list[int]] = []
         emitted_rows: list[int] = []
@@ -89,18 +83,37 @@ class RejectionSampler:
             emitted_rows.extend(range(start, start + a + 1))
             num_accepted.append(a)
             start += len(d) + 1
+        _rewind_seeded(saved, md, draft_token_ids, num_accepted)
         logprobs = _emitted_logprobs(raw_logprobs, target, md, draft_token_ids, num_accepted)
         return RejectionOutput(tokens, logprobs, [len(d) for d in draft_token_ids], num_accepted)
 
 
-def _uniforms(n: int, md: SamplingMetadata, device: torch.device) -> torch.Tensor:
-    """One U[0, 1) per random row, from the row's generator where it has one."""
-    u = torch.empty(n, dtype=torch.float32, device=device)
-    if md.any_unseeded:
-        u.uniform_()
-    for j, gen in md.seeded:
-        u[j].uniform_(generator=gen)
-    return u
+def _rewind_seeded(
+    saved: list[tuple[torch.Generator, torch.Tensor]],
+    md: SamplingMetadata,
+    draft_token_ids: list[list[int]],
+    num_accepted: list[int],
+) -> None:
+    """Leave each seeded request's generator where a plain step per emitted token would:
+    rows past its first rejection drew uniforms that no emitted token used."""
+    if not saved:
+        return
+    # The request (by row) each seeded row belongs to, and its emitted count.
+    emitted_of_row = [
+        a + 1 for d, a in zip(draft_token_ids, num_accepted, strict=True) for _ in (*d, -1)
+    ]
+    random_rows = (
+        range(md.num_rows) if isinstance(md.random_rows, slice) else md.random_rows.tolist()
+    )
+    states: dict[int, tuple[torch.Generator, torch.Tensor, int]] = {}
+    for (j, gen), (_, state) in zip(md.seeded, saved, strict=True):
+        if id(gen) not in states:  # the first row of the request: the state before it
+            states[id(gen)] = (gen, state, emitted_of_row[random_rows[j]])
+    for gen, state, emitted in states.values():
+        gen.set_state(state)
+        scratch = torch.empty(emitted, 1, dtype=torch.float64, device=gen.device)
+        for i in range(emitted):
+            scratch[i].uniform_(generator=gen)
 
 
 def _emitted_logprobs(

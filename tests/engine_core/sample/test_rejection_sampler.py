@@ -143,3 +143,26 @@ def test_a_seeded_request_repeats_its_tokens():
         for _ in range(3)
     ]
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_a_seeded_request_emits_the_tokens_it_would_without_drafts():
+    from engine_core.sample.sampler import Sampler
+
+    torch.manual_seed(4)
+    logits = torch.randn(3, 40) * 2
+    sp = SamplingParams(temperature=1.0, top_k=10, seed=11)
+    plain_gen = torch.Generator().manual_seed(11)
+    plain = []
+    for row in range(3):
+        md = SamplingMetadata.build([sp], [[]], [plain], [plain_gen], vocab_size=40)
+        plain.append(int(Sampler()(logits[row : row + 1].clone(), md).token_ids[0]))
+    for drafts in ([plain[0], plain[1]], [plain[0], (plain[1] + 1) % 40], [(plain[0] + 1) % 40, 0]):
+        gen = torch.Generator().manual_seed(11)
+        out = verify(logits, [sp], [drafts], generators=[gen])
+        emitted = out.token_ids[0]
+        assert emitted == plain[: len(emitted)]
+        # The generator stands where the plain steps' would after as many tokens.
+        ref = torch.Generator().manual_seed(11)
+        for _ in emitted:
+            torch.empty(1, dtype=torch.float64).uniform_(generator=ref)
+        assert torch.equal(gen.get_state(), ref.get_state())
