@@ -73,9 +73,9 @@ _AGENT = (
 
 def workloads(tokenizer, vocab_size: int, quick: bool) -> dict[str, list[list[tuple]]]:
     """name -> waves: each wave a list of (prompt ids, max new tokens) run together."""
-    a = [[(tokenizer.encode(_QUOTE_EDIT), 32 if quick else 256)]]
+    a = [[(tokenizer.encode(_QUOTE_EDIT), 24 if quick else 256)]]
     cities = _CITIES[:3] if quick else _CITIES
-    b = [[(tokenizer.encode(_AGENT.format(city=c)), 24 if quick else 64)] for c in cities]
+    b = [[(tokenizer.encode(_AGENT.format(city=c)), 16 if quick else 64)] for c in cities]
     batch = make_workload("tiny" if quick else "batch32", vocab_size, seed=0)
     c = [[(p, n) for p, n in batch]]
     return {"a_quote_edit": a, "b_agent_loop": b, "c_batch32": c}
@@ -87,7 +87,12 @@ def run_config(name: str, spec, loads, args) -> dict:
     from engine_core.protocol import EngineCoreRequest, SamplingParams
 
     core = EngineCore(
-        EngineConfig(dtype=args.dtype, speculative_config=spec, max_num_seqs=args.max_num_seqs)
+        EngineConfig(
+            dtype=args.dtype,
+            speculative_config=spec,
+            max_num_seqs=args.max_num_seqs,
+            num_threads=args.num_threads,
+        )
     )
     results = {}
     ids = iter(range(1 << 30))
@@ -125,6 +130,7 @@ def main() -> None:
     p.add_argument("--configs", default="none,ngram,suffix")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     from frontend.tokenizer import load_tokenizer
