@@ -122,15 +122,6 @@ def test_n_2_and_logprobs_are_the_targets(spec, plain):
     assert_all_blocks_free(spec)
 
 
-def test_tensor_parallel_engines_verify_drafts_too(plain, baseline):
-    from frontend import LLM
-
-    with LLM(speculative_config=NGRAM, tensor_parallel_size=2, **ENGINE) as llm:
-        outs = llm.generate(PROMPTS[:2], _greedy(), use_tqdm=False)
-        assert _tokens(outs) == baseline[0][:2]
-        assert_all_blocks_free(llm)
-
-
 def test_a_seeded_sampled_request_gets_the_tokens_it_gets_without_speculation(spec, plain):
     params = [
         SamplingParams(temperature=0.8, top_p=0.9, max_tokens=16, seed=7, ignore_eos=True),
