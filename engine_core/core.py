@@ -126,19 +126,18 @@ class EngineCore:
         """Schedule, execute, sample and return what each request gained this step."""
         outputs, self._pending = self._pending, []
         if self.scheduler.has_unfinished_requests():
+            t0 = time.perf_counter()
             scheduler_output = self.scheduler.schedule()
             if scheduler_output.total_num_scheduled_tokens > 0:
-                t0 = time.perf_counter()
                 runner_output = self.executor.execute_model(scheduler_output)
-                if self.drafter is not None:
-                    self.drafter.observe_step(
-                        scheduler_output.total_num_scheduled_tokens, time.perf_counter() - t0
-                    )
             else:
                 runner_output = None
             outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
             if self.drafter is not None:
                 self.drafter.propose(self.scheduler)
+                # The whole step, proposing included: what drafts cost is what the switch weighs.
+                num = scheduler_output.total_num_scheduled_tokens
+                self.drafter.observe_step(num, time.perf_counter() - t0)
         stats = self.scheduler.make_stats()
         if self.drafter is not None:
             self.drafter.record(stats)

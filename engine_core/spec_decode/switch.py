@@ -1,7 +1,7 @@
 """The per-step off-switch: drafts only where the step's expected throughput gains from them.
 
-The rule. A step's time is modelled as t(N) = a + b * N for N scheduled tokens, fitted
-online from the engine's own steps (exponentially weighted least squares; until the steps
+The rule. A step's time (scheduling, forward, sampling and proposing) is modelled as
+t(N) = a + b * N for N scheduled tokens, fitted online from the engine's own steps (exponentially weighted least squares; until the steps
 seen spread enough in N, b / a = 1 / 64). A request with running acceptance alpha (the
 per-draft acceptance of its recent verifications, geometric model, with a prior of the
 engine-wide average) gains alpha**j expected tokens from its j-th draft. Starting from the
@@ -18,7 +18,7 @@ running requests regardless.
 from __future__ import annotations
 
 _PRIOR_SLOPE_RATIO = 1.0 / 64  # b / a before the engine has measured itself
-_PRIOR_ALPHA = 0.5
+_PRIOR_ALPHA = 0.3  # cautious: a batch drafts at first only where acceptance proves high
 _PRIOR_WEIGHT = 2.0  # pseudo-trials of the engine-wide acceptance in each request's estimate
 
 
