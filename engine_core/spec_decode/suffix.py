@@ -9,8 +9,9 @@ frequencies (the draft's estimated acceptance) stays at least suffix_decoding_mi
 up to max_spec_factor * match length tokens (adaptive: a long match earns a long draft).
 Of the two trees' proposals the one with the higher expected accepted length wins.
 
-`arctic-inference` on PyPI ships only a source tarball needing a CUDA/C++ build, so this
-is a compact pure-Python tree. Its global tree is capped in tokens as well as in requests
+`arctic-inference` on PyPI has suffix decoding only in source tarballs (0.3.0: a C++
+extension built against torch and vLLM); its one wheel, 0.0.4, predates it. So this is a
+compact pure-Python tree. Its global tree is capped in tokens as well as in requests
 (Python nodes cost more than Arctic's C++ ones).
 """
 
