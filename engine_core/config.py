@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _QUANTIZATIONS = (None, "none", "int8", "int4")
@@ -42,6 +43,9 @@ class EngineConfig:
     extra: dict[str, str] = field(default_factory=dict)
     # Structured outputs: a grammar that takes longer to compile fails its request alone.
     structured_outputs_compile_timeout: float = 10.0
+    # vLLM's speculative_config dict ({"method": "ngram" | "suffix", "num_speculative_tokens": k,
+    # ...}); None: no speculative decoding. Validated by spec_decode.config.SpeculativeConfig.
+    speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in _QUANTIZATIONS:
@@ -87,6 +91,10 @@ class EngineConfig:
             raise ValueError(
                 "load_format='dummy' needs hf_config (a config.json) or model (a directory)."
             )
+        if self.speculative_config is not None:
+            from engine_core.spec_decode.config import SpeculativeConfig
+
+            SpeculativeConfig.from_dict(self.speculative_config)
 
     def resolved_max_num_batched_tokens(self) -> int:
         """The step's token budget: max_num_batched_tokens, or its default."""

@@ -33,6 +33,7 @@ from engine_core.protocol import (
 )
 from engine_core.sched.request import Request
 from engine_core.sched.scheduler import Scheduler
+from engine_core.spec_decode import make_drafter
 from engine_core.structured_output.manager import StructuredOutputManager
 from ipc import MessageQueue, MessageQueueHandle, PeerDiedError
 
@@ -65,6 +66,8 @@ class EngineCore:
         self.vocab_size = self.executor.model_config.vocab_size
         self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len)
         self.scheduler.structured_output = StructuredOutputManager(config, self.vocab_size)
+        # Speculative decoding: proposes drafts after each step (None: off).
+        self.drafter = make_drafter(config)
         # Outputs produced outside a step (rejected requests), sent with the next message.
         self._pending: list[EngineCoreOutput] = []
 
@@ -124,15 +127,22 @@ class EngineCore:
         """Schedule, execute, sample and return what each request gained this step."""
         outputs, self._pending = self._pending, []
         if self.scheduler.has_unfinished_requests():
+            t0 = time.perf_counter()
             scheduler_output = self.scheduler.schedule()
             if scheduler_output.total_num_scheduled_tokens > 0:
                 runner_output = self.executor.execute_model(scheduler_output)
             else:
                 runner_output = None
             outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
-        return EngineCoreOutputs(
-            outputs=outputs, scheduler_stats=self.scheduler.make_stats(), timestamp=time.time()
-        )
+            if self.drafter is not None:
+                self.drafter.propose(self.scheduler)
+                # The whole step, proposing included: what drafts cost is what the switch weighs.
+                num = scheduler_output.total_num_scheduled_tokens
+                self.drafter.observe_step(num, time.perf_counter() - t0)
+        stats = self.scheduler.make_stats()
+        if self.drafter is not None:
+            self.drafter.record(stats)
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=stats, timestamp=time.time())
 
     def call_utility(self, req: UtilityRequest) -> UtilityOutput:
         if req.method == "ping":

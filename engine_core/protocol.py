@@ -207,6 +207,12 @@ class SchedulerStats(msgspec.Struct, **_STRUCT):
     num_preemptions: int = 0  # since the last stats
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+    # Speculative decoding since the last stats (vLLM's SpecDecodingStats): requests that had
+    # drafts verified, drafts verified, drafts accepted, and accepted per draft position.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []
 
 
 class UtilityOutput(msgspec.Struct, **_STRUCT):
@@ -276,6 +282,9 @@ class SchedulerOutput(msgspec.Struct, **_STRUCT):
     # structured_req_ids, little-endian bytes (broadcast to TP workers: no tensor).
     structured_req_ids: list[str] = []
     grammar_bitmask: bytes | None = None
+    # Speculative decoding: draft tokens per request, scheduled after its last token (counted in
+    # num_scheduled_tokens); the runner verifies them. Every TP rank gets them with the step.
+    scheduled_spec_decode_tokens: dict[str, list[int]] = {}
 
 
 class ModelRunnerOutput(msgspec.Struct, **_STRUCT):
@@ -284,6 +293,10 @@ class ModelRunnerOutput(msgspec.Struct, **_STRUCT):
     req_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[Logprobs] | None = None  # parallel to req_ids, None where not asked
+    # With drafts in the step: per request, every token it emits (accepted drafts, then the
+    # target's token); sampled_token_ids[i] is the first of them. Logprobs likewise.
+    emitted_token_ids: list[list[int]] | None = None
+    emitted_logprobs: list[list[Logprobs] | None] | None = None
 
 
 def encoder() -> msgspec.msgpack.Encoder:

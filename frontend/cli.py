@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 
 from engine_core.config import EngineConfig
@@ -153,6 +154,12 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--hf-config", default=None, help="with --load-format dummy: a config.json")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--num-threads", type=int, default=None, help="torch threads in the engine core")
+    e.add_argument(
+        "--speculative-config",
+        type=_json_object,
+        default=None,
+        help='speculative decoding, as JSON: \'{"method": "ngram", "num_speculative_tokens": 3}\'',
+    )
     return p
 
 
@@ -178,7 +185,18 @@ _ENGINE_FLAGS = (
     "seed",
     "num_threads",
     "structured_outputs_compile_timeout",
+    "speculative_config",
 )
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerArgs]:

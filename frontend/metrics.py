@@ -113,6 +113,22 @@ class Metrics:
             registry=r,
         )
         self._model_name = model_name
+        # Speculative decoding (vLLM's names): counted from SchedulerStats.spec_*.
+        self.spec_drafts = counter(
+            "vllm:spec_decode_num_drafts", "Number of spec decoding drafts (requests verified)."
+        )
+        self.spec_draft_tokens = counter(
+            "vllm:spec_decode_num_draft_tokens", "Number of draft tokens."
+        )
+        self.spec_accepted_tokens = counter(
+            "vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens."
+        )
+        self._spec_accepted_per_pos = Counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted tokens per draft position.",
+            ["model_name", "position"],
+            registry=r,
+        )
 
     def observe_scheduler(self, stats: SchedulerStats) -> None:
         """One step's scheduler stats: gauges are set, the per-step counts are added."""
@@ -125,6 +141,12 @@ class Metrics:
             self.prefix_queries.inc(stats.prefix_cache_queries)
         if stats.prefix_cache_hits:
             self.prefix_hits.inc(stats.prefix_cache_hits)
+        if stats.spec_num_drafts:
+            self.spec_drafts.inc(stats.spec_num_drafts)
+            self.spec_draft_tokens.inc(stats.spec_num_draft_tokens)
+            self.spec_accepted_tokens.inc(stats.spec_num_accepted_tokens)
+            for pos, n in enumerate(stats.spec_num_accepted_tokens_per_pos):
+                self._spec_accepted_per_pos.labels(self._model_name, str(pos)).inc(n)
 
     def observe_iteration(self, it: IterationStats) -> None:
         """What one batch of core outputs produced: tokens, first tokens, finished requests."""

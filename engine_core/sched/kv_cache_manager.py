@@ -61,6 +61,7 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: Sequence[KVCacheBlock] = (),
+        num_lookahead_tokens: int = 0,
     ) -> list[int] | None:
         """Make room for num_new_tokens more tokens of a request; None if the pool is short.
 
@@ -68,6 +69,8 @@ class KVCacheManager:
         request's table first. Returns the ids of the blocks appended to its table. Full
         blocks are cached at once, so that a request scheduled later in the same step can
         hit them: the runner writes every new K/V of a step before any attention reads it.
+        num_lookahead_tokens: slots past the request's tokens (draft tokens); their blocks
+        are never cached, since a rejected draft's K/V must never be a prefix hit.
         """
         assert num_new_tokens >= 1, f"num_new_tokens={num_new_tokens}"
         bs = self.block_size
@@ -76,8 +79,11 @@ class KVCacheManager:
         if req_blocks is None:
             req_blocks = []
         num_total = request.num_computed_tokens + len(new_computed_blocks) * bs + num_new_tokens
-        assert num_total <= request.num_tokens, f"{req_id!r}: {num_total} > {request.num_tokens}"
-        num_new_blocks = -(-num_total // bs) - len(req_blocks) - len(new_computed_blocks)
+        assert num_total <= len(request.all_token_ids), (
+            f"{req_id!r}: {num_total} > {request.num_tokens}"
+        )
+        num_slots = num_total + num_lookahead_tokens
+        num_new_blocks = -(-num_slots // bs) - len(req_blocks) - len(new_computed_blocks)
         pool = self.block_pool
         if num_new_blocks > 0 or new_computed_blocks:
             # Hit blocks nobody holds count as free, but taking them removes them from the queue.

@@ -58,6 +58,11 @@ class Request:
         # One chained hash per full block of all_token_ids, grown as blocks fill.
         self.block_hashes: list[BlockHash] = []
         self._update_block_hashes()
+        # Speculative decoding: drafts for the next step (set by the proposer after a step).
+        self.spec_token_ids: list[int] = []
+        # Its drafts' running acceptance (decayed counts; see spec_decode/stats.py).
+        self.spec_accepted = 0.0
+        self.spec_trials = 0.0
 
     @property
     def num_tokens(self) -> int:

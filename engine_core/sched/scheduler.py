@@ -29,6 +29,7 @@ from engine_core.protocol import (
 )
 from engine_core.sched.kv_cache_manager import KVCacheManager
 from engine_core.sched.request import Request, RequestStatus
+from engine_core.spec_decode.stats import SpecDecodingCounter, num_drafts_to_schedule
 from engine_core.structured_output.manager import StructuredOutputManager
 
 
@@ -63,6 +64,7 @@ class Scheduler:
         self._num_preemptions = 0
         # Set by the EngineCore (it knows the vocabulary): compiles grammars, fills bitmasks.
         self.structured_output: StructuredOutputManager | None = None
+        self.spec_counter = SpecDecodingCounter()
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -133,6 +135,7 @@ class Scheduler:
             num_free_blocks=kv.num_free_blocks,
             num_total_blocks=kv.num_usable_blocks,
         )
+        self.spec_counter.fill(stats, reset)
         if reset:
             self._prefix_cache_queries = self._prefix_cache_hits = self._num_preemptions = 0
         return stats
@@ -149,6 +152,7 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         # Admitting while preempting would only trade one request's blocks for another's.
         num_preemptions_before = self._num_preemptions
+        spec_tokens: dict[str, list[int]] = {}
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -160,7 +164,11 @@ class Scheduler:
             if num_new <= 0:  # waiting for a sampled token the runner did not return
                 i += 1
                 continue
-            new_block_ids = kv.allocate_slots(request, num_new)
+            num_draft = num_drafts_to_schedule(request, num_new, budget, self.max_model_len)
+            new_block_ids = kv.allocate_slots(request, num_new, num_lookahead_tokens=num_draft)
+            if new_block_ids is None and num_draft:  # drafts never preempt anyone
+                num_draft = 0
+                new_block_ids = kv.allocate_slots(request, num_new)
             if new_block_ids is None:
                 new_block_ids = self._preempt_until_allocated(request, num_new)
             if new_block_ids is None:
@@ -176,6 +184,10 @@ class Scheduler:
                 )
             )
             request.num_synced_tokens = request.num_tokens
+            if num_draft:
+                spec_tokens[request.request_id] = request.spec_token_ids[:num_draft]
+                num_new += num_draft
+            request.spec_token_ids = []
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             i += 1
@@ -240,6 +252,7 @@ class Scheduler:
             total_num_scheduled_tokens=total,
             finished_req_ids=sorted(self.finished_req_ids),
             preempted_req_ids=sorted(self.preempted_req_ids),
+            scheduled_spec_decode_tokens=spec_tokens,
         )
         # An empty step may never reach the runner: keep its drop lists for the next one.
         if total > 0:
@@ -280,6 +293,8 @@ class Scheduler:
             sampled = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids, strict=True))
             if runner_output.logprobs is not None:
                 logprobs_of = dict(zip(runner_output.req_ids, runner_output.logprobs, strict=True))
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        emitted_of = self.spec_counter.emitted_tokens(runner_output) if spec else {}
         any_finished = False
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
@@ -290,16 +305,22 @@ class Scheduler:
             # A partial prefill samples nothing worth keeping.
             if token is None or request.num_computed_tokens < request.num_tokens:
                 continue
-            request.append_output_token(token)
-            self._check_stop(request, token)
-            if request.grammar is not None and not request.is_finished:
-                self._advance_grammar(request, [token])
-            lp = logprobs_of.get(req_id)
+            if req_id in spec:
+                new_tokens, new_lps = self._append_verified(
+                    request, spec[req_id], token, emitted_of
+                )
+            else:
+                request.append_output_token(token)
+                self._check_stop(request, token)
+                if request.grammar is not None and not request.is_finished:
+                    self._advance_grammar(request, [token])
+                lp = logprobs_of.get(req_id)
+                new_tokens, new_lps = [token], [lp] if lp is not None else None
             outputs.append(
                 EngineCoreOutput(
                     request_id=req_id,
-                    new_token_ids=[token],
-                    new_logprobs=[lp] if lp is not None else None,
+                    new_token_ids=new_tokens,
+                    new_logprobs=new_lps,
                     finish_reason=request.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=request.num_cached_tokens,
@@ -314,6 +335,28 @@ class Scheduler:
         return outputs
 
     # ---------------------------------------------------------------- helpers
+
+    def _append_verified(
+        self,
+        request: Request,
+        drafts: list[int],
+        token: int,
+        emitted_of: dict[str, tuple[list[int], list[Logprobs] | None]],
+    ) -> tuple[list[int], list[Logprobs] | None]:
+        """Append a drafted request's emitted tokens up to a stop; roll back rejected slots."""
+        tokens, lps = emitted_of.get(request.request_id) or ([token], None)
+        num_accepted = max(len(tokens) - 1, 0)
+        self.spec_counter.observe(request, len(drafts), num_accepted)
+        # The rejected drafts' K/V slots are past num_computed_tokens: rewritten, never cached.
+        request.num_computed_tokens -= len(drafts) - num_accepted
+        kept = 0
+        for token in tokens:
+            kept += 1
+            request.append_output_token(token)
+            self._check_stop(request, token)
+            if request.is_finished:
+                break
+        return tokens[:kept], lps[:kept] if lps is not None else None
 
     def _check_stop(self, request: Request, token: int) -> None:
         params = request.sampling_params
@@ -383,6 +426,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        request.spec_token_ids = []
         self._num_preemptions += 1
         self.preempted_req_ids.add(request.request_id)
         self.waiting.appendleft(request)

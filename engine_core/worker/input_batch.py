@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from engine_core.protocol import CachedRequestData, NewRequestData, SamplingParams
+from engine_core.sample.rows import SamplingRows
 
 
 @dataclass(slots=True)
@@ -41,6 +42,8 @@ class InputBatch:
         self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int64)
         self.num_blocks_per_row = np.zeros(max_num_reqs, dtype=np.int64)
         self.requests: dict[str, RequestState] = {}
+        # Sampling parameters per row, written when a request joins (sample/rows.py).
+        self.sampling = SamplingRows(max_num_reqs)
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))  # pop() takes the lowest
 
     def __len__(self) -> int:
@@ -69,6 +72,7 @@ class InputBatch:
             generator,
         )
         self.requests[new.req_id] = state
+        self.sampling.set(row, new.sampling_params)
         self.num_tokens[row] = 0
         self.num_blocks_per_row[row] = 0
         try:

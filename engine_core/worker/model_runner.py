@@ -37,6 +37,7 @@ from engine_core.protocol import (
     SchedulerOutput,
     WorkerModelConfig,
 )
+from engine_core.sample.rejection_sampler import RejectionSampler, verify_drafts
 from engine_core.sample.sampler import Sampler, SamplingMetadata
 from engine_core.structured_output.bitmask import apply_grammar_bitmask
 from engine_core.worker import gpu_memory
@@ -88,6 +89,7 @@ class ModelRunner:
         self.compute_dtype = loaded.compute_dtype
         self.num_kv_heads = self.model.tp.num_kv_heads  # this rank's
         self.sampler = Sampler()
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self.max_blocks_per_req = -(-self.max_model_len // self.block_size)
         # The scheduler's step budget: the largest step the memory profile runs.
         self.max_num_batched_tokens = config.resolved_max_num_batched_tokens()
@@ -228,7 +230,7 @@ class ModelRunner:
         self._update_states(scheduler_output)
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        req_ids, sampled, step = self._prepare_inputs(scheduler_output)
+        req_ids, sampled, step, draft_token_ids = self._prepare_inputs(scheduler_output)
         graphs = self.cuda_graphs
         if graphs is not None and graphs.can_run(step.meta):
             hidden = graphs.run(step.input_ids, step.meta)
@@ -240,6 +242,17 @@ class ModelRunner:
         if logits is None:
             return None
         states = [self.input_batch.requests[req_ids[i]] for i in sampled]
+        if draft_token_ids is not None:  # speculative decoding: verify the drafts
+            return verify_drafts(
+                self.rejection_sampler,
+                logits,
+                states,
+                draft_token_ids,
+                self.input_batch.sampling,
+                self.model_config.vocab_size,
+                self.device,
+                self.model_config.eos_token_ids,
+            )
         if scheduler_output.grammar_bitmask is not None:
             apply_grammar_bitmask(logits, [s.req_id for s in states], scheduler_output)
         metadata = SamplingMetadata.build(
@@ -250,6 +263,8 @@ class ModelRunner:
             self.model_config.vocab_size,
             self.device,
             eos_token_ids=self.model_config.eos_token_ids,
+            sampling_rows=self.input_batch.sampling,
+            batch_rows=np.fromiter((s.row for s in states), dtype=np.int64, count=len(states)),
         )
         out = self.sampler(logits, metadata)
         logprobs = out.logprobs if any(lp is not None for lp in out.logprobs) else None
@@ -268,9 +283,12 @@ class ModelRunner:
         for cached in so.scheduled_cached_reqs:
             batch.update_request(cached)
 
-    def _prepare_inputs(self, so: SchedulerOutput) -> tuple[list[str], list[int], StepInputs]:
+    def _prepare_inputs(
+        self, so: SchedulerOutput
+    ) -> tuple[list[str], list[int], StepInputs, list[list[int]] | None]:
         """Flatten the step into one token batch (vectorized): its requests in batch order,
-        the indices of those sampled this step, and the backend's device inputs."""
+        the indices of those sampled this step, the backend's device inputs, and the sampled
+        requests' draft tokens (None: no drafts this step)."""
         batch = self.input_batch
         req_ids = list(so.num_scheduled_tokens)
         query_lens = np.fromiter(
@@ -283,6 +301,13 @@ class ModelRunner:
         req_ids = [req_ids[i] for i in order]
         rows, query_lens, num_computed = rows[order], query_lens[order], num_computed[order]
         num_tokens = batch.num_tokens[rows]
+        spec = so.scheduled_spec_decode_tokens
+        if spec:  # drafts sit past a request's tokens for this step only
+            num_drafts = np.array([len(spec.get(r, ())) for r in req_ids], dtype=np.int64)
+            for r, row, n in zip(req_ids, rows.tolist(), num_tokens.tolist(), strict=True):
+                if r in spec:
+                    batch.token_ids[row, n : n + len(spec[r])] = spec[r]
+            num_tokens = num_tokens + num_drafts
         assert (num_computed + query_lens <= num_tokens).all(), "scheduled past a request's tokens"
         needed_blocks = -(-(num_computed + query_lens) // self.block_size)
         assert (needed_blocks <= batch.num_blocks_per_row[rows]).all(), (
@@ -294,10 +319,19 @@ class ModelRunner:
         layout = step_layout(query_lens, num_computed, block_tables, self.block_size, positions)
         sampled = np.flatnonzero(num_computed + query_lens == num_tokens)
         logits_indices = np.cumsum(query_lens)[sampled] - 1
+        draft_token_ids = None
+        if spec:
+            # Logits at the last token and at every draft: len(drafts) + 1 rows a request.
+            counts = num_drafts[sampled] + 1
+            logits_indices = np.repeat(logits_indices - counts + 1, counts) + (
+                np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            )
+            draft_token_ids = [list(spec.get(req_ids[i], ())) for i in sampled.tolist()]
         return (
             req_ids,
             sampled.tolist(),
             self.attn_backend.prepare(input_ids, layout, logits_indices),
+            draft_token_ids,
         )
 
     # ------------------------------------------------------------------------------ warm-up

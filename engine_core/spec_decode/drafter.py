@@ -1,0 +1,147 @@
+"""Drafter: after each step, decides which running requests get drafts and proposes them.
+
+Runs in the EngineCore process, on the scheduler's requests (torch-free). Only a request
+that is decoding (its last sampled token is its only uncomputed one) gets drafts; one still
+in prefill does not. How many each gets is the off-switch's call (switch.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from engine_core.protocol import FinishReason, SchedulerStats
+from engine_core.sched.request import Request
+from engine_core.sched.scheduler import Scheduler
+from engine_core.spec_decode.config import SpeculativeConfig
+from engine_core.spec_decode.switch import (
+    EngineAcceptance,
+    StepCostModel,
+    choose_drafts,
+    request_alpha,
+)
+
+logger = logging.getLogger("ringserve.spec_decode")
+
+_LOG_INTERVAL_S = 10.0
+
+
+class Proposer(Protocol):
+    def propose(self, request: Request, max_drafts: int) -> list[int]: ...
+
+    def finish(self, request: Request, completed: bool) -> None: ...
+
+
+class Drafter:
+    """The proposer, the off-switch and the acceptance log of one engine."""
+
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer) -> None:
+        self.config = config
+        self.proposer = proposer
+        self.cost = StepCostModel()
+        self.acceptance = EngineAcceptance()
+        self._tracked: dict[str, Request] = {}
+        self._log_totals = [0, 0, 0]  # drafts, draft tokens, accepted tokens
+        self._log_per_pos: list[int] = []
+        self._last_log = time.monotonic()
+        self._seen = (0, 0)  # the scheduler counter's (total_accepted, total_trials) last read
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """One executed step: its scheduled tokens and wall time (the cost model's data)."""
+        if num_tokens > 0:
+            self.cost.observe(num_tokens, seconds)
+
+    def propose(self, scheduler: Scheduler) -> None:
+        """Attach drafts to the running requests that should verify some next step."""
+        self._forget_gone(scheduler)
+        counter = scheduler.spec_counter
+        acc, trials = counter.total_accepted, counter.total_trials
+        if trials > self._seen[1]:
+            self.acceptance.observe(acc - self._seen[0], trials - self._seen[1])
+        self._seen = (acc, trials)
+        running = scheduler.running
+        # A structured request gets no drafts: its grammar bitmask has one row per request,
+        # not per draft position (structured_output.GrammarState.fill_bitmask_for_drafts is the
+        # seam for that).
+        decoding = [
+            r
+            for r in running
+            if not r.is_finished and r.num_tokens - r.num_computed_tokens == 1 and r.grammar is None
+        ]
+        for r in running:
+            r.spec_token_ids = []
+            self._tracked[r.request_id] = r
+        limit = self.config.disable_by_batch_size
+        if not decoding or (limit is not None and len(running) >= limit):
+            return
+        k = self.config.num_speculative_tokens
+        max_len = scheduler.max_model_len
+        max_drafts = []
+        for r in decoding:
+            m = min(k, max_len - r.num_tokens)
+            if r.sampling_params.max_tokens is not None:
+                m = min(m, r.sampling_params.max_tokens - r.num_output_tokens - 1)
+            max_drafts.append(max(m, 0))
+        engine_alpha = self.acceptance.alpha
+        alphas = [request_alpha(r.spec_accepted, r.spec_trials, engine_alpha) for r in decoding]
+        num_tokens = sum(r.num_tokens - r.num_computed_tokens for r in running)
+        num_tokens += sum(r.num_tokens - r.num_computed_tokens for r in scheduler.waiting)
+        budget = scheduler.max_num_batched_tokens
+        num_tokens = min(num_tokens, budget)
+        chosen = choose_drafts(
+            alphas, max_drafts, num_tokens, budget - num_tokens, self.cost.slope_ratio()
+        )
+        for r, n in zip(decoding, chosen, strict=True):
+            if n > 0:
+                r.spec_token_ids = self.proposer.propose(r, n)
+            if not r.spec_token_ids:
+                # Not verified this step: its estimate drifts back to the engine's, so that
+                # a request whose drafts failed once gets another chance later.
+                r.spec_accepted *= 0.95
+                r.spec_trials *= 0.95
+
+    def record(self, stats: SchedulerStats) -> None:
+        """One step's stats, for the periodic log line."""
+        if stats.spec_num_drafts == 0:
+            self._maybe_log()
+            return
+        accepted = stats.spec_num_accepted_tokens
+        t = self._log_totals
+        t[0] += stats.spec_num_drafts
+        t[1] += stats.spec_num_draft_tokens
+        t[2] += accepted
+        per_pos = stats.spec_num_accepted_tokens_per_pos
+        if len(self._log_per_pos) < len(per_pos):
+            self._log_per_pos.extend([0] * (len(per_pos) - len(self._log_per_pos)))
+        for j, a in enumerate(per_pos):
+            self._log_per_pos[j] += a
+        self._maybe_log()
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log < _LOG_INTERVAL_S or self._log_totals[0] == 0:
+            return
+        drafts, draft_tokens, accepted = self._log_totals
+        rates = ", ".join(f"{a / drafts:.3f}" for a in self._log_per_pos)
+        logger.info(
+            "SpecDecoding metrics: Mean acceptance length: %.2f, Accepted throughput: %.2f "
+            "tokens/s, Drafted throughput: %.2f tokens/s, Accepted: %d tokens, Drafted: %d "
+            "tokens, Per-position acceptance rate: %s, Avg Draft acceptance rate: %.1f%%",
+            1 + accepted / drafts,
+            accepted / (now - self._last_log),
+            draft_tokens / (now - self._last_log),
+            accepted,
+            draft_tokens,
+            rates,
+            100 * accepted / max(draft_tokens, 1),
+        )
+        self._log_totals = [0, 0, 0]
+        self._log_per_pos = []
+        self._last_log = now
+
+    def _forget_gone(self, scheduler: Scheduler) -> None:
+        for req_id in [r for r in self._tracked if r not in scheduler.requests]:
+            request = self._tracked.pop(req_id)
+            completed = request.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+            self.proposer.finish(request, completed)

@@ -1,0 +1,78 @@
+"""What the scheduler needs of speculative decoding: how many drafts fit, and what was accepted.
+
+Torch-free (the scheduler side imports it).
+"""
+
+from __future__ import annotations
+
+from engine_core.protocol import Logprobs, ModelRunnerOutput, SchedulerStats
+from engine_core.sched.request import Request
+
+
+def num_drafts_to_schedule(request: Request, num_new: int, budget: int, max_model_len: int) -> int:
+    """How many of the request's drafts this step can verify: 0 unless it is decoding (one
+    token to compute), then capped by the step's budget, the context and max_tokens (a step
+    emits at most drafts + 1 tokens)."""
+    drafts = request.spec_token_ids
+    if not drafts or num_new != 1 or request.num_tokens - request.num_computed_tokens != 1:
+        return 0
+    k = min(len(drafts), budget - 1, max_model_len - request.num_tokens)
+    max_tokens = request.sampling_params.max_tokens
+    if max_tokens is not None:
+        k = min(k, max_tokens - request.num_output_tokens - 1)
+    return max(k, 0)
+
+
+class SpecDecodingCounter:
+    """Counts drafts verified and accepted (for SchedulerStats) and keeps each request's
+    running acceptance (for the off-switch: Request.spec_accepted / spec_trials)."""
+
+    # Older steps weigh less: a request's acceptance follows what its text does now.
+    DECAY = 0.9
+
+    def __init__(self) -> None:
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_pos: list[int] = []
+        # Never reset: the drafter's engine-wide acceptance reads their growth.
+        self.total_accepted = 0
+        self.total_trials = 0
+
+    @staticmethod
+    def emitted_tokens(
+        out: ModelRunnerOutput | None,
+    ) -> dict[str, tuple[list[int], list[Logprobs] | None]]:
+        if out is None or out.emitted_token_ids is None:
+            return {}
+        lps = out.emitted_logprobs or [None] * len(out.req_ids)
+        return {
+            r: (t, lp) for r, t, lp in zip(out.req_ids, out.emitted_token_ids, lps, strict=True)
+        }
+
+    def observe(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        """One request's verification: num_accepted of its num_drafts drafts were accepted."""
+        if num_drafts <= 0:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_pos) < num_drafts:
+            self.accepted_per_pos.extend([0] * (num_drafts - len(self.accepted_per_pos)))
+        for j in range(num_accepted):
+            self.accepted_per_pos[j] += 1
+        # Geometric model: each draft is a trial until the first rejection.
+        trials = num_accepted + (1 if num_accepted < num_drafts else 0)
+        self.total_accepted += num_accepted
+        self.total_trials += trials
+        request.spec_accepted = request.spec_accepted * self.DECAY + num_accepted
+        request.spec_trials = request.spec_trials * self.DECAY + trials
+
+    def fill(self, stats: SchedulerStats, reset: bool) -> None:
+        stats.spec_num_drafts = self.num_drafts
+        stats.spec_num_draft_tokens = self.num_draft_tokens
+        stats.spec_num_accepted_tokens = self.num_accepted_tokens
+        stats.spec_num_accepted_tokens_per_pos = list(self.accepted_per_pos)
+        if reset:
+            self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
+            self.accepted_per_pos = []

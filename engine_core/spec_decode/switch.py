@@ -1,0 +1,107 @@
+"""The per-step off-switch: drafts only where the step's expected throughput gains from them.
+
+The rule. A step's time (scheduling, forward, sampling and proposing) is modelled as
+t(N) = a + b * N for N scheduled tokens, fitted online from the engine's own steps (exponentially weighted least squares; until the steps
+seen spread enough in N, b / a = 1 / 64). A request with running acceptance alpha (the
+per-draft acceptance of its recent verifications, geometric model, with a prior of the
+engine-wide average) gains alpha**j expected tokens from its j-th draft. Starting from the
+step without drafts (B decoding requests, N0 tokens: B emitted tokens in t(N0)), drafts are
+added in order of decreasing gain, and the step takes the prefix that maximises expected
+tokens per second, (B + sum of gains) / t(N0 + drafts), within the token budget. A draft is
+therefore kept only while its gain beats the throughput it costs: at a small batch (t
+dominated by a) nearly any draft pays; at a large batch (b * N comparable to a) only drafts
+that are almost always accepted do; when none pays, the step has no drafts and the proposer
+does not even run. `disable_by_batch_size` (vLLM's key) turns drafts off at that many
+running requests regardless.
+"""
+
+from __future__ import annotations
+
+_PRIOR_SLOPE_RATIO = 1.0 / 64  # b / a before the engine has measured itself
+_PRIOR_ALPHA = 0.3  # cautious: a batch drafts at first only where acceptance proves high
+_PRIOR_WEIGHT = 2.0  # pseudo-trials of the engine-wide acceptance in each request's estimate
+
+
+class StepCostModel:
+    """t(N) = a + b * N, fitted to (scheduled tokens, seconds) of recent steps."""
+
+    DECAY = 0.995
+
+    def __init__(self) -> None:
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        d = self.DECAY
+        n = float(num_tokens)
+        self._w = self._w * d + 1.0
+        self._n = self._n * d + n
+        self._t = self._t * d + seconds
+        self._nn = self._nn * d + n * n
+        self._nt = self._nt * d + n * seconds
+
+    def slope_ratio(self) -> float:
+        """b / a: how much one more token costs relative to a step's fixed cost."""
+        if self._w < 4:
+            return _PRIOR_SLOPE_RATIO
+        mean_n, mean_t = self._n / self._w, self._t / self._w
+        var_n = self._nn / self._w - mean_n * mean_n
+        if var_n < 4.0:  # the steps seen do not tell a from b
+            return _PRIOR_SLOPE_RATIO
+        b = (self._nt / self._w - mean_n * mean_t) / var_n
+        a = mean_t - b * mean_n
+        if b <= 0:
+            return 1e-6
+        if a <= 0:
+            return 1e3
+        return b / a
+
+
+def choose_drafts(
+    alphas: list[float], max_drafts: list[int], num_tokens: int, budget: int, slope_ratio: float
+) -> list[int]:
+    """How many drafts each decoding request gets (see the module docstring).
+
+    alphas[i], max_drafts[i]: request i's acceptance estimate and draft limit; num_tokens: the
+    step's tokens without drafts; budget: how many draft tokens the step can still take.
+    """
+    gains = [
+        (alpha**j, i)
+        for i, (alpha, k) in enumerate(zip(alphas, max_drafts, strict=True))
+        for j in range(1, k + 1)
+        if alpha > 0
+    ]
+    gains.sort(key=lambda g: -g[0])
+    chosen = [0] * len(alphas)
+    emitted = float(len(alphas))
+    best = emitted / (1.0 + slope_ratio * num_tokens)
+    best_len = 0
+    for m, (gain, _) in enumerate(gains[: max(budget, 0)], start=1):
+        emitted += gain
+        rate = emitted / (1.0 + slope_ratio * (num_tokens + m))
+        if rate > best:
+            best, best_len = rate, m
+    for _, i in gains[:best_len]:
+        chosen[i] += 1
+    return chosen
+
+
+def request_alpha(accepted: float, trials: float, engine_alpha: float) -> float:
+    return (accepted + _PRIOR_WEIGHT * engine_alpha) / (trials + _PRIOR_WEIGHT)
+
+
+class EngineAcceptance:
+    """The engine-wide acceptance: the prior of a request with no verification yet."""
+
+    DECAY = 0.99
+
+    def __init__(self) -> None:
+        self._accepted = _PRIOR_ALPHA * _PRIOR_WEIGHT
+        self._trials = _PRIOR_WEIGHT
+
+    def observe(self, accepted: int, trials: int) -> None:
+        self._accepted = self._accepted * self.DECAY + accepted
+        self._trials = self._trials * self.DECAY + trials
+
+    @property
+    def alpha(self) -> float:
+        return self._accepted / self._trials
