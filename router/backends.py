@@ -103,6 +103,10 @@ class BackendPool:
             CircuitBreaker(c.circuit_failures, c.circuit_cooldown),
         )
         self.backends[spec.url] = b
+        # Per-backend series exist from the start (at 0), so dashboards and alert rules on
+        # rate(...) have data before the first request or error.
+        self.metrics.incoming.labels(b.url)
+        self.metrics.errors.labels(b.url)
         logger.info("backend added: %s (weight %g, %s)", spec.url, spec.weight, spec.group)
         self.notify()
         return b
