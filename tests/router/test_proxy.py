@@ -218,7 +218,9 @@ def test_canary_rollback_and_admin_weights(procs):
     s, k = procs(Fake("stable")), procs(Fake("canary"))
     r = procs(RouterProc("--backends", f"{s.url}@1:stable,{k.url}@1:canary", "--admin-key", "adm",
                          "--routing-logic", "round-robin", "--canary-min-requests", "4",
-                         *FAST))  # fmt: skip
+                         # The canary's 500s must not also open its circuit: this test is
+                         # about the canary monitor and the weights (the breaker has its own).
+                         "--circuit-failures", "1000", *FAST))  # fmt: skip
     k.control(mode="500")  # the client never sees it (retried on stable), the monitor does
     adm = {"Authorization": "Bearer adm"}
     c = httpx.Client(base_url=r.url, timeout=30)
