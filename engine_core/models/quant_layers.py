@@ -1,7 +1,7 @@
 """Weight-only quantized layers: GGUF blocks (Q4_0, Q4_1, Q8_0) kept as they are in memory.
 
-A step of few rows (decode) runs kernels_cpu's GEMM on the blocks (activations quantized to
-int8 blocks on the fly, as llama.cpp does); a step of many rows (a prefill chunk) dequantizes
+A step of few rows (decode) runs kernels_cpu's GEMM on the blocks (fp32 activations, the
+blocks widened in registers: the exact product of the dequantized weights); a step of many rows (a prefill chunk) dequantizes
 the weight tile by tile into one shared fp32 scratch buffer and runs torch's fp32 matmul, so
 a long prompt gets sgemm's speed and the exact fp32 product of the dequantized weights,
 without a resident fp32 copy (the model stays at the file's ~5 bits a weight).
@@ -15,7 +15,7 @@ from torch import nn
 
 from kernels_cpu import ops
 
-# Rows up to which the int8 GEMM beats dequantize + sgemm (see tools/bench_quant.py).
+# Rows up to which the block GEMM beats dequantize + sgemm (see tools/bench_quant.py).
 GEMM_MAX_ROWS = 16
 # fp32 elements of the dequantization scratch (16 MiB): the LM head goes through in tiles.
 _SCRATCH_ELEMS = 1 << 22
