@@ -1,10 +1,10 @@
 """Weight-only quantized layers: GGUF blocks (Q4_0, Q4_1, Q8_0) kept as they are in memory.
 
 A step of few rows (decode) runs kernels_cpu's GEMM on the blocks (fp32 activations, the
-blocks widened in registers: the exact product of the dequantized weights); a step of many rows (a prefill chunk) dequantizes
-the weight tile by tile into one shared fp32 scratch buffer and runs torch's fp32 matmul, so
-a long prompt gets sgemm's speed and the exact fp32 product of the dequantized weights,
-without a resident fp32 copy (the model stays at the file's ~5 bits a weight).
+blocks widened in registers); a step of many rows (a prefill chunk) dequantizes the weight
+tile by tile into one shared fp32 scratch buffer and runs torch's fp32 matmul. Both give the
+fp32 product of the dequantized weights, without a resident fp32 copy (the model stays at
+the file's ~5 bits a weight).
 """
 
 from __future__ import annotations
