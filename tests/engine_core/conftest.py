@@ -57,7 +57,9 @@ def make_tiny_llama(tmp_path_factory) -> Callable[..., str]:
 
     def make(name: str, **overrides) -> str:
         if name not in made:
-            torch.manual_seed(len(made) + 1)
+            # One seed for every model: its weights do not depend on which test made it first
+            # (tests comparing greedy tokens of two paths are sensitive to near-ties).
+            torch.manual_seed(1)
             config = LlamaConfig(**{**TINY_LLAMA, **overrides})
             model = LlamaForCausalLM(config).eval()
             # Random init leaves norms at 1: perturb them so a wrong norm wiring shows.
