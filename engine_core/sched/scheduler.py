@@ -388,17 +388,7 @@ class Scheduler:
     def _fail_grammar(self, request: Request) -> None:
         """Finish a request whose grammar did not compile (in time): it fails alone."""
         assert request.grammar is not None
-        request.error = f"request {request.request_id!r}: {request.grammar.error}"
-        request.finish(FinishReason.ERROR)
-        self._free_request(request)
-        self._error_outputs.append(
-            EngineCoreOutput(
-                request_id=request.request_id,
-                new_token_ids=[],
-                finish_reason=FinishReason.ERROR,
-                error=request.error,
-            )
-        )
+        self._fail(request, f"request {request.request_id!r}: {request.grammar.error}")
 
     def _preempt_until_allocated(self, request: Request, num_new: int) -> list[int] | None:
         """Preempt from the tail of running until a running request's allocation fits.
@@ -436,11 +426,16 @@ class Scheduler:
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         kv = self.kv_cache_manager
-        request.error = (
+        self._fail(
+            request,
             f"request {request.request_id!r} needs more than the whole KV cache: "
             f"{request.num_tokens} tokens take more than {kv.num_usable_blocks} "
-            f"blocks of {self.block_size}."
+            f"blocks of {self.block_size}.",
         )
+
+    def _fail(self, request: Request, error: str) -> None:
+        """Finish `request` alone with an error its client sees; its blocks go back."""
+        request.error = error
         request.finish(FinishReason.ERROR)
         self._free_request(request)
         self._error_outputs.append(
