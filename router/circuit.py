@@ -50,6 +50,10 @@ class CircuitBreaker:
             return True
         return False
 
+    def cancel(self) -> None:
+        """Give back a right taken with acquire() without sending the request."""
+        self._probing = False
+
     def record_success(self) -> None:
         self.failures = 0
         self._state, self._probing = CLOSED, False

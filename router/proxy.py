@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,8 +18,9 @@ from router.canary import CanaryMonitor
 from router.circuit import backoff_delays
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
+from router.relay import Relay, events_of
 from router.routing import Policy, RouteInfo
-from router.stream import _DONE, StreamState, can_failover, sse
+from router.stream import StreamState, can_failover
 
 logger = logging.getLogger("ringserve.router")
 _FORWARD_HEADERS = ("authorization", "content-type", "x-request-id", "accept")
@@ -50,10 +50,6 @@ def error_body(message: str, status: int, param: str | None = None) -> dict[str,
 
 def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
     return Response(json.dumps(obj), status, headers, media_type="application/json")
-
-
-class _Broken(Exception):
-    """The upstream stream ended or failed before [DONE]."""
 
 
 def prefix_text(body: Any) -> str:
@@ -227,7 +223,7 @@ class Proxy:
                 self.pool.mark_success(b)  # a 4xx is the request's fault, not the backend's
                 self._done(b, True, t0)
                 return Response(data, resp.status_code, media_type=ctype)
-            events = self._events(resp)
+            events = events_of(resp)
             try:
                 first = await events.__anext__()
             except (httpx.HTTPError, StopAsyncIteration) as e:
@@ -238,7 +234,7 @@ class Proxy:
                 last_reason = f"{b.url}: the stream ended before its first event"
                 continue
             state = StreamState(body, chat, bool(body.get("return_token_ids")))
-            relay = self._relay(path, fwd, info, state, b, resp, events, first, t0)
+            relay = Relay(self, path, fwd, info, state).run(b, resp, events, first, t0)
             return StreamingResponse(relay, media_type="text/event-stream", headers=_SSE_HEADERS)
         if last is not None:
             return Response(last[1], last[0], media_type=last[2])
@@ -251,119 +247,6 @@ class Proxy:
             v = body.get(key)
         return None if v is None else str(v)
 
-    @staticmethod
-    async def _events(resp: httpx.Response) -> AsyncIterator[str]:
-        async for line in resp.aiter_lines():
-            if line.startswith("data:"):
-                yield line[5:].strip()
-
-    async def _relay(
-        self,
-        path: str,
-        fwd: dict,
-        info: RouteInfo,
-        state: StreamState,
-        b: Backend,
-        resp: httpx.Response,
-        events: AsyncIterator[str],
-        first: str | None,
-        t0: float,
-    ) -> AsyncIterator[bytes]:
-        """The client's stream: the backend's events, and on a failure, a continuation's."""
-        failovers = 0
-        try:
-            while True:
-                try:
-                    async for out in self._pump(state, events, first):
-                        yield out
-                    self.pool.mark_success(b)
-                    self._done(b, True, t0)
-                    b = None
-                    yield _DONE
-                    return
-                except _Broken as e:
-                    logger.warning("stream from %s broke: %s", b.url, e)
-                    await resp.aclose()
-                    self.pool.mark_failure(b, True)
-                    self._done(b, False, t0)
-                    failed, b = b.url, None
-                if state.finished:
-                    yield _DONE
-                    return
-                left = state.remaining_tokens()
-                if left is not None and left <= 0:
-                    yield state.final_chunk()
-                    yield _DONE
-                    return
-                if failovers >= self.config.max_failovers or not can_failover(state.body):
-                    yield sse(error_body("The backend failed mid-stream.", 502))
-                    yield _DONE
-                    return
-                failovers += 1
-                self.metrics.failovers.inc()
-                b, resp, events, t0 = await self._continue(path, fwd, info, state, failed)
-                first = None
-                if b is None:
-                    yield sse(error_body("No backend could continue the stream.", 502))
-                    yield _DONE
-                    return
-        finally:
-            if b is not None:  # the client left: close the upstream (the backend aborts)
-                await resp.aclose()
-                self._done(b, True, t0)
-
-    async def _pump(self, state: StreamState, events, first: str | None) -> AsyncIterator[bytes]:
-        try:
-            if first is not None:
-                events = _prepend(first, events)
-            async for data in events:
-                if data == "[DONE]":
-                    return
-                try:
-                    obj = json.loads(data)
-                except ValueError:
-                    raise _Broken(f"not JSON: {data[:80]!r}") from None
-                if isinstance(obj, dict) and "error" in obj and not obj.get("choices"):
-                    raise _Broken(f"error event: {obj['error']}")
-                out = state.absorb(obj)
-                if out is not None:
-                    yield out
-        except httpx.HTTPError as e:
-            raise _Broken(f"{type(e).__name__}: {e}") from None
-        raise _Broken("the stream ended before [DONE]")
-
-    async def _continue(self, path, fwd, info, state, failed: str):
-        """Open the continuation on another backend (tries and backoff as for a new request)."""
-        exclude = {failed}
-        delays = backoff_delays(
-            self.config.max_tries, self.config.backoff_base, self.config.backoff_cap
-        )
-        for attempt in range(self.config.max_tries):
-            if attempt:
-                self.metrics.retries.inc()
-                await self.sleep(delays[attempt - 1])
-            try:
-                b = await self.acquire(info, exclude)
-            except RouterError:
-                return None, None, None, 0.0
-            body = state.continuation(exact=b.ringserve)
-            t0 = time.monotonic()
-            try:
-                resp = await self._open(b, path, fwd, json.dumps(body).encode())
-                if resp.status_code != 200:
-                    await resp.aread()
-                    await resp.aclose()
-                    raise httpx.HTTPStatusError("", request=resp.request, response=resp)
-            except httpx.HTTPError as e:
-                logger.warning("continuation on %s failed: %s", b.url, e)
-                self.pool.mark_failure(b, isinstance(e, httpx.ConnectError))
-                self._done(b, False, t0)
-                exclude.add(b.url)
-                continue
-            logger.info("stream continues on %s after %d tokens", b.url, state.count)
-            return b, resp, self._events(resp), t0
-        return None, None, None, 0.0
-
 
 def _is_json(data: bytes) -> bool:
     try:
@@ -371,9 +254,3 @@ def _is_json(data: bytes) -> bool:
     except ValueError:
         return False
     return True
-
-
-async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    yield first
-    async for x in rest:
-        yield x

@@ -115,10 +115,12 @@ def test_sigkill_mid_stream_greedy_equals_uninterrupted(procs, replicas, chat):
         path = "/v1/chat/completions"
         body = {"messages": [{"role": "user", "content": "Tell me a story about a cat."}]}
     else:
-        path, body = "/v1/completions", {"prompt": "Once upon a time, in a land far away,"}
+        path = "/v1/completions"  # echo: the prompt comes back once, not again on failover
+        body = {"prompt": "Once upon a time, in a land far away,", "echo": True}
     body.update(max_tokens=60, temperature=0, ignore_eos=True)
     ref = httpx.post(replicas[0].base_url + path, json=body, timeout=120).json()["choices"][0]
     ref_text = ref["message"]["content"] if chat else ref["text"]
+    assert chat or ref_text.startswith(body["prompt"])
     before = served(r)
     text, n, killed, usage = "", 0, None, None
     with httpx.stream("POST", r.url + path, json={**body, "stream": True,
@@ -144,6 +146,83 @@ def test_sigkill_mid_stream_greedy_equals_uninterrupted(procs, replicas, chat):
     assert usage["completion_tokens"] == 60
     assert r.metrics()["router_failovers_total"] == 1
     replicas.replace(killed)
+
+
+def _stream_choices(url: str, path: str, body: dict, on_event=None) -> tuple[dict, dict | None]:
+    """Stream `body`; per choice index its text and logprob tokens (and completions' offsets),
+    and the usage."""
+    got: dict[int, dict] = {}
+    usage, n = None, 0
+    with httpx.stream("POST", url + path, json=body, timeout=180) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            assert "error" not in obj, obj
+            assert "token_ids" not in json.dumps(obj)
+            if obj.get("usage"):
+                assert usage is None, "usage sent twice"
+                usage = obj["usage"]
+            for ch in obj["choices"]:
+                g = got.setdefault(ch["index"], {"text": "", "tokens": [], "offsets": []})
+                g["text"] += ch.get("text") or (ch.get("delta") or {}).get("content") or ""
+                lp = ch.get("logprobs") or {}
+                if "content" in lp:
+                    g["tokens"] += [t["token"] for t in lp["content"] or []]
+                else:
+                    g["tokens"] += lp.get("tokens") or []
+                    g["offsets"] += lp.get("text_offset") or []
+                if ch.get("finish_reason"):
+                    g["finish"] = ch["finish_reason"]
+            n += 1
+            if on_event is not None:
+                on_event(n)
+    return got, usage
+
+
+@pytest.mark.parametrize("case", ["two-prompts-n2", "chat-n2"])
+def test_sigkill_mid_stream_many_choices_equal_uninterrupted(procs, replicas, case):
+    """n=2 and a list of prompts: every choice continues with its own tokens (and logprobs),
+    and usage counts the whole request once."""
+    r = start_router(procs, replicas, "--routing-logic", "least-loaded")
+    if case == "chat-n2":
+        path = "/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": "Tell me a story about a cat."}],
+                "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    else:
+        path = "/v1/completions"
+        body = {"prompt": ["Once upon a time, in a land far away,", "The three laws of"],
+                "logprobs": 2}  # fmt: skip
+    body.update(n=2, max_tokens=40, temperature=0, ignore_eos=True)
+    ref = httpx.post(replicas[0].base_url + path, json=body, timeout=180).json()
+    before = served(r)
+    killed: list[int] = []
+
+    def kill_at(n: int) -> None:
+        if n == 12 and not killed:
+            after = served(r)
+            url = next(u for u in after if after[u] > before.get(u, 0))
+            killed.append(next(i for i, s in enumerate(replicas) if s.base_url == url))
+            _kill(replicas[killed[0]])
+
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    got, usage = _stream_choices(r.url, path, stream, kill_at)
+    assert killed
+    assert r.metrics()["router_failovers_total"] == 1
+    assert sorted(got) == [c["index"] for c in ref["choices"]]
+    for c in ref["choices"]:
+        g = got[c["index"]]
+        if case == "chat-n2":
+            assert g["text"] == c["message"]["content"]
+            assert g["tokens"] == [t["token"] for t in c["logprobs"]["content"]]
+        else:
+            assert g["text"] == c["text"]
+            assert g["tokens"] == c["logprobs"]["tokens"]
+            assert g["offsets"] == c["logprobs"]["text_offset"]
+        assert g["finish"] == "length"
+    assert usage == ref["usage"]
+    replicas.replace(killed[0])
 
 
 def test_frontend_token_id_extensions(replicas):

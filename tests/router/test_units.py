@@ -20,7 +20,7 @@ from router.metrics import RouterMetrics
 from router.prefix_index import PrefixIndex
 from router.proxy import Proxy, prefix_text
 from router.routing import LeastLoaded, PrefixAware, RoundRobin, RouteInfo, Session
-from router.stream import StreamState
+from router.stream import StreamState, can_failover
 
 
 class Clock:
@@ -260,35 +260,83 @@ def test_canary_verdicts():
 
 
 def test_continuation_bodies():
-    body = {"prompt": "Hello", "max_tokens": 10, "stream": True, "temperature": 0, "echo": True}
+    body = {"prompt": "Hello", "max_tokens": 10, "stream": True, "temperature": 0, "echo": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     st = StreamState(body, chat=False, client_wants_ids=False)
     chunk = {"id": "c1", "created": 5, "model": "m",
              "choices": [{"index": 0, "text": "Hello world", "token_ids": [1, 2]}]}  # fmt: skip
     out = json.loads(st.absorb(chunk)[6:])
     assert "token_ids" not in out["choices"][0]  # the client did not ask for them
-    exact = st.continuation(exact=True)
+    ch = st.choices[0]
+    exact, part = st.continuation(ch, exact=True)
     assert exact["continuation_token_ids"] == [1, 2] and exact["max_tokens"] == 8
     assert exact["prompt"] == "Hello" and "echo" not in exact and exact["temperature"] == 0
-    text = st.continuation(exact=False)
+    assert part.indexes == {0: 0} and part.prompt_offset == 2
+    text, _ = st.continuation(ch, exact=False)
     assert text["prompt"] == "Hello world" and "continuation_token_ids" not in text
-    nxt = json.loads(st.absorb({"id": "c2", "created": 9, "choices": [], "usage": {
-        "prompt_tokens": 9, "completion_tokens": 3}})[6:])  # fmt: skip
+    nxt = json.loads(st.absorb({"id": "c2", "created": 9, "choices": [
+        {"index": 0, "text": "!", "token_ids": [3]}]}, part)[6:])  # fmt: skip
     assert nxt["id"] == "c1" and nxt["created"] == 5  # one stream to the client
-    assert nxt["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    # the continuation's usage is swallowed; the whole request's comes at the end
+    assert st.absorb({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1}},
+                     part) is None  # fmt: skip
+    assert st.wants_usage() and st.unknown_prompts() == []
+    usage = json.loads(st.usage_chunk()[6:])["usage"]
+    assert usage == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
     chat = StreamState(
         {"messages": [{"role": "user", "content": "hi"}], "stream": True}, True, False
     )
     chat.absorb(
         {"id": "x", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hey"}}]}
     )
-    cont = chat.continuation(exact=False)
+    cont, cpart = chat.continuation(chat.choices[0], exact=False)
     assert cont["messages"][-1] == {"role": "assistant", "content": "Hey"}
     assert cont["continue_final_message"] is True and cont["add_generation_prompt"] is False
-    assert chat.remaining_tokens() is None and "max_tokens" not in cont
+    assert chat.remaining_tokens(chat.choices[0]) is None and "max_tokens" not in cont
     role_again = chat.absorb(
-        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, cpart
     )
     assert role_again is None  # the continuation's role chunk is not repeated
+
+
+def test_continuations_of_many_choices():
+    """Two prompts, n=2: client indexes 0..3; each unfinished one continues on its own (one
+    prompt, n=1, its own token ids), mapped back; a finished one stays finished."""
+    body = {"prompt": ["A b", "C d"], "n": 2, "max_tokens": 5, "logprobs": 1, "stream": True,
+            "best_of": 2, "stream_options": {"include_usage": True}}  # fmt: skip
+    st = StreamState(body, chat=False, client_wants_ids=False)
+    assert sorted(st.choices) == [0, 1, 2, 3] and st.choices[3].prompt == 1
+    lp = {"tokens": ["x"], "token_logprobs": [-1.0], "top_logprobs": [{}], "text_offset": [0]}
+    for i in range(4):
+        st.absorb({"id": "c", "choices": [{"index": i, "text": f"t{i}", "token_ids": [i],
+                                            "logprobs": lp | {"text_offset": [0]}}]})  # fmt: skip
+    st.absorb({"choices": [{"index": 1, "text": "", "token_ids": [], "finish_reason": "stop"}]})
+    assert [c.finished for c in st.choices.values()] == [False, True, False, False]
+    cont, part = st.continuation(st.choices[3], exact=True)
+    assert cont["prompt"] == "C d" and cont["n"] == 1 and "best_of" not in cont
+    assert cont["continuation_token_ids"] == [3] and cont["max_tokens"] == 4
+    assert cont["logprobs"] == 1 and part.indexes == {0: 3} and part.prompt == 1
+    out = json.loads(st.absorb({"choices": [{"index": 0, "text": "u", "token_ids": [7],
+                                             "logprobs": lp}]}, part)[6:])  # fmt: skip
+    c = out["choices"][0]
+    assert c["index"] == 3 and c["logprobs"]["text_offset"] == [2]  # after "t3"
+    assert st.choices[3].text == "t3u" and st.choices[3].ids == [3, 7]
+    st.absorb({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 1}}, part)
+    assert st.prompt_tokens == {1: 3} and st.unknown_prompts() == [0]
+    assert st.tokenize_body(0) == {"prompt": "A b", "add_special_tokens": True}
+    st.prompt_tokens[0] = 2
+    usage = json.loads(st.usage_chunk()[6:])["usage"]
+    assert usage == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    ids = StreamState({"prompt": [[1, 2], [3]], "echo": True}, False, False)
+    assert ids.unknown_prompts() == [] and ids.prompt_tokens == {0: 2, 1: 1}
+    ids.absorb({"choices": [{"index": 0, "text": "echoed prompt, then x", "token_ids": [9]}]})
+    assert ids.continuation(ids.choices[0], exact=True)[0]["continuation_token_ids"] == [9]
+    assert ids.continuation(ids.choices[0], exact=False) is None  # no ids to go on from
+    assert not can_failover({"prompt": "x", "tools": [{}]})
+    assert not can_failover({"prompt": "x", "response_format": {"type": "json_object"}})
+    assert not can_failover({"prompt": "x", "n": 2, "best_of": 3})
+    assert can_failover({"prompt": [[1], [2]], "n": 3})
+    assert can_failover({"messages": [], "n": 2, "response_format": {"type": "text"}})
 
 
 def test_prefix_text_counts_the_whole_conversation():
