@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import Callable
 
 import httpx
@@ -95,8 +96,10 @@ async def completions(request: Request, r: Router) -> Response:
 @_endpoint
 async def models(request: Request, r: Router) -> Response:
     """The union of the healthy backends' models, each listed once."""
+    headers = r.config.backend_headers()
     auth = request.headers.get("authorization")
-    headers = {"authorization": auth} if auth else {}
+    if not headers and auth:
+        headers = {"authorization": auth}
 
     async def one(url: str) -> list:
         try:
@@ -149,6 +152,7 @@ async def admin_weights(request: Request, r: Router) -> Response:
 
 
 def state_of(r: Router) -> dict:
+    now = time.monotonic()
     return {
         "backends": [
             {
@@ -159,6 +163,8 @@ def state_of(r: Router) -> dict:
                 "in_flight": b.in_flight,
                 "circuit": b.circuit.state,
                 "ringserve": b.ringserve,
+                "load": b.load,  # the last scrape's gauges
+                "scraped_s_ago": round(now - b.scraped_at, 3) if b.scraped_at > 0 else None,
             }
             for b in r.pool.backends.values()
         ],

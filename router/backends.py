@@ -86,7 +86,8 @@ class BackendPool:
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task] = []
         self._probing: set[str] = set()
-        self.probe_headers: dict[str, str] = {}  # for backends behind an API key of their own
+        self._warned: set[str] = set()  # backends whose 401 on /metrics was logged
+        self.probe_headers = config.backend_headers()  # backends behind an API key
         for spec in config.backends:
             self.add(spec)
 
@@ -226,7 +227,7 @@ class BackendPool:
         self._probing.add(b.url)
         try:
             try:
-                r = await self._client.get(f"{b.url}/health")
+                r = await self._client.get(f"{b.url}/health", headers=self.probe_headers)
                 ok = r.status_code == 200
             except httpx.HTTPError:
                 ok = False
@@ -270,3 +271,11 @@ class BackendPool:
         if r.status_code == 200:
             b.load = parse_load(r.text)
             b.scraped_at = time.monotonic()
+        elif r.status_code in (401, 403) and b.url not in self._warned:
+            self._warned.add(b.url)
+            logger.warning(
+                "backend %s answers /metrics with %d: give the router its key "
+                "(--backend-api-key or $ROUTER_BACKEND_API_KEY)",
+                b.url,
+                r.status_code,
+            )

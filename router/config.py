@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+BACKEND_KEY_ENV = "ROUTER_BACKEND_API_KEY"
 ROUTING_LOGICS = ("round-robin", "least-loaded", "session", "prefix-aware")
 GROUPS = ("stable", "canary")
 
@@ -53,6 +55,9 @@ class RouterConfig:
     port: int = 8080
     api_key: str | None = None
     admin_key: str | None = None
+    # The router's own credential for backends started with --api-key: sent on probes,
+    # scrapes, /v1/models and every proxied request (in place of the client's header).
+    backend_api_key: str | None = None
     session_key: str = "x-session-id"
     # prefix-aware
     prefix_block_chars: int = 64
@@ -88,6 +93,11 @@ class RouterConfig:
     canary_error_margin: float = 0.1  # rollback when canary's error rate exceeds stable's by this
     canary_latency_ratio: float = 2.0  # ... or its mean latency is this many times stable's
 
+    def backend_headers(self) -> dict[str, str]:
+        """The Authorization header the router's own calls to backends carry."""
+        key = self.backend_api_key
+        return {"authorization": f"Bearer {key}"} if key else {}
+
     def __post_init__(self) -> None:
         if not self.backends and not self.backends_dns:
             raise ValueError("give --backends URL[,URL...] or --backends-dns HOST:PORT.")
@@ -103,7 +113,7 @@ class RouterConfig:
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}.")
-        for name in ("api_key", "admin_key"):
+        for name in ("api_key", "admin_key", "backend_api_key"):
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must not be empty (leave it out to disable it).")
         for name in ("dns_interval", "scrape_interval", "health_interval", "backoff_base"):
@@ -130,6 +140,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     p.add_argument("--admin-key", default=None, help="guards POST /admin/weights")
+    p.add_argument(
+        "--backend-api-key",
+        default=None,
+        help=f"the backends' API key (or ${BACKEND_KEY_ENV}); without it the client's "
+        "Authorization header is forwarded",
+    )
     p.add_argument("--session-key", default="x-session-id", help="header or body field")
     p.add_argument("--prefix-block-chars", type=int, default=64)
     p.add_argument("--prefix-max-blocks", type=int, default=100_000)
@@ -162,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     parser = make_parser()
     ns = parser.parse_args(argv)
     kwargs = {k: v for k, v in vars(ns).items() if k not in ("backends", "log_level")}
+    if kwargs["backend_api_key"] is None:  # the environment keeps it off `ps` output
+        kwargs["backend_api_key"] = os.environ.get(BACKEND_KEY_ENV) or None
     try:
         backends = [parse_backend(e) for e in (ns.backends or "").split(",") if e.strip()]
         config = RouterConfig(backends=backends, **kwargs)

@@ -164,6 +164,7 @@ class Proxy:
         info = RouteInfo(prefix_text(body), self._session(headers, body))
         fwd = {k: v for k, v in headers.items() if k in _FORWARD_HEADERS}
         fwd.setdefault("content-type", "application/json")
+        fwd.update(self.config.backend_headers())  # the router's key, not the client's
         delays = backoff_delays(
             self.config.max_tries, self.config.backoff_base, self.config.backoff_cap
         )

@@ -258,3 +258,55 @@ def test_frontend_token_id_extensions(replicas):
         url + "/v1/completions", json={**body, "prompt": ["a", "b"], "continuation_token_ids": [1]}
     )
     assert two.status_code == 400
+
+
+def test_replicas_behind_an_api_key(procs, monkeypatch):
+    """Replicas started with --api-key: the router's own probes, scrapes and /v1/models carry
+    --backend-api-key ($ROUTER_BACKEND_API_KEY here), and so do the requests it forwards (the
+    client holds only the router's key); without it the client's header goes through."""
+    keyed = [ServerProcess(*REPLICA_FLAGS, api_key="backend-secret") for _ in range(2)]
+    try:
+        for s in keyed:
+            s.wait_ready()
+        urls = ",".join(s.base_url for s in keyed)
+        adm = {"Authorization": "Bearer adm"}
+        monkeypatch.setenv("ROUTER_BACKEND_API_KEY", "backend-secret")
+        r = procs(RouterProc("--backends", urls, "--api-key", "router-key", "--admin-key", "adm",
+                             "--health-interval", "0.2"))  # fmt: skip
+        monkeypatch.delenv("ROUTER_BACKEND_API_KEY")
+
+        def state() -> list[dict]:
+            return httpx.get(r.url + "/admin/state", headers=adm).json()["backends"]
+
+        def probed_and_scraped() -> bool:
+            return all(b["healthy"] and b["ringserve"] and b["scraped_s_ago"] is not None
+                       and b["scraped_s_ago"] < 2 for b in state())  # fmt: skip
+
+        wait_for(probed_and_scraped, 60, "keyed replicas probed and scraped")
+        assert all("waiting" in b["load"] for b in state())
+        client = {"Authorization": "Bearer router-key"}
+        models = httpx.get(r.url + "/v1/models", headers=client).json()["data"]
+        assert [m["owned_by"] for m in models] == ["ringserve"]
+        body = {"prompt": "Hello", "max_tokens": 4}
+        ok = httpx.post(r.url + "/v1/completions", json=body, headers=client, timeout=120)
+        assert ok.status_code == 200, ok.text
+        assert httpx.post(r.url + "/v1/completions", json=body, timeout=30).status_code == 401
+        # No backend key: the client's Authorization header is what the backends see.
+        plain = procs(RouterProc("--backends", urls, "--admin-key", "adm",
+                                 "--health-interval", "0.2"))  # fmt: skip
+        wait_for(lambda: plain.log().count("answers /metrics with 401") == 2, 30, "401 logged")
+        st = httpx.get(plain.url + "/admin/state", headers=adm).json()["backends"]
+        assert all(b["healthy"] and b["scraped_s_ago"] is None and not b["ringserve"] for b in st)
+        theirs = {"Authorization": "Bearer backend-secret"}
+        ok = httpx.post(plain.url + "/v1/completions", json=body, headers=theirs, timeout=120)
+        assert ok.status_code == 200, ok.text
+        denied = httpx.post(plain.url + "/v1/completions", json=body, timeout=30)
+        assert denied.status_code == 401  # the backend's own answer, passed through
+        assert len(httpx.get(plain.url + "/v1/models", headers=theirs).json()["data"]) == 1
+    finally:
+        pids: list[int] = []
+        for s in keyed:
+            pids += [s.proc.pid] + ([s.engine_pid] if s.engine_pid else [])
+            s.stop()
+            os.unlink(s.log_path)
+        assert not ServerProcess.leftovers(pids)

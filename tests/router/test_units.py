@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import tracemalloc
 
@@ -367,6 +368,20 @@ def test_config_errors():
         RouterConfig(backends_dns="nohost")
     with pytest.raises(SystemExit):
         parse_args(["--backends", "http://h:1", "--routing-logic", "random"])
+    cfg, _ = parse_args(["--backends", "http://h:1", "--backend-api-key", "k1"])
+    assert cfg.backend_headers() == {"authorization": "Bearer k1"}
+    os.environ["ROUTER_BACKEND_API_KEY"] = "k2"
+    try:
+        assert parse_args(["--backends", "http://h:1"])[0].backend_api_key == "k2"
+        assert (
+            parse_args(["--backends", "http://h:1", "--backend-api-key", "k1"])[0].backend_api_key
+            == "k1"
+        )  # the flag wins
+    finally:
+        del os.environ["ROUTER_BACKEND_API_KEY"]
+    assert parse_args(["--backends", "http://h:1"])[0].backend_headers() == {}
+    with pytest.raises(SystemExit):
+        parse_args(["--backends", "http://h:1", "--backend-api-key", ""])
     cfg, _ = parse_args(["--backends", "http://a:1,http://b:2@3:canary", "--session-key", "user"])
     assert [b.url for b in cfg.backends] == [
         "http://a:1",
