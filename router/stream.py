@@ -125,7 +125,7 @@ class StreamState:
             obj.update({k: v for k, v in self.envelope.items() if v is not None})
         keep = []
         for c in obj.get("choices") or []:
-            if cont:
+            if part.indexes is not None:
                 g = part.indexes.get(c.get("index", 0))
                 if g is None:
                     continue
