@@ -145,7 +145,7 @@ class Relay:
                         yield _DONE
                         return
                     self._start(new)
-            if st.failed_over and st.wants_usage():
+            if self.failed and st.wants_usage():  # the broken stream's usage never came
                 await self._count_prompts()
                 yield st.usage_chunk()
             yield _DONE

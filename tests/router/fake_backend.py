@@ -3,9 +3,10 @@
 `python tests/router/fake_backend.py --host H --port P --name NAME`. Its "model" is a counter:
 the completion of a prompt of k words is " w{k}", " w{k+1}", ... so a text continuation
 (prompt + text so far) goes on exactly where an interrupted one stopped. POST /_control sets
-the mode: ok, 500, 503, 400, hang, garbage, exit_after (os._exit after `after` chunks), and
-health (the /health status), waiting (the scraped vllm:num_requests_waiting), delay (seconds
-between chunks). GET /_stats counts the requests it got."""
+the mode: ok, 500, 503, 400, hang, garbage, exit_after (os._exit after `after` pieces),
+exit_before_usage (after the last piece), and health (the /health status), waiting (the
+scraped vllm:num_requests_waiting), delay (seconds between chunks). GET /_stats counts the
+requests it got."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def words(body: dict) -> list[str]:
     if "messages" in body:
         return " ".join(str(m.get("content") or "") for m in body["messages"]).split()
     return str(body.get("prompt", "")).split()
+
+
+def prompts(body: dict) -> list[dict]:
+    """One body per prompt of a list (completions), as numbered choices need."""
+    p = body.get("prompt")
+    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        return [{**body, "prompt": x} for x in p]
+    return [body]
 
 
 async def generate(request: Request) -> Response:
@@ -61,17 +70,36 @@ async def generate(request: Request) -> Response:
         c.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return JSONResponse({**base, "object": "text_completion", "choices": [c]})
 
+    # Streams: choice j of prompt i is index i * n_choices + j (as vLLM numbers them), each
+    # counting on from its own prompt's words; usage when asked; exit_after: os._exit after
+    # `after` pieces of every choice; exit_before_usage: after the last piece.
+    groups = [len(words(b)) for b in prompts(body)]
+    per = body.get("n") or 1
+
     async def events():
-        for i, p in enumerate(pieces):
+        for i in range(n):
             if mode == "exit_after" and i == STATE["after"]:
                 os._exit(1)
-            c = {"index": 0, "finish_reason": "length" if i == n - 1 else None}
-            c.update({"delta": {"content": p}} if chat else {"text": p})
-            yield f"data: {json.dumps({**base, 'choices': [c]})}\n\n".encode()
+            for g, kg in enumerate(groups):
+                for j in range(per):
+                    c = {"index": g * per + j, "finish_reason": "length" if i == n - 1 else None}
+                    p = f" w{kg + i}"
+                    c.update({"delta": {"content": p}} if chat else {"text": p})
+                    yield f"data: {json.dumps({**base, 'choices': [c]})}\n\n".encode()
             await asyncio.sleep(STATE["delay"])
+        if mode == "exit_before_usage":
+            os._exit(1)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": sum(groups), "completion_tokens": n * per * len(groups)}
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def tokenize(request: Request) -> Response:
+    body = await request.json()
+    return JSONResponse({"count": len(words(body))})
 
 
 async def health(request: Request) -> Response:
@@ -109,6 +137,7 @@ def main() -> None:
         routes=[
             Route("/v1/completions", generate, methods=["POST"]),
             Route("/v1/chat/completions", generate, methods=["POST"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
             Route("/health", health),
             Route("/metrics", metrics),
             Route("/v1/models", models),

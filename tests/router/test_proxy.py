@@ -204,6 +204,48 @@ def test_text_failover_mid_stream_on_other_servers(procs):
     assert r.metrics()["router_failovers_total"] == 1
 
 
+def _by_choice(r: httpx.Response) -> tuple[dict[int, str], list[dict], list[str]]:
+    texts: dict[int, str] = {}
+    usages, events = [], []
+    for line in r.iter_lines():
+        if line.startswith("data: "):
+            events.append(line[6:])
+            if line[6:] != "[DONE]":
+                obj = json.loads(line[6:])
+                assert "error" not in obj, obj
+                usages += [obj["usage"]] if obj.get("usage") else []
+                for c in obj["choices"]:
+                    texts[c["index"]] = texts.get(c["index"], "") + (c.get("text") or "")
+    return texts, usages, events
+
+
+def test_text_failover_of_many_choices_and_usage(procs):
+    """Two prompts, n=2: each choice continues from its own text on the other server; one
+    usage for the whole request, also when the server died after the last token (then the
+    prompts are counted with /tokenize)."""
+    a, b = procs(Fake("a")), procs(Fake("b"))
+    r = procs(RouterProc(*backends(a, b), "--routing-logic", "round-robin", *FAST))
+    body = {"prompt": ["p q", "r s t"], "n": 2, "max_tokens": 6, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    want = {0: " w2 w3 w4 w5 w6 w7", 1: " w2 w3 w4 w5 w6 w7",
+            2: " w3 w4 w5 w6 w7 w8", 3: " w3 w4 w5 w6 w7 w8"}  # fmt: skip
+    for mode in ("exit_after", "exit_before_usage"):
+        for f in (a, b):
+            f.control(mode=mode, after=3, delay=0.05)
+        with httpx.stream("POST", r.url + "/v1/completions", json=body, timeout=30) as resp:
+            texts, usages, events = _by_choice(resp)
+        assert texts == want, (mode, texts)
+        assert usages == [{"prompt_tokens": 5, "completion_tokens": 24, "total_tokens": 29}]
+        assert events[-1] == "[DONE]"
+        for f in (a, b):  # the one that died comes back for the next round
+            if f.proc.poll() is not None:
+                f.stop()
+                f.__init__(f.name, port=f.port)
+                f.wait_ready()
+        wait_for(lambda: r.metrics()["vllm:healthy_pods_total"] == 2, what="both up")
+    assert r.metrics()["router_failovers_total"] == 1  # the second: nothing left to continue
+
+
 def test_chat_text_failover(procs):
     a, b = procs(Fake("a")), procs(Fake("b"))
     r = procs(RouterProc(*backends(a, b), "--routing-logic", "round-robin", *FAST))
