@@ -10,7 +10,7 @@ history); --overhead, TTFT through a router over TTFT direct on one replica; and
 --kill-one-halfway, a prefix-aware run in which one replica is SIGKILLed when half the
 requests are sent (the target: 0 failed requests).
 
-The default sizes (9 users, 4 rounds, 200 + 400 words of prompt, 24-token answers, 0.22 GiB
+The default sizes (9 users, 4 rounds, 200 + 400 words of prompt, 24-token answers, 0.25 GiB
 of KV a replica) put all users' conversations at about 1.3x one replica's KV cache: spread
 over both replicas (round-robin, least-loaded), each replica must hold them all and evicts;
 kept to one replica each (prefix-aware, session), each holds about half.
@@ -356,7 +356,7 @@ def main() -> None:
     p.add_argument("--kill-one-halfway", action="store_true")
     p.add_argument("--two-routers", action="store_true", help="also prefix-aware behind 2 routers")
     p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--kv-gib", type=float, default=0.22, help="KV cache per replica")
+    p.add_argument("--kv-gib", type=float, default=0.25, help="KV cache per replica")
     p.add_argument("--overhead", action="store_true",
                    help="also: TTFT through the router / direct, one replica")  # fmt: skip
     p.add_argument("--overhead-rounds", type=int, default=6, help="5 requests each way a round")
