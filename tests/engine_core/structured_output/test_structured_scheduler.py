@@ -68,11 +68,12 @@ def run(sched: Scheduler, max_steps: int = 400) -> dict:
             }
         so = sched.schedule()
         masks = {}
-        if so.grammar_bitmask is not None:
-            words = np.frombuffer(so.grammar_bitmask, dtype=np.int32).reshape(
-                len(so.structured_req_ids), -1
+        grammar = sched.get_grammar_bitmask(so)
+        if grammar is not None:
+            words = np.frombuffer(grammar.grammar_bitmask, dtype=np.int32).reshape(
+                len(grammar.structured_req_ids), -1
             )
-            masks = dict(zip(so.structured_req_ids, words, strict=True))
+            masks = dict(zip(grammar.structured_req_ids, words, strict=True))
         ids, toks = [], []
         for rid in so.num_scheduled_tokens:
             req = sched.requests[rid]
