@@ -157,22 +157,43 @@ def test_abort_while_compiling_leaves_nothing():
     assert not sched.has_unfinished_requests() and not sched.requests
 
 
-def test_draft_seam_fills_one_row_per_position_and_rolls_back(tokenizer):
-    import xgrammar as xgr
-
+def test_drafts_get_a_bitmask_row_per_position_and_are_cut_where_the_grammar_refuses(
+    tokenizer,
+):
     sched = make_scheduler()
-    state = sched.structured_output.grammar_for(StructuredOutputsParams(choice=["abc"]))
-    import time
-
-    while not state.ready():
-        time.sleep(0.01)
-    draft = tokenizer.encode("abc", add_special_tokens=False)
-    bitmask = xgr.allocate_token_bitmask(len(draft) + 1, VOCAB)
-    rows = state.fill_bitmask_for_drafts(bitmask, 0, draft)
-    assert rows == len(draft) + 1
-    assert draft[0] in allowed(bitmask[0].numpy())
-    assert EOS in allowed(bitmask[len(draft)].numpy())  # after the whole choice: only the end
-    assert state.accept_tokens(draft)  # rolled back: the draft is still acceptable from the start
+    mgr = sched.structured_output
+    sched.add_request(request("c", StructuredOutputsParams(choice=["abc def"])))
+    req = sched.requests["c"]
+    so = sched.schedule()
+    while not so.structured_req_ids:  # compiling
+        so = sched.schedule()
+    first, *rest = tokenizer.encode("abc def", add_special_tokens=False)
+    assert rest, "the choice takes several tokens"
+    mask = np.frombuffer(sched.get_grammar_bitmask(so).grammar_bitmask, np.int32)
+    assert first in allowed(mask)
+    sched.update_from_output(so, ModelRunnerOutput(req_ids=["c"], sampled_token_ids=[first]))
+    # A refused draft cuts the drafts there; a draft that ends the grammar (EOS) is dropped.
+    req.spec_token_ids = [*rest, EOS, 5]
+    mgr.validate_drafts([req])
+    assert req.spec_token_ids == rest
+    req.spec_token_ids = [rest[0], 99, *rest[1:]]
+    mgr.validate_drafts([req])
+    assert req.spec_token_ids == rest[:1]
+    req.spec_token_ids = list(rest)
+    so = sched.schedule()
+    assert so.scheduled_spec_decode_tokens == {"c": rest}
+    assert so.structured_req_ids == ["c"]
+    grammar = sched.get_grammar_bitmask(so)
+    rows = np.frombuffer(grammar.grammar_bitmask, np.int32).reshape(len(rest) + 1, -1)
+    for i, draft in enumerate(rest):  # row i: what the grammar allows after drafts[:i]
+        assert draft in allowed(rows[i]) and EOS not in allowed(rows[i])
+    assert list(allowed(rows[-1])) == [EOS]  # the bonus position: the choice is complete
+    # The fill rolled the matcher back: the emitted tokens advance it from where it was.
+    emitted = [*rest, EOS]
+    out = ModelRunnerOutput(req_ids=["c"], sampled_token_ids=[rest[0]], emitted_token_ids=[emitted])
+    (final,) = sched.update_from_output(so, out)
+    assert final.new_token_ids == emitted and final.finish_reason == FinishReason.STOP
+    assert tokenizer.decode([first, *rest]) == "abc def"
 
 
 @pytest.mark.parametrize(
