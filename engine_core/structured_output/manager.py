@@ -1,12 +1,16 @@
 """The EngineCore's structured outputs: grammars compiled off the loop, one matcher a request.
 
-Compiles run on a small thread pool (xgrammar releases the GIL while it compiles), keyed
-and LRU-cached by the exact spec; the scheduler polls `GrammarState.ready` and keeps the
-request waiting meanwhile. A compile that takes longer than the time limit fails its
-request (the compile itself runs on; if it finishes, its result is cached).
+Compiles are keyed and LRU-cached by the exact spec; the scheduler polls `GrammarState.ready`
+and keeps the request waiting meanwhile. Each of a small pool of threads hands its compiles
+to a child process of its own (compile_process.py), so that a compile over the time limit
+is killed, and the next compile of that thread gets a fresh child: a runaway schema fails
+its request and stops costing CPU. The timed-out spec stays cached as failed, so that the
+same schema sent again fails at once instead of burning another time limit.
 
 The vocabulary (xgrammar's TokenizerInfo) is built once, by the first compile, from the
-tokenizer the frontend uses (its converted copy is cached on disk).
+tokenizer the frontend uses (its converted copy is cached on disk); the children get it as
+JSON when they start. Neither the children's start nor the vocabulary counts against the
+time limit.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import collections
 import concurrent.futures
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from engine_core.config import EngineConfig
@@ -24,7 +29,7 @@ from engine_core.protocol import (
     SchedulerOutput,
     StructuredOutputsParams,
 )
-from engine_core.structured_output.grammar import GrammarSpecError, compile_spec
+from engine_core.structured_output.compile_process import CompileProcess, CompileTimeout
 
 if TYPE_CHECKING:
     from engine_core.sched.request import Request
@@ -55,14 +60,13 @@ class GrammarState:
         if not self._future.done():
             started = self._job.started
             if started is not None and time.monotonic() - started > self._manager.compile_timeout:
-                self.error = (
-                    f"the {GRAMMAR_ERROR_MARK} did not compile within the time limit "
-                    f"of {self._manager.compile_timeout:g} s "
-                    "(--structured-outputs-compile-timeout)."
-                )
+                self.error = self._manager.timeout_error()
             return False
         try:
             compiled = self._future.result()
+        except CompileTimeout:
+            self.error = self._manager.timeout_error()
+            return False
         except Exception as e:
             self.error = f"the {GRAMMAR_ERROR_MARK} failed to compile: {e}"
             return False
@@ -163,7 +167,12 @@ class StructuredOutputManager:
             _NUM_COMPILE_THREADS, thread_name_prefix="grammar-compile"
         )
         self._lock = threading.Lock()
-        self._compiler: Any = None
+        self._tokenizer_info: Any = None
+        self._tokenizer_info_json = ""
+        self._local = threading.local()  # each compile thread's CompileProcess
+        self._children: list[CompileProcess] = []
+        # Children die with the manager even if shutdown is never called.
+        weakref.finalize(self, _kill_children, self._children)
         # key -> the compile of a CompiledGrammar (done ones are the cache, LRU order)
         self._cache: collections.OrderedDict[tuple, _CompileJob] = collections.OrderedDict()
         self._bitmask: Any = None
@@ -175,8 +184,12 @@ class StructuredOutputManager:
         key = params.key()
         with self._lock:
             job = self._cache.get(key)
-            if job is not None and job.future.done() and job.future.exception() is not None:
-                job = None  # a failed compile is not cached: it may have been transient
+            if job is not None and job.future.done():
+                error = job.future.exception()
+                # A failed compile is not cached (it may have been transient), a timed-out one
+                # is: the same schema would only burn the time limit again.
+                if error is not None and not isinstance(error, CompileTimeout):
+                    job = None
             if job is None:
                 job = _CompileJob()
                 job.future = self._pool.submit(self._compile, params, job)
@@ -187,24 +200,36 @@ class StructuredOutputManager:
         return GrammarState(self, key, job)
 
     def _compile(self, params: StructuredOutputsParams, job: _CompileJob) -> Any:
-        compiler = self._get_compiler()
-        job.started = time.monotonic()
-        try:
-            return compile_spec(compiler, params)
-        except GrammarSpecError as e:
-            raise ValueError(str(e)) from None
+        import xgrammar as xgr
 
-    def _get_compiler(self) -> Any:
+        info = self._get_tokenizer_info()
+        child: CompileProcess | None = getattr(self._local, "child", None)
+        if child is None or not child.alive:
+            child = self._local.child = CompileProcess(self._tokenizer_info_json)
+            with self._lock:
+                self._children[:] = [c for c in self._children if c.alive] + [child]
+        # The time limit starts once a child is ready to compile (it reads the spec then).
+        job.started = time.monotonic()
+        compiled_json = child.compile(params, self.compile_timeout)
+        return xgr.CompiledGrammar.deserialize_json(compiled_json, info)
+
+    def _get_tokenizer_info(self) -> Any:
         with self._lock:
-            if self._compiler is None:
+            if self._tokenizer_info is None:
                 import xgrammar as xgr
 
                 info = xgr.TokenizerInfo.from_huggingface(
                     _load_tokenizer(self.config), vocab_size=self.vocab_size
                 )
-                # Our own LRU is the cache: xgrammar's would keep every grammar forever.
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-            return self._compiler
+                self._tokenizer_info_json = info.serialize_json()
+                self._tokenizer_info = info
+            return self._tokenizer_info
+
+    def timeout_error(self) -> str:
+        return (
+            f"the {GRAMMAR_ERROR_MARK} did not compile within the time limit "
+            f"of {self.compile_timeout:g} s (--structured-outputs-compile-timeout)."
+        )
 
     def wait_for_compiles(self, requests: list[Request], timeout: float) -> None:
         """Block up to `timeout` seconds for one of the requests' compiles to finish."""
@@ -280,7 +305,16 @@ class StructuredOutputManager:
                 ]
 
     def shutdown(self) -> None:
+        """Stop the compiles: queued ones are dropped, running ones killed with their child."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            _kill_children(self._children)
+
+
+def _kill_children(children: list[CompileProcess]) -> None:
+    for child in children:
+        child.kill()
+    children.clear()
 
 
 def _load_tokenizer(config: EngineConfig) -> Any:

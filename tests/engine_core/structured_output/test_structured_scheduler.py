@@ -7,8 +7,10 @@ every sampled token is one the grammar must accept.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from engine_core.protocol import (
 )
 from engine_core.sched.request import Request
 from engine_core.sched.scheduler import Scheduler
+from engine_core.structured_output.compile_process import CompileTimeout
 from engine_core.structured_output.grammar import GrammarSpecError, check_spec
 from engine_core.structured_output.manager import StructuredOutputManager
 from frontend.tokenizer import load_tokenizer
@@ -30,6 +33,8 @@ pytestmark = pytest.mark.slow  # xgrammar and the tokenizer take seconds to load
 
 VOCAB = 49152
 EOS = 2
+# An enum that takes xgrammar far longer than 0.2 s to compile.
+HUGE_ENUM = [f"item-{i}-{i * 7919 % 10007}" for i in range(12000)]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,7 @@ def allowed(mask_row: np.ndarray) -> np.ndarray:
     return np.flatnonzero(bits)
 
 
-def run(sched: Scheduler, max_steps: int = 400) -> dict:
+def run(sched: Scheduler, max_steps: int = 100_000) -> dict:
     """Step until everything finished; sample the lowest allowed token (or 100 if free).
 
     (Lowest-first would write JSON whitespace forever: the JSON specs here allow none.)
@@ -136,7 +141,7 @@ def test_slow_compile_fails_alone_and_others_finish():
     # Warm the vocabulary first (its build is not part of the time limit).
     sched.add_request(request("warm", StructuredOutputsParams(regex="x")))
     run(sched)
-    huge_enum = {"type": "string", "enum": [f"item-{i}-{i * 7919 % 10007}" for i in range(12000)]}
+    huge_enum = {"type": "string", "enum": HUGE_ENUM}
     sched.add_request(request("slow", StructuredOutputsParams(json=huge_enum)))
     sched.add_request(request("plain", None, max_tokens=3))
     sched.add_request(request("quick", StructuredOutputsParams(choice=["ok"])))
@@ -148,6 +153,35 @@ def test_slow_compile_fails_alone_and_others_finish():
     assert results["quick"][0] == FinishReason.STOP
     pool = sched.kv_cache_manager.block_pool
     assert pool.num_free_blocks == pool.num_usable_blocks
+
+
+def test_a_timed_out_compile_is_killed_and_the_next_compiles_still_run(tokenizer):
+    sched = make_scheduler(timeout=0.2)
+    mgr = sched.structured_output
+    try:
+        sched.add_request(request("warm", StructuredOutputsParams(regex="x")))
+        run(sched)
+        slow_spec = StructuredOutputsParams(json={"type": "string", "enum": HUGE_ENUM})
+        slow = mgr.grammar_for(slow_spec)
+        concurrent.futures.wait([slow._future])  # done: the child was killed at the limit
+        assert isinstance(slow._future.exception(), CompileTimeout)
+        assert not slow.ready() and "time limit" in slow.error
+        # Its child process was killed (not left compiling): SIGKILL, reaped.
+        killed = [c for c in mgr._children if not c.alive]
+        assert [c.proc.returncode for c in killed] == [-signal.SIGKILL]
+        # The same schema again fails at once, from the cache: no second compile.
+        again = mgr.grammar_for(slow_spec)
+        assert again._job is slow._job and not again.ready() and "time limit" in again.error
+        # A normal schema right after compiles, and its output is right.
+        schema = {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}
+        spec = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        sched.add_request(request("next", spec))
+        reason, toks, err = run(sched, max_steps=100_000)["next"]
+        assert reason == FinishReason.STOP, err
+        assert isinstance(json.loads(tokenizer.decode([t for t in toks if t != EOS]))["b"], bool)
+    finally:
+        mgr.shutdown()
+    assert not mgr._children
 
 
 def test_abort_while_compiling_leaves_nothing():
