@@ -39,7 +39,7 @@ from engine_core.protocol import (
     WorkerModelConfig,
 )
 from engine_core.sample.rejection_sampler import RejectionSampler, verify_drafts
-from engine_core.sample.sampler import Sampler, SamplingMetadata
+from engine_core.sample.sampler import Sampler, SamplingMetadata, sample_states
 from engine_core.structured_output.bitmask import apply_grammar_bitmask
 from engine_core.worker import gpu_memory
 from engine_core.worker.cuda_graphs import Capture, CudaGraphCapture, DecodeGraphs, capture_sizes
@@ -280,23 +280,14 @@ class ModelRunner:
                 self.device,
                 self.model_config.eos_token_ids,
             )
-        metadata = SamplingMetadata.build(
-            [s.sampling_params for s in states],
-            [s.prompt_token_ids for s in states],
-            [s.output_token_ids for s in states],
-            [s.generator for s in states],
+        return sample_states(
+            self.sampler,
+            logits,
+            states,
+            self.input_batch.sampling,
             self.model_config.vocab_size,
             self.device,
-            eos_token_ids=self.model_config.eos_token_ids,
-            sampling_rows=self.input_batch.sampling,
-            batch_rows=np.fromiter((s.row for s in states), dtype=np.int64, count=len(states)),
-        )
-        out = self.sampler(logits, metadata)
-        logprobs = out.logprobs if any(lp is not None for lp in out.logprobs) else None
-        return ModelRunnerOutput(
-            req_ids=[s.req_id for s in states],
-            sampled_token_ids=out.token_ids.tolist(),
-            logprobs=logprobs,
+            self.model_config.eos_token_ids,
         )
 
     def prepare_thread(self) -> None:
