@@ -53,10 +53,10 @@ def tokenizer():
     return load_tokenizer(None)
 
 
-def generate(tokenizer, speculative_config=None) -> tuple[list[list[int]], list[int]]:
+def generate(tokenizer, speculative_config=None, **extra) -> tuple[list[list[int]], list[int]]:
     """Every case's greedy tokens, and per case the steps where it emitted several tokens
     (accepted drafts)."""
-    core = EngineCore(EngineConfig(speculative_config=speculative_config, **CONFIG))
+    core = EngineCore(EngineConfig(speculative_config=speculative_config, **CONFIG, **extra))
     try:
         for i, (prompt, spec) in enumerate(CASES):
             params = SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=spec)
@@ -101,3 +101,13 @@ def test_structured_greedy_outputs_with_drafts_equal_those_without(tokenizer, ba
     # The JSON and regex requests had drafts verified and kept (a choice ends in few steps).
     assert multi[0] and multi[1] and multi[3], multi
     assert_follow_their_grammars(tokenizer, tokens)
+
+
+def test_three_tensor_parallel_ranks_sample_structured_drafted_rows_as_one_does(
+    tokenizer, baseline
+):
+    # The workers get each step's bitmask in a WorkerSample after its forward.
+    ranks = dict(tensor_parallel_size=3, kv_cache_space_gib=0.05, max_model_len=512)
+    tokens, multi = generate(tokenizer, SPEC["ngram"], **ranks)
+    assert tokens == baseline
+    assert multi[0] and multi[1], multi
