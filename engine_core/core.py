@@ -65,7 +65,8 @@ class EngineCore:
         self.eos_token_ids = list(self.executor.model_config.eos_token_ids)
         self.vocab_size = self.executor.model_config.vocab_size
         self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len)
-        self.scheduler.structured_output = StructuredOutputManager(config, self.vocab_size)
+        self.structured_output = StructuredOutputManager(config, self.vocab_size)
+        self.scheduler.structured_output = self.structured_output
         # Speculative decoding: proposes drafts after each step (None: off).
         self.drafter = make_drafter(config)
         # Outputs produced outside a step (rejected requests), sent with the next message.
@@ -129,13 +130,16 @@ class EngineCore:
         if self.scheduler.has_unfinished_requests():
             t0 = time.perf_counter()
             scheduler_output = self.scheduler.schedule()
+            runner_output = None
             if scheduler_output.total_num_scheduled_tokens > 0:
                 runner_output = self.executor.execute_model(scheduler_output)
-            else:
-                runner_output = None
+                if runner_output is None:  # structured rows: the bitmask fills while it runs
+                    grammar_output = self.scheduler.get_grammar_bitmask(scheduler_output)
+                    runner_output = self.executor.sample_tokens(grammar_output)
             outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
             if self.drafter is not None:
                 self.drafter.propose(self.scheduler)
+                self.structured_output.validate_drafts(self.scheduler.running)
                 # The whole step, proposing included: what drafts cost is what the switch weighs.
                 num = scheduler_output.total_num_scheduled_tokens
                 self.drafter.observe_step(num, time.perf_counter() - t0)
@@ -158,7 +162,7 @@ class EngineCore:
         return UtilityOutput(call_id=req.call_id, result=msgspec.msgpack.encode(result))
 
     def shutdown(self) -> None:
-        self.scheduler.structured_output.shutdown()
+        self.structured_output.shutdown()
         self.executor.shutdown()
 
 

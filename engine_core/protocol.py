@@ -278,13 +278,22 @@ class SchedulerOutput(msgspec.Struct, **_STRUCT):
     # Requests preempted since the last step: the runner drops them too (they come back, if
     # they do, as new requests that recompute).
     preempted_req_ids: list[str] = []
-    # Structured outputs: one row of int32 words (bit t set: token t allowed) per request in
-    # structured_req_ids, little-endian bytes (broadcast to TP workers: no tensor).
+    # Structured outputs: the requests that sample under a grammar this step, in step order.
+    # Their bitmask (GrammarOutput) is filled while the model runs and joins the step before
+    # sampling.
     structured_req_ids: list[str] = []
-    grammar_bitmask: bytes | None = None
     # Speculative decoding: draft tokens per request, scheduled after its last token (counted in
     # num_scheduled_tokens); the runner verifies them. Every TP rank gets them with the step.
     scheduled_spec_decode_tokens: dict[str, list[int]] = {}
+
+
+class GrammarOutput(msgspec.Struct, **_STRUCT):
+    """A step's grammar bitmask, for sampling: per request of structured_req_ids, one row per
+    position it samples (1 + its scheduled drafts), each row ceil(vocab / 32) int32 words (bit
+    t set: token t allowed), little-endian bytes (broadcast to TP workers: no tensor)."""
+
+    structured_req_ids: list[str]
+    grammar_bitmask: bytes
 
 
 class ModelRunnerOutput(msgspec.Struct, **_STRUCT):
@@ -361,7 +370,8 @@ class WorkerHandshakeReply(msgspec.Struct, **_STRUCT):
 
 
 class WorkerExecute(msgspec.Struct, tag="execute", **_STRUCT):
-    """Broadcast: run one step; rank 0 answers with a WorkerOutput."""
+    """Broadcast: run one step; rank 0 answers with a WorkerOutput (a step with structured
+    rows waits for its WorkerSample, and rank 0 answers that instead)."""
 
     scheduler_output: SchedulerOutput
 
@@ -374,11 +384,19 @@ class WorkerShutdown(msgspec.Struct, tag="shutdown", **_STRUCT):
     """Broadcast: leave the process group and exit."""
 
 
-WorkerInput = WorkerExecute | WorkerWarmup | WorkerShutdown
+class WorkerSample(msgspec.Struct, tag="sample", **_STRUCT):
+    """Broadcast: sample the step just run, whose structured rows waited for this bitmask
+    (rank 0 answers with a WorkerOutput; the other ranks have nothing to do)."""
+
+    grammar_output: GrammarOutput
+
+
+WorkerInput = WorkerExecute | WorkerSample | WorkerWarmup | WorkerShutdown
 
 
 class WorkerOutput(msgspec.Struct, **_STRUCT):
-    """Rank 0 -> executor, one per WorkerExecute or WorkerWarmup."""
+    """Rank 0 -> executor: one per step (after its WorkerExecute, or its WorkerSample) and
+    one per WorkerWarmup."""
 
     runner_output: ModelRunnerOutput | None = None
     error: str | None = None  # the step failed: the worker exits after sending this

@@ -11,7 +11,12 @@ from __future__ import annotations
 from typing import Protocol
 
 from engine_core.config import EngineConfig
-from engine_core.protocol import ModelRunnerOutput, SchedulerOutput, WorkerModelConfig
+from engine_core.protocol import (
+    GrammarOutput,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    WorkerModelConfig,
+)
 
 
 class Executor(Protocol):
@@ -25,8 +30,17 @@ class Executor(Protocol):
     def warmup(self) -> None:
         """Run the warm-up forwards (and capture CUDA graphs) before the first request."""
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one scheduled step; the sampled tokens of the requests that caught up."""
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run one scheduled step; the sampled tokens of the requests that caught up.
+
+        None when the step has structured rows (scheduler_output.structured_req_ids): the
+        forward is started, not waited for, and sample_tokens finishes the step once the
+        caller has filled its grammar bitmask.
+        """
+        ...
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        """Finish the step execute_model started: its logits masked, then sampled."""
         ...
 
     def check_health(self) -> None:

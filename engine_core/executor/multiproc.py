@@ -34,6 +34,7 @@ import zmq
 
 from engine_core.config import EngineConfig
 from engine_core.protocol import (
+    GrammarOutput,
     ModelRunnerOutput,
     SchedulerOutput,
     WorkerExecute,
@@ -42,6 +43,7 @@ from engine_core.protocol import (
     WorkerModelConfig,
     WorkerOutput,
     WorkerReady,
+    WorkerSample,
     WorkerShutdown,
     WorkerWarmup,
 )
@@ -188,9 +190,24 @@ class MultiprocExecutor:
         self._broadcast(WorkerWarmup())
         self._result()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Broadcast the step to every rank; rank 0's sampled tokens come back."""
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Broadcast the step to every rank; rank 0's sampled tokens come back.
+
+        A step with structured rows returns at once: the ranks run the forward while the
+        EngineCore fills the bitmask, which sample_tokens then broadcasts.
+        """
         self._broadcast(WorkerExecute(scheduler_output=scheduler_output))
+        if scheduler_output.structured_req_ids:
+            return None
+        return self._runner_output()
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        """Broadcast the step's bitmask; rank 0 samples and its tokens come back."""
+        assert grammar_output is not None, "only a step with structured rows waits to sample"
+        self._broadcast(WorkerSample(grammar_output=grammar_output))
+        return self._runner_output()
+
+    def _runner_output(self) -> ModelRunnerOutput:
         out = self._result().runner_output
         if out is None:
             raise WorkerDiedError("tensor-parallel rank 0 returned no output for a step.")

@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from engine_core.protocol import Logprobs
+from engine_core.protocol import Logprobs, ModelRunnerOutput
 from engine_core.sample.metadata import Penalties, SamplingMetadata
+from engine_core.sample.rows import SamplingRows
 
 # Top-p looks for its nucleus among a row's best 256 tokens, then 4096, and sorts the whole row
 # only when the nucleus is larger still. On this 2-core CPU, for 32 rows of 49,152 logits:
@@ -231,3 +233,34 @@ def gather_logprobs(
             sampled_rank=ranks[j],
         )
     return out
+
+
+def sample_states(
+    sampler: Sampler,
+    logits: torch.Tensor,
+    states: list,
+    sampling_rows: SamplingRows,
+    vocab_size: int,
+    device: torch.device,
+    eos_token_ids: list[int],
+) -> ModelRunnerOutput:
+    """The model runner's step without drafts: one logits row per sampled request (its
+    InputBatch RequestState), sampled; each request's token."""
+    metadata = SamplingMetadata.build(
+        [s.sampling_params for s in states],
+        [s.prompt_token_ids for s in states],
+        [s.output_token_ids for s in states],
+        [s.generator for s in states],
+        vocab_size,
+        device,
+        eos_token_ids=eos_token_ids,
+        sampling_rows=sampling_rows,
+        batch_rows=np.fromiter((s.row for s in states), dtype=np.int64, count=len(states)),
+    )
+    out = sampler(logits, metadata)
+    logprobs = out.logprobs if any(lp is not None for lp in out.logprobs) else None
+    return ModelRunnerOutput(
+        req_ids=[s.req_id for s in states],
+        sampled_token_ids=out.token_ids.tolist(),
+        logprobs=logprobs,
+    )

@@ -21,6 +21,7 @@ from engine_core.protocol import (
     CachedRequestData,
     EngineCoreOutput,
     FinishReason,
+    GrammarOutput,
     Logprobs,
     ModelRunnerOutput,
     NewRequestData,
@@ -87,11 +88,10 @@ class Scheduler:
                 f"tokens, but max_model_len is {self.max_model_len} and the prompt must leave "
                 "room for at least one output token."
             )
-        spec = request.sampling_params.structured_outputs
-        if spec is not None:
+        if request.sampling_params.structured_outputs is not None:
             if self.structured_output is None:
                 raise ValueError("this engine has no structured outputs (no grammar compiler).")
-            request.grammar = self.structured_output.grammar_for(spec)
+            self.structured_output.attach(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -202,10 +202,11 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting[0]
-            if request.grammar is not None and not request.grammar.ready():
+            grammar = request.grammar
+            if grammar is not None and not grammar.ready():
                 self.waiting.popleft()
-                if request.grammar.failed:
-                    self._fail_grammar(request)
+                if grammar.failed:  # it did not compile (in time): the request fails alone
+                    self._fail(request, f"request {request.request_id!r}: {grammar.error}")
                 else:
                     compiling.append(request)
                 continue
@@ -259,28 +260,18 @@ class Scheduler:
             self.finished_req_ids = set()
             self.preempted_req_ids = set()
         if self.structured_output is not None:
-            self._add_grammar_bitmask(output, compiling)
+            output.structured_req_ids = self.structured_output.masked_req_ids(
+                self.requests, num_scheduled
+            )
+            if compiling and total == 0:  # nothing to run: wait a little for a compile
+                self.structured_output.wait_for_compiles(compiling, 0.01)
         return output
 
-    def _add_grammar_bitmask(self, output: SchedulerOutput, compiling: list[Request]) -> None:
-        """One bitmask row per structured request that samples this step."""
-        manager = self.structured_output
-        assert manager is not None
-        ids, grammars = [], []
-        for req_id, num_new in output.num_scheduled_tokens.items():
-            request = self.requests[req_id]
-            if request.grammar is not None and (
-                request.num_computed_tokens + num_new >= request.num_tokens
-            ):
-                ids.append(req_id)
-                grammars.append(request.grammar)
-        if ids:
-            output.structured_req_ids = ids
-            output.grammar_bitmask = manager.make_bitmask(grammars)
-        elif compiling and output.total_num_scheduled_tokens == 0:
-            # Nothing else to run: wait a little for a compile rather than spin empty steps.
-            waiting = [r.grammar for r in compiling if r.grammar is not None]
-            manager.wait_for_compiles(waiting, 0.01)
+    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarOutput | None:
+        """The step's grammar bitmask (None: no structured rows); called while the model runs."""
+        if self.structured_output is None:
+            return None
+        return self.structured_output.grammar_bitmask(self.requests, scheduler_output)
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput | None
@@ -312,10 +303,10 @@ class Scheduler:
             else:
                 request.append_output_token(token)
                 self._check_stop(request, token)
-                if request.grammar is not None and not request.is_finished:
-                    self._advance_grammar(request, [token])
                 lp = logprobs_of.get(req_id)
                 new_tokens, new_lps = [token], [lp] if lp is not None else None
+            if request.grammar is not None and not request.is_finished:
+                request.grammar.advance(request, new_tokens)
             outputs.append(
                 EngineCoreOutput(
                     request_id=req_id,
@@ -371,24 +362,6 @@ class Scheduler:
             params.max_tokens is not None and request.num_output_tokens >= params.max_tokens
         ) or request.num_tokens >= self.max_model_len:
             request.finish(FinishReason.LENGTH)
-
-    def _advance_grammar(self, request: Request, token_ids: list[int]) -> None:
-        """Accepted tokens advance the matcher; a terminated grammar ends the request."""
-        grammar = request.grammar
-        assert grammar is not None
-        if not grammar.accept_tokens(token_ids):
-            request.error = (
-                f"request {request.request_id!r}: a sampled token broke its structured output "
-                "grammar."
-            )
-            request.finish(FinishReason.ERROR)
-        elif grammar.is_terminated():
-            request.finish(FinishReason.STOP)
-
-    def _fail_grammar(self, request: Request) -> None:
-        """Finish a request whose grammar did not compile (in time): it fails alone."""
-        assert request.grammar is not None
-        self._fail(request, f"request {request.request_id!r}: {request.grammar.error}")
 
     def _preempt_until_allocated(self, request: Request, num_new: int) -> list[int] | None:
         """Preempt from the tail of running until a running request's allocation fits.

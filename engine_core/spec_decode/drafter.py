@@ -61,13 +61,10 @@ class Drafter:
             self.acceptance.observe(acc - self._seen[0], trials - self._seen[1])
         self._seen = (acc, trials)
         running = scheduler.running
-        # A structured request gets no drafts: its grammar bitmask has one row per request,
-        # not per draft position (structured_output.GrammarState.fill_bitmask_for_drafts is the
-        # seam for that).
+        # Structured requests draft too: the EngineCore cuts their drafts where the grammar
+        # refuses one, and their bitmask has a row per draft position.
         decoding = [
-            r
-            for r in running
-            if not r.is_finished and r.num_tokens - r.num_computed_tokens == 1 and r.grammar is None
+            r for r in running if not r.is_finished and r.num_tokens - r.num_computed_tokens == 1
         ]
         for r in running:
             r.spec_token_ids = []

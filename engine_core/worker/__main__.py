@@ -34,6 +34,7 @@ from engine_core.protocol import (
     WorkerInput,
     WorkerOutput,
     WorkerReady,
+    WorkerSample,
     WorkerShutdown,
     WorkerWarmup,
 )
@@ -149,6 +150,10 @@ def _step_loop(runner: ModelRunner, broadcast: MessageQueue, result_q: MessageQu
         try:
             if isinstance(msg, WorkerExecute):
                 out = WorkerOutput(runner_output=runner.execute_model(msg.scheduler_output))
+                if msg.scheduler_output.structured_req_ids:
+                    continue  # rank 0 answers the step's WorkerSample instead
+            elif isinstance(msg, WorkerSample):
+                out = WorkerOutput(runner_output=runner.sample_tokens(msg.grammar_output))
             elif isinstance(msg, WorkerWarmup):
                 runner.warmup()
                 out = WorkerOutput()

@@ -32,13 +32,14 @@ from engine_core.attention.common import StepInputs, step_layout, token_position
 from engine_core.config import EngineConfig
 from engine_core.models.loader import load_model, load_model_config
 from engine_core.protocol import (
+    GrammarOutput,
     ModelRunnerOutput,
     SamplingParams,
     SchedulerOutput,
     WorkerModelConfig,
 )
 from engine_core.sample.rejection_sampler import RejectionSampler, verify_drafts
-from engine_core.sample.sampler import Sampler, SamplingMetadata
+from engine_core.sample.sampler import Sampler, SamplingMetadata, sample_states
 from engine_core.structured_output.bitmask import apply_grammar_bitmask
 from engine_core.worker import gpu_memory
 from engine_core.worker.cuda_graphs import Capture, CudaGraphCapture, DecodeGraphs, capture_sizes
@@ -113,6 +114,8 @@ class ModelRunner:
             # The scheduler hands every rank the same block ids: size for the smallest rank.
             self.num_blocks = distributed.all_reduce_min(self.num_blocks, self.device)
         self.kv_cache = self.new_kv_cache(self.num_blocks)
+        # The step between execute_model and sample_tokens: (logits, states, drafts).
+        self._pending: tuple[torch.Tensor, list, list[list[int]] | None] | None = None
         self.input_batch = InputBatch(
             config.max_num_seqs, self.max_model_len, self.max_blocks_per_req, self.num_blocks
         )
@@ -225,9 +228,13 @@ class ModelRunner:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         """Apply the step's diffs, run the scheduled tokens and sample the caught-up requests.
 
-        Tensor-parallel ranks other than 0 return None (they run the forward, not the sampler).
+        A step with structured rows (scheduler_output.structured_req_ids) stops before
+        sampling and returns None: its grammar bitmask is filled while this forward runs, and
+        sample_tokens finishes the step. Tensor-parallel ranks other than 0 return None (they
+        run the forward, not the sampler).
         """
         self._update_states(scheduler_output)
+        self._pending = None
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         req_ids, sampled, step, draft_token_ids = self._prepare_inputs(scheduler_output)
@@ -242,6 +249,26 @@ class ModelRunner:
         if logits is None:
             return None
         states = [self.input_batch.requests[req_ids[i]] for i in sampled]
+        self._pending = (logits, states, draft_token_ids)
+        if scheduler_output.structured_req_ids:
+            return None
+        return self.sample_tokens(None)
+
+    @torch.inference_mode()
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput | None:
+        """Sample the step execute_model ran, the grammar bitmask applied to its logits first."""
+        if self._pending is None:  # a step that samples nothing, or a rank other than 0
+            return (
+                ModelRunnerOutput(req_ids=[], sampled_token_ids=[]) if self.tp_rank == 0 else None
+            )
+        (logits, states, draft_token_ids), self._pending = self._pending, None
+        if grammar_output is not None:
+            per_row = [s.req_id for s in states]
+            if draft_token_ids is not None:  # a row per position: the drafts', then the bonus
+                per_row = [
+                    r for r, d in zip(per_row, draft_token_ids, strict=True) for _ in (*d, 0)
+                ]
+            apply_grammar_bitmask(logits, per_row, grammar_output)
         if draft_token_ids is not None:  # speculative decoding: verify the drafts
             return verify_drafts(
                 self.rejection_sampler,
@@ -253,26 +280,21 @@ class ModelRunner:
                 self.device,
                 self.model_config.eos_token_ids,
             )
-        if scheduler_output.grammar_bitmask is not None:
-            apply_grammar_bitmask(logits, [s.req_id for s in states], scheduler_output)
-        metadata = SamplingMetadata.build(
-            [s.sampling_params for s in states],
-            [s.prompt_token_ids for s in states],
-            [s.output_token_ids for s in states],
-            [s.generator for s in states],
+        return sample_states(
+            self.sampler,
+            logits,
+            states,
+            self.input_batch.sampling,
             self.model_config.vocab_size,
             self.device,
-            eos_token_ids=self.model_config.eos_token_ids,
-            sampling_rows=self.input_batch.sampling,
-            batch_rows=np.fromiter((s.row for s in states), dtype=np.int64, count=len(states)),
+            self.model_config.eos_token_ids,
         )
-        out = self.sampler(logits, metadata)
-        logprobs = out.logprobs if any(lp is not None for lp in out.logprobs) else None
-        return ModelRunnerOutput(
-            req_ids=[s.req_id for s in states],
-            sampled_token_ids=out.token_ids.tolist(),
-            logprobs=logprobs,
-        )
+
+    def prepare_thread(self) -> None:
+        """Ready the calling thread to run steps: its CUDA device, torch's thread team up."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.zeros(1 << 18, device=self.device).add_(1.0)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         batch = self.input_batch

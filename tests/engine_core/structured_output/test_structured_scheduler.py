@@ -7,8 +7,10 @@ every sampled token is one the grammar must accept.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from engine_core.protocol import (
 )
 from engine_core.sched.request import Request
 from engine_core.sched.scheduler import Scheduler
+from engine_core.structured_output.compile_process import CompileTimeout
 from engine_core.structured_output.grammar import GrammarSpecError, check_spec
 from engine_core.structured_output.manager import StructuredOutputManager
 from frontend.tokenizer import load_tokenizer
@@ -30,6 +33,8 @@ pytestmark = pytest.mark.slow  # xgrammar and the tokenizer take seconds to load
 
 VOCAB = 49152
 EOS = 2
+# An enum that takes xgrammar far longer than 0.2 s to compile.
+HUGE_ENUM = [f"item-{i}-{i * 7919 % 10007}" for i in range(12000)]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,7 @@ def allowed(mask_row: np.ndarray) -> np.ndarray:
     return np.flatnonzero(bits)
 
 
-def run(sched: Scheduler, max_steps: int = 400) -> dict:
+def run(sched: Scheduler, max_steps: int = 100_000) -> dict:
     """Step until everything finished; sample the lowest allowed token (or 100 if free).
 
     (Lowest-first would write JSON whitespace forever: the JSON specs here allow none.)
@@ -68,11 +73,12 @@ def run(sched: Scheduler, max_steps: int = 400) -> dict:
             }
         so = sched.schedule()
         masks = {}
-        if so.grammar_bitmask is not None:
-            words = np.frombuffer(so.grammar_bitmask, dtype=np.int32).reshape(
-                len(so.structured_req_ids), -1
+        grammar = sched.get_grammar_bitmask(so)
+        if grammar is not None:
+            words = np.frombuffer(grammar.grammar_bitmask, dtype=np.int32).reshape(
+                len(grammar.structured_req_ids), -1
             )
-            masks = dict(zip(so.structured_req_ids, words, strict=True))
+            masks = dict(zip(grammar.structured_req_ids, words, strict=True))
         ids, toks = [], []
         for rid in so.num_scheduled_tokens:
             req = sched.requests[rid]
@@ -135,7 +141,7 @@ def test_slow_compile_fails_alone_and_others_finish():
     # Warm the vocabulary first (its build is not part of the time limit).
     sched.add_request(request("warm", StructuredOutputsParams(regex="x")))
     run(sched)
-    huge_enum = {"type": "string", "enum": [f"item-{i}-{i * 7919 % 10007}" for i in range(12000)]}
+    huge_enum = {"type": "string", "enum": HUGE_ENUM}
     sched.add_request(request("slow", StructuredOutputsParams(json=huge_enum)))
     sched.add_request(request("plain", None, max_tokens=3))
     sched.add_request(request("quick", StructuredOutputsParams(choice=["ok"])))
@@ -149,6 +155,35 @@ def test_slow_compile_fails_alone_and_others_finish():
     assert pool.num_free_blocks == pool.num_usable_blocks
 
 
+def test_a_timed_out_compile_is_killed_and_the_next_compiles_still_run(tokenizer):
+    sched = make_scheduler(timeout=0.2)
+    mgr = sched.structured_output
+    try:
+        sched.add_request(request("warm", StructuredOutputsParams(regex="x")))
+        run(sched)
+        slow_spec = StructuredOutputsParams(json={"type": "string", "enum": HUGE_ENUM})
+        slow = mgr.grammar_for(slow_spec)
+        concurrent.futures.wait([slow._future])  # done: the child was killed at the limit
+        assert isinstance(slow._future.exception(), CompileTimeout)
+        assert not slow.ready() and "time limit" in slow.error
+        # Its child process was killed (not left compiling): SIGKILL, reaped.
+        killed = [c for c in mgr._children if not c.alive]
+        assert [c.proc.returncode for c in killed] == [-signal.SIGKILL]
+        # The same schema again fails at once, from the cache: no second compile.
+        again = mgr.grammar_for(slow_spec)
+        assert again._job is slow._job and not again.ready() and "time limit" in again.error
+        # A normal schema right after compiles, and its output is right.
+        schema = {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}
+        spec = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        sched.add_request(request("next", spec))
+        reason, toks, err = run(sched, max_steps=100_000)["next"]
+        assert reason == FinishReason.STOP, err
+        assert isinstance(json.loads(tokenizer.decode([t for t in toks if t != EOS]))["b"], bool)
+    finally:
+        mgr.shutdown()
+    assert not mgr._children
+
+
 def test_abort_while_compiling_leaves_nothing():
     sched = make_scheduler()
     sched.add_request(request("a", StructuredOutputsParams(regex="[a-z]{2,5}")))
@@ -156,22 +191,43 @@ def test_abort_while_compiling_leaves_nothing():
     assert not sched.has_unfinished_requests() and not sched.requests
 
 
-def test_draft_seam_fills_one_row_per_position_and_rolls_back(tokenizer):
-    import xgrammar as xgr
-
+def test_drafts_get_a_bitmask_row_per_position_and_are_cut_where_the_grammar_refuses(
+    tokenizer,
+):
     sched = make_scheduler()
-    state = sched.structured_output.grammar_for(StructuredOutputsParams(choice=["abc"]))
-    import time
-
-    while not state.ready():
-        time.sleep(0.01)
-    draft = tokenizer.encode("abc", add_special_tokens=False)
-    bitmask = xgr.allocate_token_bitmask(len(draft) + 1, VOCAB)
-    rows = state.fill_bitmask_for_drafts(bitmask, 0, draft)
-    assert rows == len(draft) + 1
-    assert draft[0] in allowed(bitmask[0].numpy())
-    assert EOS in allowed(bitmask[len(draft)].numpy())  # after the whole choice: only the end
-    assert state.accept_tokens(draft)  # rolled back: the draft is still acceptable from the start
+    mgr = sched.structured_output
+    sched.add_request(request("c", StructuredOutputsParams(choice=["abc def"])))
+    req = sched.requests["c"]
+    so = sched.schedule()
+    while not so.structured_req_ids:  # compiling
+        so = sched.schedule()
+    first, *rest = tokenizer.encode("abc def", add_special_tokens=False)
+    assert rest, "the choice takes several tokens"
+    mask = np.frombuffer(sched.get_grammar_bitmask(so).grammar_bitmask, np.int32)
+    assert first in allowed(mask)
+    sched.update_from_output(so, ModelRunnerOutput(req_ids=["c"], sampled_token_ids=[first]))
+    # A refused draft cuts the drafts there; a draft that ends the grammar (EOS) is dropped.
+    req.spec_token_ids = [*rest, EOS, 5]
+    mgr.validate_drafts([req])
+    assert req.spec_token_ids == rest
+    req.spec_token_ids = [rest[0], 99, *rest[1:]]
+    mgr.validate_drafts([req])
+    assert req.spec_token_ids == rest[:1]
+    req.spec_token_ids = list(rest)
+    so = sched.schedule()
+    assert so.scheduled_spec_decode_tokens == {"c": rest}
+    assert so.structured_req_ids == ["c"]
+    grammar = sched.get_grammar_bitmask(so)
+    rows = np.frombuffer(grammar.grammar_bitmask, np.int32).reshape(len(rest) + 1, -1)
+    for i, draft in enumerate(rest):  # row i: what the grammar allows after drafts[:i]
+        assert draft in allowed(rows[i]) and EOS not in allowed(rows[i])
+    assert list(allowed(rows[-1])) == [EOS]  # the bonus position: the choice is complete
+    # The fill rolled the matcher back: the emitted tokens advance it from where it was.
+    emitted = [*rest, EOS]
+    out = ModelRunnerOutput(req_ids=["c"], sampled_token_ids=[rest[0]], emitted_token_ids=[emitted])
+    (final,) = sched.update_from_output(so, out)
+    assert final.new_token_ids == emitted and final.finish_reason == FinishReason.STOP
+    assert tokenizer.decode([first, *rest]) == "abc def"
 
 
 @pytest.mark.parametrize(
