@@ -16,9 +16,17 @@ from starlette.types import Receive, Send
 
 from engine_core.protocol import SamplingParams
 from frontend.api_state import FAILED, ServerState, failed_status, json_response
-from frontend.openai_chat import chat_body, chat_logprobs
-from frontend.openai_completions import completion_body, completion_logprobs
-from frontend.openai_protocol import RequestError, choice, error_body, now, token_namer, usage
+from frontend.openai_chat import chat_logprobs
+from frontend.openai_completions import completion_logprobs
+from frontend.openai_protocol import (
+    RequestError,
+    choice,
+    error_body,
+    now,
+    response_body,
+    token_namer,
+    usage,
+)
 from frontend.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from frontend.tool_output import ChoiceTools
 from frontend.tool_parsers import ToolParser
@@ -88,8 +96,9 @@ class Job:
         usage_: dict[str, int] | None,
         chunk: bool,
     ) -> dict[str, Any]:
-        make = chat_body if self.chat else completion_body
-        return make(self.rid, self.created, st.model_name, choices, usage_, chunk)
+        return response_body(
+            self.chat, self.rid, self.created, st.model_name, choices, usage_, chunk
+        )
 
 
 async def run_job(request: Request, st: ServerState, job: Job, stream: bool) -> Response:

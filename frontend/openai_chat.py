@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: the request, its messages as the chat template wants them, and
-its logprobs and body shapes."""
+its logprobs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from frontend.openai_protocol import (
     SamplingRequest,
     TokenNamer,
     clamp_logprob,
-    response_body,
 )
 from frontend.outputs import Logprob
 from frontend.tools import template_tool_calls
@@ -154,16 +153,3 @@ def chat_logprobs(
             }
         )
     return {"content": content}
-
-
-def chat_body(
-    rid: str,
-    created: int,
-    model: str,
-    choices: list[dict[str, Any]],
-    usage_: dict[str, int] | None,
-    chunk: bool,
-) -> dict[str, Any]:
-    """A chat.completion object, or a chat.completion.chunk."""
-    object_ = "chat.completion.chunk" if chunk else "chat.completion"
-    return response_body(object_, rid, created, model, choices, usage_, chunk)

@@ -1,4 +1,4 @@
-"""POST /v1/completions: the request, its prompts, and its logprobs and body shapes."""
+"""POST /v1/completions: the request, its prompts, and its logprobs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from frontend.openai_protocol import (
     SamplingRequest,
     TokenNamer,
     clamp_logprob,
-    response_body,
 )
 from frontend.outputs import Logprob
 
@@ -97,15 +96,3 @@ def completion_logprobs(
         "top_logprobs": tops,
         "text_offset": offsets,
     }
-
-
-def completion_body(
-    rid: str,
-    created: int,
-    model: str,
-    choices: list[dict[str, Any]],
-    usage_: dict[str, int] | None,
-    chunk: bool,
-) -> dict[str, Any]:
-    """A text_completion object (the same object name streamed and not, as OpenAI does)."""
-    return response_body("text_completion", rid, created, model, choices, usage_, chunk)

@@ -198,7 +198,7 @@ def token_namer(decode_ids: Callable[[list[int]], str], as_ids: bool = False) ->
 
 
 def response_body(
-    object_: str,
+    chat: bool,
     rid: str,
     created: int,
     model: str,
@@ -206,7 +206,13 @@ def response_body(
     usage_: dict[str, int] | None,
     chunk: bool,
 ) -> dict[str, Any]:
-    """The envelope every response shares; as a stream chunk, `usage` only when asked for."""
+    """The envelope every response shares: a text_completion (the same object name streamed
+    and not, as OpenAI does), a chat.completion or a chat.completion.chunk; as a stream chunk,
+    `usage` only when asked for."""
+    if not chat:
+        object_ = "text_completion"
+    else:
+        object_ = "chat.completion.chunk" if chunk else "chat.completion"
     body: dict[str, Any] = {
         "id": rid,
         "object": object_,
