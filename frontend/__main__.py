@@ -10,13 +10,13 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
 
 import uvicorn
 
 from engine_core.config import EngineConfig
 from engine_core.model_files import resolve_model
-from frontend.api_server import ServerState, build_app
+from frontend.api_server import build_app
+from frontend.api_state import ServerState
 from frontend.async_llm import AsyncLLM
 from frontend.cli import ServerArgs, parse_args
 
@@ -127,7 +127,7 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         sock.close()
         return 0
     model_name = args.served_model_name or default_name
-    app: Any = build_app(engine, args, model_name, model_root)
+    app = build_app(engine, args, model_name, model_root)
     host, port = sock.getsockname()[:2]
 
     def on_ready() -> None:

@@ -21,8 +21,7 @@ from engine_core.config import EngineConfig
 from engine_core.protocol import SamplingParams
 from frontend.async_llm import AsyncLLM as _ServerEngine
 from frontend.outputs import RequestOutput, RequestOutputKind
-
-PromptType = str | dict[str, Any] | list[int]
+from frontend.prompts import PromptType, prepare_prompt
 
 
 class AsyncLLM:
@@ -95,8 +94,9 @@ class AsyncLLM:
         await self.start()
         engine = self._require()
         params = sampling_params if sampling_params is not None else SamplingParams()
-        text, token_ids = self._tokenize(engine, prompt)
-        self._check(engine, token_ids, params)
+        text, token_ids = prepare_prompt(
+            engine.tokenizer, prompt, params, engine.max_model_len, engine.vocab_size
+        )
         gen = engine.generate(text, token_ids, params, request_id, output_kind)
         async with contextlib.aclosing(gen):
             async for out in gen:
@@ -118,26 +118,3 @@ class AsyncLLM:
         if self._engine is None:
             raise RuntimeError("the engine is not started: await engine.start() first.")
         return self._engine
-
-    @staticmethod
-    def _tokenize(engine: _ServerEngine, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, engine.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            if "prompt" in prompt:
-                return prompt["prompt"], engine.tokenizer.encode(prompt["prompt"])
-            raise ValueError(
-                f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}"
-            )
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise TypeError(f"unsupported prompt type {type(prompt).__name__}")
-
-    @staticmethod
-    def _check(engine: _ServerEngine, token_ids: list[int], params: SamplingParams) -> None:
-        from frontend.llm import check_prompt, check_structured_outputs
-
-        check_prompt(token_ids, params, engine.max_model_len, engine.vocab_size)
-        check_structured_outputs(params)

@@ -12,9 +12,8 @@ from engine_core.protocol import SamplingParams, SchedulerStats
 from frontend.core_client import EngineCoreClient
 from frontend.output_processor import OutputProcessor
 from frontend.outputs import RequestOutput, RequestOutputKind
+from frontend.prompts import PromptType, prepare_prompt
 from frontend.tokenizer import load_tokenizer
-
-PromptType = str | dict[str, Any] | list[int]
 
 
 class LLM:
@@ -80,9 +79,9 @@ class LLM:
         # Validate every prompt before any is sent, so a bad one leaves nothing in the core.
         pending = []
         for prompt, sp in zip(prompt_list, params, strict=True):
-            text, token_ids = self._tokenize(prompt)
-            self._check_length(token_ids, sp)
-            check_structured_outputs(sp)
+            text, token_ids = prepare_prompt(
+                self.tokenizer, prompt, sp, self.max_model_len, self.engine.ready.vocab_size
+            )
             pending.append((str(next(self._ids)), text, token_ids, sp))
         return self._run(pending, use_tqdm)
 
@@ -140,25 +139,6 @@ class LLM:
 
     # ---------------------------------------------------------------- internals
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids = [int(t) for t in prompt["prompt_token_ids"]]
-                return prompt.get("prompt"), ids
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            raise ValueError(
-                f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}"
-            )
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise TypeError(f"unsupported prompt type {type(prompt).__name__}")
-
-    def _check_length(self, token_ids: list[int], sp: SamplingParams) -> None:
-        check_prompt(token_ids, sp, self.max_model_len, self.engine.ready.vocab_size)
-
     def _run(self, requests: list[tuple], use_tqdm: bool) -> list[RequestOutput]:
         order = {rid: i for i, (rid, *_rest) in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * len(requests)
@@ -211,41 +191,6 @@ class LLM:
                 if u.error:
                     raise RuntimeError(u.error)
                 return msgspec.msgpack.decode(u.result) if u.result else None
-
-
-def check_prompt(
-    token_ids: list[int], sp: SamplingParams, max_model_len: int, vocab_size: int
-) -> None:
-    """Raise ValueError unless the prompt fits the model with room for max_tokens."""
-    if not token_ids:
-        raise ValueError("a prompt must have at least one token")
-    n = len(token_ids)
-    if n >= max_model_len:
-        raise ValueError(
-            f"the prompt has {n} tokens, but the model's context is {max_model_len} tokens "
-            "(and at least one must be left to generate)"
-        )
-    if sp.max_tokens is not None and n + sp.max_tokens > max_model_len:
-        raise ValueError(
-            f"the prompt ({n} tokens) plus max_tokens ({sp.max_tokens}) exceeds the model's "
-            f"context of {max_model_len} tokens"
-        )
-    for t in token_ids:
-        if not 0 <= t < vocab_size:
-            raise ValueError(f"prompt token id {t} is out of the vocabulary (size {vocab_size})")
-
-
-def check_structured_outputs(sp: SamplingParams) -> None:
-    """Raise ValueError naming the bad part of a structured-output spec that does not convert."""
-    if sp.structured_outputs is None:
-        return
-    from frontend.openai_protocol import RequestError
-    from frontend.structured import check_sync
-
-    try:
-        check_sync(sp.structured_outputs)
-    except RequestError as e:
-        raise ValueError(f"{e.param}: {e.message}") from None
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from operator import attrgetter
-
-import msgspec
 
 from engine_core.protocol import (
     EngineCoreOutput,
@@ -20,25 +17,18 @@ from engine_core.protocol import (
     Logprobs,
     SamplingParams,
 )
-from frontend.detokenizer import (
-    IncrementalDetokenizer,
-    find_stop_string,
-    make_decode,
-    stop_prefix_length,
-)
+from frontend.detokenizer import make_decode
 from frontend.outputs import (
-    CompletionOutput,
     FinishedRequestStats,
     IterationStats,
     Logprob,
-    RequestMetrics,
     RequestOutput,
     RequestOutputKind,
 )
+from frontend.request_state import RequestState, SampleState, child_params
 
 _FINISH_REASON = {reason: str(reason) for reason in FinishReason}
 _STOP = FinishReason.STOP
-_SEED_RANGE = 2**64
 
 
 @dataclass(slots=True)
@@ -50,167 +40,6 @@ class ProcessedOutputs:
     iteration_stats: IterationStats = field(default_factory=IterationStats)
 
 
-class _Sample:
-    """One engine request: one of a request's n samples, with its text so far."""
-
-    __slots__ = (
-        "request", "index", "engine_id", "params", "stop", "stop_chars", "max_stop_len",
-        "detokenizer", "text", "token_ids", "logprobs", "cumulative_logprob", "finish_reason",
-        "stop_reason", "sent_chars", "sent_tokens", "first_token_time", "last_token_time",
-        "changed",
-    )  # fmt: skip
-
-    def __init__(
-        self, request: _Request, index: int, engine_id: str, params: SamplingParams, tokenizer
-    ) -> None:
-        self.request = request
-        self.index = index
-        self.engine_id = engine_id
-        self.params = params
-        self.stop = tuple(params.stop or ())
-        self.stop_chars = frozenset("".join(self.stop))
-        self.max_stop_len = max(map(len, self.stop), default=0)
-        self.detokenizer = IncrementalDetokenizer(
-            tokenizer,
-            request.prompt_token_ids,
-            params.skip_special_tokens,
-            params.spaces_between_special_tokens,
-        )
-        self.text = ""
-        self.token_ids: list[int] = []
-        wants_logprobs = params.logprobs is not None
-        self.logprobs: list[dict[int, Logprob]] | None = [] if wants_logprobs else None
-        self.cumulative_logprob: float | None = 0.0 if wants_logprobs else None
-        self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
-        self.sent_chars = 0  # DELTA mode: what earlier outputs carried
-        self.sent_tokens = 0
-        self.first_token_time: float | None = None
-        self.last_token_time: float | None = None
-        self.changed = False  # got an engine output in the current step
-
-    def append_text(self, delta: str, num_tokens: int) -> bool:
-        """Append detokenized text; True when it completes a stop string (the text is cut)."""
-        if not delta:
-            return False
-        self.text += delta
-        if not self.stop or num_tokens <= self.params.min_tokens:
-            return False
-        hit = find_stop_string(self.text, len(delta), self.stop)
-        if hit is None:
-            return False
-        stop, start = hit
-        self.text = self.text[
-            : start + len(stop) if self.params.include_stop_str_in_output else start
-        ]
-        self.finish_reason, self.stop_reason = "stop", stop
-        return True
-
-    def visible_len(self) -> int:
-        """How much text may be shown: all of it, except an unfinished end that may still
-        turn out to be the beginning of a stop string (never text already sent)."""
-        text = self.text
-        if (
-            not text
-            or text[-1] not in self.stop_chars  # the cheap answer for almost every step
-            or self.finish_reason is not None
-            or self.params.include_stop_str_in_output
-        ):
-            return len(text)
-        limit = min(self.max_stop_len - 1, len(text) - self.sent_chars)
-        return len(text) - stop_prefix_length(text, self.stop, limit)
-
-    def completion(self, kind: RequestOutputKind) -> CompletionOutput:
-        end = self.visible_len()
-        if kind is RequestOutputKind.DELTA:
-            text = self.text[self.sent_chars : end]
-            token_ids = self.token_ids[self.sent_tokens :]
-            logprobs = None if self.logprobs is None else self.logprobs[self.sent_tokens :]
-            self.sent_chars, self.sent_tokens = end, len(self.token_ids)
-        elif self.finish_reason is not None:  # final: the lists never change again
-            text, token_ids, logprobs = self.text, self.token_ids, self.logprobs
-        else:
-            text, token_ids = self.text[:end], self.token_ids.copy()
-            logprobs = None if self.logprobs is None else self.logprobs.copy()
-        return CompletionOutput(
-            self.index,
-            text,
-            token_ids,
-            self.cumulative_logprob,
-            logprobs,
-            self.finish_reason,
-            self.stop_reason,
-        )
-
-    def finished_stats(self, now: float) -> FinishedRequestStats:
-        arrival, first = self.request.metrics.arrival_time, self.first_token_time
-        n = len(self.token_ids)
-        last = self.last_token_time
-        decode_time = None if first is None or last is None else last - first
-        assert self.finish_reason is not None, "only a finished sample has stats"
-        return FinishedRequestStats(
-            request_id=self.engine_id,
-            finish_reason=self.finish_reason,
-            num_prompt_tokens=len(self.request.prompt_token_ids),
-            num_generation_tokens=n,
-            e2e_latency=now - arrival,
-            queue_time=None if first is None else first - arrival,
-            time_to_first_token=None if first is None else first - arrival,
-            decode_time=decode_time,
-            mean_time_per_output_token=decode_time / (n - 1) if decode_time and n > 1 else None,
-        )
-
-
-class _Request:
-    """One user request: its prompt, its n samples, where its outputs go."""
-
-    __slots__ = (
-        "request_id", "prompt", "prompt_token_ids", "output_kind", "queue", "samples",
-        "num_unfinished", "metrics", "num_cached_tokens", "error",
-    )  # fmt: skip
-
-    def __init__(
-        self, request_id, prompt, prompt_token_ids, output_kind, queue, arrival_time
-    ) -> None:
-        self.request_id: str = request_id
-        self.prompt: str | None = prompt
-        self.prompt_token_ids: list[int] = prompt_token_ids
-        self.output_kind: RequestOutputKind = output_kind
-        self.queue = queue
-        self.samples: list[_Sample] = []
-        self.num_unfinished = 0
-        self.metrics = RequestMetrics(arrival_time=arrival_time)
-        self.num_cached_tokens = 0
-        self.error: str | None = None
-
-    def make_output(self, changed: list[_Sample]) -> RequestOutput | None:
-        """The output for this step (`changed`: the samples that got something new), if any."""
-        finished = self.num_unfinished == 0
-        kind = self.output_kind
-        if kind is RequestOutputKind.FINAL_ONLY and not finished:
-            return None
-        samples = changed if kind is RequestOutputKind.DELTA else self.samples
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            outputs=[s.completion(kind) for s in sorted(samples, key=attrgetter("index"))],
-            finished=finished,
-            num_cached_tokens=self.num_cached_tokens,
-            error=self.error,
-            metrics=self.metrics,
-        )
-
-
-def _child_params(params: SamplingParams, index: int) -> SamplingParams:
-    # As vLLM's ParentRequest: each sample is its own engine request with n=1 and seed+index,
-    # so that seeded requests stay reproducible and their samples still differ.
-    seed = None if params.seed is None else params.seed + index
-    if seed is not None and seed >= _SEED_RANGE:
-        seed -= _SEED_RANGE
-    return msgspec.structs.replace(params, n=1, seed=seed)
-
-
 class OutputProcessor:
     """Tracks the frontend's running requests and turns engine outputs into RequestOutputs."""
 
@@ -218,8 +47,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._decode_token = make_decode(tokenizer, skip_special_tokens=False)
         self._token_text: dict[int, str] = {}
-        self._requests: dict[str, _Request] = {}
-        self._samples: dict[str, _Sample] = {}  # by engine id
+        self._requests: dict[str, RequestState] = {}
+        self._samples: dict[str, SampleState] = {}  # by engine id
         self._aborted_stats: list[FinishedRequestStats] = []  # reported by the next step
         # Totals since start, for the server's counters.
         self.num_prompt_tokens_total = 0
@@ -253,11 +82,13 @@ class OutputProcessor:
                     f"request {request_id!r} needs engine request id {engine_id!r}, which "
                     "another running request already uses"
                 )
-        request = _Request(request_id, prompt, prompt_token_ids, output_kind, queue, arrival_time)
+        request = RequestState(
+            request_id, prompt, prompt_token_ids, output_kind, queue, arrival_time
+        )
         core_requests = []
         for i, engine_id in enumerate(engine_ids):
-            child = params if n == 1 else _child_params(params, i)
-            sample = _Sample(request, i, engine_id, child, self.tokenizer)
+            child = params if n == 1 else child_params(params, i)
+            sample = SampleState(request, i, engine_id, child, self.tokenizer)
             request.samples.append(sample)
             self._samples[engine_id] = sample
             core_requests.append(
@@ -276,7 +107,7 @@ class OutputProcessor:
         if self._aborted_stats:
             stats.finished_requests.extend(self._aborted_stats)
             self._aborted_stats.clear()
-        changed: dict[str, list[_Sample]] = {}
+        changed: dict[str, list[SampleState]] = {}
         for out in engine_core_outputs:
             sample = self._samples.get(out.request_id)
             if sample is None or sample.finish_reason is not None:
@@ -325,7 +156,9 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------ internals
 
-    def _update(self, s: _Sample, out: EngineCoreOutput, now: float, stats: IterationStats) -> bool:
+    def _update(
+        self, s: SampleState, out: EngineCoreOutput, now: float, stats: IterationStats
+    ) -> bool:
         """Apply one engine output to its sample; True when a stop string ended it here."""
         new_ids = out.new_token_ids
         request = s.request
@@ -364,7 +197,9 @@ class OutputProcessor:
             stats.finished_requests.append(s.finished_stats(now))
         return stopped and not out.finished
 
-    def _record_timing(self, s: _Sample, now: float, num_new: int, stats: IterationStats) -> None:
+    def _record_timing(
+        self, s: SampleState, now: float, num_new: int, stats: IterationStats
+    ) -> None:
         metrics = s.request.metrics
         if s.first_token_time is None:
             s.first_token_time = now
@@ -393,7 +228,7 @@ class OutputProcessor:
             text = self._token_text[token_id] = self._decode_token([token_id])
         return text
 
-    def _finish_all(self, request: _Request, reason: str, now: float) -> list[_Sample]:
+    def _finish_all(self, request: RequestState, reason: str, now: float) -> list[SampleState]:
         """Finish the request's unfinished samples with `reason` and forget the request."""
         unfinished = [s for s in request.samples if s.finish_reason is None]
         for s in unfinished:
@@ -404,7 +239,7 @@ class OutputProcessor:
         return unfinished
 
     def _emit(
-        self, request: _Request, output: RequestOutput | None, into: list[RequestOutput]
+        self, request: RequestState, output: RequestOutput | None, into: list[RequestOutput]
     ) -> None:
         if output is not None:
             into.append(output)
@@ -413,7 +248,7 @@ class OutputProcessor:
         if request.num_unfinished == 0:
             self._forget(request)
 
-    def _forget(self, request: _Request) -> None:
+    def _forget(self, request: RequestState) -> None:
         self._requests.pop(request.request_id, None)
         for s in request.samples:
             self._samples.pop(s.engine_id, None)

@@ -10,21 +10,15 @@ import pytest
 from engine_core.protocol import SchedulerStats
 from frontend.cli import parse_args
 from frontend.metrics import Metrics
-from frontend.openai_protocol import (
+from frontend.openai_chat import (
     ChatCompletionRequest,
-    CompletionRequest,
-    RequestError,
     chat_logprobs,
     chat_messages,
     check_chat_unsupported,
-    choice,
-    completion_logprobs,
-    completion_prompts,
-    error_body,
-    parse_request,
-    sampling_params,
-    token_namer,
 )
+from frontend.openai_completions import CompletionRequest, completion_logprobs, completion_prompts
+from frontend.openai_protocol import RequestError, choice, error_body, parse_request, token_namer
+from frontend.openai_sampling import sampling_params
 from frontend.outputs import CompletionOutput, FinishedRequestStats, IterationStats, Logprob
 
 VOCAB = 1000

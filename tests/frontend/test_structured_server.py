@@ -78,9 +78,14 @@ def server(start_server):
     )
 
 
+def client_args(server) -> dict:
+    """The official client's settings for `server`: no retries, a long timeout."""
+    return dict(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=600)
+    return openai.OpenAI(**client_args(server))
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +117,13 @@ def collect(stream) -> tuple[str, dict[int, dict], list[str | None]]:
             if ch.finish_reason is not None:
                 finish[ch.index] = ch.finish_reason
     return content, calls, [finish[i] for i in sorted(finish)]
+
+
+def answered_and_streamed(oai, **request) -> tuple:
+    """The same chat request answered whole, then streamed: the response, and the stream
+    reassembled (collect's content, calls and finish reasons)."""
+    r = oai.chat.completions.create(**request)
+    return r, collect(oai.chat.completions.create(**request, stream=True))
 
 
 # ---------------------------------------------------------------- response_format
@@ -245,23 +257,19 @@ def test_json_schema_string_in_structured_outputs_and_whitespace_pattern(oai, mo
 
 def test_named_tool_call_streamed_and_not(oai, model):
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    r = oai.chat.completions.create(
-        model=model, messages=WEATHER, tools=TOOLS, tool_choice=choice, max_tokens=40, temperature=0
-    )
-    msg = r.choices[0].message
-    assert r.choices[0].finish_reason == "tool_calls"
-    assert len(msg.tool_calls) == 1 and msg.tool_calls[0].function.name == "get_weather"
-    check_call(msg.tool_calls[0])
-    stream = oai.chat.completions.create(
+    r, (content, calls, finish) = answered_and_streamed(
+        oai,
         model=model,
         messages=WEATHER,
         tools=TOOLS,
         tool_choice=choice,
         max_tokens=40,
         temperature=0,
-        stream=True,
     )
-    content, calls, finish = collect(stream)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert len(msg.tool_calls) == 1 and msg.tool_calls[0].function.name == "get_weather"
+    check_call(msg.tool_calls[0])
     assert content == "" and finish == ["tool_calls"]
     assert calls[0]["name"] == "get_weather"
     assert json.loads(calls[0]["arguments"]) == json.loads(msg.tool_calls[0].function.arguments)
@@ -310,12 +318,11 @@ def test_auto_tool_choice_reads_hermes_calls(oai, model):
         temperature=0,
         extra_body={"structured_outputs": {"regex": forced}},
     )
-    r = oai.chat.completions.create(**kwargs)
+    r, (content, calls, finish) = answered_and_streamed(oai, **kwargs)
     assert r.choices[0].finish_reason == "tool_calls"
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "add"
     check_call(call)
-    content, calls, finish = collect(oai.chat.completions.create(**kwargs, stream=True))
     assert finish == ["tool_calls"] and content == ""
     assert calls[0]["name"] == "add"
     assert json.loads(calls[0]["arguments"]) == json.loads(call.function.arguments)
@@ -363,9 +370,7 @@ def test_top_logprobs_zero_without_logprobs(oai, model):
 
 def test_12_concurrent_requests_mixing_structured_and_plain(server, model):
     async def main() -> None:
-        client = openai.AsyncOpenAI(
-            base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=600
-        )
+        client = openai.AsyncOpenAI(**client_args(server))
 
         async def one(i: int) -> None:
             kind = i % 4
@@ -483,9 +488,7 @@ def test_bad_input_is_a_400_naming_the_part(server, extra, param):
 
 def test_slow_compile_fails_alone_while_others_finish(server, oai, model):
     async def main() -> list:
-        client = openai.AsyncOpenAI(
-            base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=600
-        )
+        client = openai.AsyncOpenAI(**client_args(server))
         slow = client.chat.completions.create(
             model=model,
             messages=PERSON,
