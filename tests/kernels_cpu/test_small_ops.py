@@ -13,16 +13,6 @@ from kernels_cpu import ops
 pytestmark = pytest.mark.skipif(not ops.available(), reason="no C++ compiler on this machine")
 
 
-@pytest.fixture(params=["native", "scalar"])
-def library(request, monkeypatch):
-    """Each test runs on the AVX2 build and on the plain x86-64 (scalar) one."""
-    if request.param == "scalar":
-        from kernels_cpu.build import library_path
-
-        monkeypatch.setattr(ops, "_lib", ops.load_library(library_path(march="x86-64")))
-    return request.param
-
-
 @pytest.mark.parametrize("rows,h", [(1, 576), (5, 100), (70, 64)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_add_rms_norm_matches_torch(library, rows, h, with_residual):
