@@ -167,12 +167,13 @@ def paged_decode_attention(
     block_ids: torch.Tensor,
     bias: torch.Tensor,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [rows, heads, head_dim] (one token a row) over the paged cache in place.
 
     k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim] fp32; block_ids [rows * width]
     int64 (each row's block table padded to width); bias [rows, width * block_size] additive
-    (0 or -inf). Returns [rows, heads, head_dim] fp32.
+    (0 or -inf). Returns [rows, heads, head_dim] fp32 (in `out`, contiguous, if given).
     """
     lib = _load()
     if lib is None:
@@ -191,7 +192,10 @@ def paged_decode_attention(
             raise ValueError(f"{name} must be contiguous {dtype}, got {t.dtype}.")
     if bias.numel() != rows * width * block_size:
         raise ValueError(f"bias has {bias.numel()} elements, expected {rows * width * block_size}.")
-    out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
+    elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous float32 {tuple(q.shape)}.")
     rc = lib.rs_paged_decode_attention(
         q.data_ptr(),
         k_cache.data_ptr(),

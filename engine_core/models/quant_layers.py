@@ -52,6 +52,13 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
+        if (
+            x.dim() == 2
+            and x.dtype == torch.float32
+            and x.shape[0] <= GEMM_MAX_ROWS
+            and x.stride(1) == 1
+        ):  # the model's own case, ~40 us of Python shorter than the general one below
+            return ops.gemm(x, self.qweight, self.wtype, n, k)
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, k)
         if dtype != torch.float32:
