@@ -57,8 +57,41 @@ inline float exp_and_sum(float* s, int64_t n, float mx) {
   return sum;
 }
 
-inline void axpy(float p, const float* x, float* y, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += p * x[d];
+// o[d] = inv * sum_t p[t] * v_t[d] over the context's value rows (walked block by block), for
+// one query head: the sums stay in registers, 32 lanes of head_dim at a time.
+inline void weighted_values(const float* p, const float* v_cache, const int64_t* bt, int64_t width,
+                            int64_t block_size, int64_t slot_stride, int64_t head_offset,
+                            int64_t head_dim, float inv, float* o) {
+  int64_t d0 = 0;
+#if defined(__AVX2__)
+  for (; d0 + 32 <= head_dim; d0 += 32) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < width; ++b) {
+      const float* vb = v_cache + bt[b] * block_size * slot_stride + head_offset + d0;
+      for (int64_t i = 0; i < block_size; ++i) {
+        const float pt = p[b * block_size + i];
+        if (pt == 0.0f) continue;
+        const __m256 vp = _mm256_set1_ps(pt);
+        const float* vt = vb + i * slot_stride;
+        for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(vp, _mm256_loadu_ps(vt + 8 * c), acc[c]);
+      }
+    }
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + d0 + 8 * c, _mm256_mul_ps(acc[c], vinv));
+  }
+#endif
+  for (int64_t d = d0; d < head_dim; ++d) o[d] = 0.0f;
+  if (d0 == head_dim) return;
+  for (int64_t b = 0; b < width; ++b) {
+    const float* vb = v_cache + bt[b] * block_size * slot_stride + head_offset;
+    for (int64_t i = 0; i < block_size; ++i) {
+      const float pt = p[b * block_size + i];
+      if (pt == 0.0f) continue;
+      const float* vt = vb + i * slot_stride;
+      for (int64_t d = d0; d < head_dim; ++d) o[d] += pt * vt[d];
+    }
+  }
+  for (int64_t d = d0; d < head_dim; ++d) o[d] *= inv;
 }
 
 }  // namespace
@@ -73,7 +106,7 @@ extern "C" int rs_paged_decode_attention(const float* q, const float* k_cache, c
   const int64_t slot_stride = kv_heads * head_dim;  // floats from one token's K row to the next
 #pragma omp parallel num_threads(nthreads) if (rows * kv_heads > 1 && rows * ctx >= 512)
   {
-    std::vector<float> scores(group * ctx), inv(group);  // inv: 1 / softmax sum per head
+    std::vector<float> scores(group * ctx);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < rows * kv_heads; ++task) {
       const int64_t r = task / kv_heads, g = task % kv_heads;
@@ -101,21 +134,8 @@ extern "C" int rs_paged_decode_attention(const float* q, const float* k_cache, c
         if (mx == -INFINITY) {
           for (int64_t t = 0; t < ctx; ++t) sj[t] = 0.0f;
         }
-        inv[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
-        float* o = out + (r * heads + g * group + j) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) o[d] = 0.0f;
-      }
-      // Values: each row once, for every query head of the group.
-      for (int64_t b = 0; b < width; ++b) {
-        const float* vb = v_cache + (bt[b] * block_size * kv_heads + g) * head_dim;
-        for (int64_t i = 0; i < block_size; ++i) {
-          const int64_t t = b * block_size + i;
-          const float* vt = vb + i * slot_stride;
-          for (int64_t j = 0; j < group; ++j) {
-            const float p = s[j * ctx + t];
-            if (p != 0.0f) axpy(p * inv[j], vt, out + (r * heads + g * group + j) * head_dim, head_dim);
-          }
-        }
+        weighted_values(sj, v_cache, bt, width, block_size, slot_stride, g * head_dim, head_dim,
+                        sum > 0.0f ? 1.0f / sum : 0.0f, out + (r * heads + g * group + j) * head_dim);
       }
     }
   }
