@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -143,6 +144,18 @@ template <class Fn>
 inline void for_row_chunks(int64_t n, int64_t chunk, int nthreads, bool parallel, Fn&& fn) {
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic) if (parallel)
   for (int64_t r0 = 0; r0 < n; r0 += chunk) fn(r0, r0 + chunk < n ? r0 + chunk : n);
+}
+
+// fn(std::integral_constant<int, WType>{}) for a runtime ggml type id: 0, or 2 for a type the
+// kernels do not take (the C entry points' return codes).
+template <class Fn>
+inline int with_wtype(int wtype, Fn&& fn) {
+  switch (wtype) {
+    case kQ4_0: fn(std::integral_constant<int, kQ4_0>{}); return 0;
+    case kQ4_1: fn(std::integral_constant<int, kQ4_1>{}); return 0;
+    case kQ8_0: fn(std::integral_constant<int, kQ8_0>{}); return 0;
+    default: return 2;
+  }
 }
 
 // Whether a product of m rows over an n x k weight is worth waking a second thread for (tens

@@ -228,12 +228,7 @@ int rs_simd_level() {
 int rs_gemm(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
             int64_t ldx, float* y, int64_t ldy, int nthreads) {
   if (k % QK != 0 || nthreads < 1) return 1;
-  switch (wtype) {
-    case kQ4_0: gemm<kQ4_0>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    case kQ4_1: gemm<kQ4_1>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    case kQ8_0: gemm<kQ8_0>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    default: return 2;
-  }
+  return with_wtype(wtype, [&](auto t) { gemm<decltype(t)::value>(w, n, k, x, m, ldx, y, ldy, nthreads); });
 }
 
 // out[i, :] = dequantized row rows[i] of W (rows == nullptr: rows 0..n_rows-1). 0 on success.
@@ -243,11 +238,12 @@ int rs_dequant_rows(int wtype, const uint8_t* w, int64_t k, const int64_t* rows,
   if (bb == 0) return 2;
   if (k % QK != 0 || nthreads < 1) return 1;
   const int64_t row_bytes = k / QK * bb;
-  void (*row)(const uint8_t*, int64_t, float*) =
-      wtype == kQ4_0 ? dequant_row<kQ4_0> : wtype == kQ4_1 ? dequant_row<kQ4_1> : dequant_row<kQ8_0>;
+  return with_wtype(wtype, [&](auto t) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n_rows > 64)
-  for (int64_t i = 0; i < n_rows; ++i) row(w + (rows ? rows[i] : i) * row_bytes, k, out + i * k);
-  return 0;
+    for (int64_t i = 0; i < n_rows; ++i) {
+      dequant_row<decltype(t)::value>(w + (rows ? rows[i] : i) * row_bytes, k, out + i * k);
+    }
+  });
 }
 
 }  // extern "C"

@@ -185,12 +185,7 @@ extern "C" {
 int rs_gemm_f32(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
                 int64_t ldx, float* y, int64_t ldy, int nthreads) {
   if (k % QK != 0 || nthreads < 1) return 1;
-  switch (wtype) {
-    case kQ4_0: gemm_f32<kQ4_0>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    case kQ4_1: gemm_f32<kQ4_1>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    case kQ8_0: gemm_f32<kQ8_0>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    default: return 2;
-  }
+  return with_wtype(wtype, [&](auto t) { gemm_f32<decltype(t)::value>(w, n, k, x, m, ldx, y, ldy, nthreads); });
 }
 
 }  // extern "C"
