@@ -36,6 +36,11 @@ def load_library(path: str) -> ctypes.CDLL:
     lib.rs_gemm.argtypes = lib.rs_gemm_f32.argtypes = args
     lib.rs_dequant_rows.argtypes = [ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.rs_simd_level.restype = ctypes.c_int
+    lib.rs_add_rms_norm.argtypes = [_ptr] * 5 + [_i64, _i64, ctypes.c_float, ctypes.c_int]
+    lib.rs_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, ctypes.c_int]
+    lib.rs_silu_and_mul.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
+    for fn in (lib.rs_add_rms_norm, lib.rs_rope, lib.rs_silu_and_mul):
+        fn.restype = None
     lib.rs_paged_decode_attention.argtypes = (
         [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _ptr, ctypes.c_int]
     )
@@ -162,12 +167,13 @@ def paged_decode_attention(
     block_ids: torch.Tensor,
     bias: torch.Tensor,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [rows, heads, head_dim] (one token a row) over the paged cache in place.
 
     k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim] fp32; block_ids [rows * width]
     int64 (each row's block table padded to width); bias [rows, width * block_size] additive
-    (0 or -inf). Returns [rows, heads, head_dim] fp32.
+    (0 or -inf). Returns [rows, heads, head_dim] fp32 (in `out`, contiguous, if given).
     """
     lib = _load()
     if lib is None:
@@ -186,7 +192,10 @@ def paged_decode_attention(
             raise ValueError(f"{name} must be contiguous {dtype}, got {t.dtype}.")
     if bias.numel() != rows * width * block_size:
         raise ValueError(f"bias has {bias.numel()} elements, expected {rows * width * block_size}.")
-    out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
+    elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous float32 {tuple(q.shape)}.")
     rc = lib.rs_paged_decode_attention(
         q.data_ptr(),
         k_cache.data_ptr(),
@@ -205,4 +214,77 @@ def paged_decode_attention(
     )
     if rc:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads.")
+    return out
+
+
+# ------------------------------------------------------------------ the step's small fused ops
+#
+# fp32 CPU tensors only; callers (models/ops.py) check and fall back to torch otherwise.
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"kernels_cpu is not available: {_load_error}")
+    return lib
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) * weight, x + residual) for x [T, h] (residual None: x alone)."""
+    lib = _lib_or_raise()
+    rows, h = x.shape
+    for t in (x, residual, weight):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+            raise ValueError("add_rms_norm takes contiguous float32 tensors.")
+    if weight.numel() != h or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"add_rms_norm: shapes {tuple(x.shape)}, weight {tuple(weight.shape)}.")
+    out, new_residual = torch.empty_like(x), torch.empty_like(x)
+    lib.rs_add_rms_norm(
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        new_residual.data_ptr(),
+        rows,
+        h,
+        eps,
+        torch.get_num_threads(),
+    )
+    return out, new_residual
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [T, heads, head_dim] in place; cos, sin [T, 1 or absent, hd/2]."""
+    lib = _lib_or_raise()
+    tokens, heads, head_dim = x.shape
+    if x.dtype != torch.float32 or x.stride(2) != 1 or x.stride(1) != head_dim:
+        raise ValueError("rope_ takes float32 x whose heads are contiguous rows of head_dim.")
+    for t in (cos, sin):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != tokens * head_dim // 2:
+            raise ValueError(
+                f"rope_: cos/sin must be contiguous float32 [{tokens}, {head_dim // 2}]."
+            )
+    lib.rs_rope(
+        x.data_ptr(),
+        tokens,
+        heads,
+        head_dim,
+        x.stride(0),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return x
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of a fused [gate | up] x [T, 2n]: silu(gate) * up, [T, n]."""
+    lib = _lib_or_raise()
+    tokens, width = x.shape
+    if x.dtype != torch.float32 or not x.is_contiguous() or width % 2:
+        raise ValueError("silu_and_mul takes a contiguous float32 [T, 2n] tensor.")
+    out = torch.empty(tokens, width // 2, dtype=torch.float32)
+    lib.rs_silu_and_mul(x.data_ptr(), out.data_ptr(), tokens, width // 2, torch.get_num_threads())
     return out

@@ -3,10 +3,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace rs {
 
@@ -44,14 +43,6 @@ inline float fp16_to_fp32(uint16_t h) {
 #endif
 }
 
-#if defined(__AVX2__)
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 constexpr int kTile = 4;  // activation rows sharing one unpacked weight block
 
@@ -62,6 +53,115 @@ inline int64_t block_bytes(int wtype) {
     case kQ8_0: return sizeof(BlockQ8_0);
     default: return 0;
   }
+}
+
+// Block b of a weight row: its quantized bytes (Q4: 16 bytes of nibble pairs, low nibbles
+// values 0..15, high ones 16..31; Q8_0: 32 int8), scale and offset, so that value i is
+// q_i * d + offset (Q4_0: (q - 8) * d, whose offset -8d enters the same way).
+template <int WType>
+inline const uint8_t* block_fields(const uint8_t* w, int64_t b, float& dw, float& offset) {
+  if constexpr (WType == kQ4_0) {
+    const BlockQ4_0* wb = (const BlockQ4_0*)w + b;
+    dw = fp16_to_fp32(wb->d), offset = -8.0f * dw;
+    return wb->qs;
+  } else if constexpr (WType == kQ4_1) {
+    const BlockQ4_1* wb = (const BlockQ4_1*)w + b;
+    dw = fp16_to_fp32(wb->d), offset = fp16_to_fp32(wb->m);
+    return wb->qs;
+  } else {
+    const BlockQ8_0* wb = (const BlockQ8_0*)w + b;
+    dw = fp16_to_fp32(wb->d), offset = 0.0f;
+    return (const uint8_t*)wb->qs;
+  }
+}
+
+// The 32 quantized values of block b as floats (q, not yet scaled), in order.
+template <int WType>
+inline void widen_block_scalar(const uint8_t* w, int64_t b, float q[32], float& dw,
+                               float& offset) {
+  const uint8_t* qs = block_fields<WType>(w, b, dw, offset);
+  if constexpr (WType == kQ8_0) {
+    for (int i = 0; i < QK; ++i) q[i] = (float)(int8_t)qs[i];
+  } else {
+    for (int i = 0; i < 16; ++i) q[i] = (float)(qs[i] & 0x0f), q[i + 16] = (float)(qs[i] >> 4);
+  }
+}
+
+#if defined(__AVX2__)
+// The same, as four vectors of 8 (values 0-7, 8-15, 16-23, 24-31).
+template <int WType>
+inline void widen_block(const uint8_t* w, int64_t b, __m256 q[4], float& dw, float& offset) {
+  const uint8_t* qs = block_fields<WType>(w, b, dw, offset);
+  if constexpr (WType == kQ8_0) {
+    for (int i = 0; i < 4; ++i) {
+      q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qs + 8 * i))));
+    }
+  } else {
+    // Bytes widened straight from memory to 32-bit lanes; a lane's low nibble is value i,
+    // its high nibble value i + 16.
+    const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)qs));
+    const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qs + 8)));
+    const __m256i mask = _mm256_set1_epi32(0x0f);
+    q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(lo, mask));
+    q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(hi, mask));
+    q[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4));
+    q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4));
+  }
+}
+#endif
+
+// Dequantized values of one weight row of k (k / 32 blocks): q * d + offset, rounded as
+// gguf's reference dequantizer does (a product, then a sum: no fused multiply-add).
+template <int WType>
+inline void dequant_row(const uint8_t* w, int64_t k, float* out) {
+  for (int64_t b = 0; b < k / QK; ++b) {
+    float dw, offset;
+    float* o = out + b * QK;
+#if defined(__AVX2__)
+    __m256 q[4];
+    widen_block<WType>(w, b, q, dw, offset);
+    const __m256 vd = _mm256_set1_ps(dw), voff = _mm256_set1_ps(offset);
+    for (int i = 0; i < 4; ++i) {
+      // Q4_0's (q - 8) * d is exact either way: q - 8 is a small integer in fp32.
+      const __m256 v = WType == kQ4_0 ? _mm256_mul_ps(_mm256_sub_ps(q[i], _mm256_set1_ps(8.0f)), vd)
+                                      : _mm256_add_ps(_mm256_mul_ps(q[i], vd), voff);
+      _mm256_storeu_ps(o + 8 * i, v);
+    }
+#else
+    float q[32];
+    widen_block_scalar<WType>(w, b, q, dw, offset);
+    for (int i = 0; i < QK; ++i) o[i] = WType == kQ4_0 ? (q[i] - 8.0f) * dw : q[i] * dw + offset;
+#endif
+  }
+}
+
+// Output rows [0, n) in chunks of `chunk`, handed to threads as they come free (dynamic: on a
+// shared machine a thread that loses its core for a time slice holds up one chunk, not half
+// the product; a row's result is one thread's work either way, so it does not depend on
+// the thread count); fn(r0, r1) per chunk. Chunks of 16 or more rows keep neighbouring
+// threads off each other's cache lines of y.
+template <class Fn>
+inline void for_row_chunks(int64_t n, int64_t chunk, int nthreads, bool parallel, Fn&& fn) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic) if (parallel)
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) fn(r0, r0 + chunk < n ? r0 + chunk : n);
+}
+
+// fn(std::integral_constant<int, WType>{}) for a runtime ggml type id: 0, or 2 for a type the
+// kernels do not take (the C entry points' return codes).
+template <class Fn>
+inline int with_wtype(int wtype, Fn&& fn) {
+  switch (wtype) {
+    case kQ4_0: fn(std::integral_constant<int, kQ4_0>{}); return 0;
+    case kQ4_1: fn(std::integral_constant<int, kQ4_1>{}); return 0;
+    case kQ8_0: fn(std::integral_constant<int, kQ8_0>{}); return 0;
+    default: return 2;
+  }
+}
+
+// Whether a product of m rows over an n x k weight is worth waking a second thread for (tens
+// of microseconds on a busy machine).
+inline bool worth_threads(int64_t n, int64_t k, int64_t m, int nthreads) {
+  return nthreads > 1 && n * k * (m < 4 ? m : 4) >= (1 << 18);
 }
 
 }  // namespace rs

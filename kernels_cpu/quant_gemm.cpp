@@ -95,16 +95,12 @@ inline __m256 dot_u8_s8(__m256i u, __m256i s) {  // 32 u8*s8 products summed in 
 template <int WType>
 inline void load_block(const uint8_t* w, int64_t b, __m256i& qw, __m256i& sign, float& dw,
                        float& offset) {
-  if constexpr (WType == kQ4_0) {
-    const BlockQ4_0* wb = (const BlockQ4_0*)w + b;
-    qw = unpack_nibbles(wb->qs), dw = fp16_to_fp32(wb->d), offset = -8.0f * dw;
-  } else if constexpr (WType == kQ4_1) {
-    const BlockQ4_1* wb = (const BlockQ4_1*)w + b;
-    qw = unpack_nibbles(wb->qs), dw = fp16_to_fp32(wb->d), offset = fp16_to_fp32(wb->m);
+  const uint8_t* qs = block_fields<WType>(w, b, dw, offset);
+  if constexpr (WType == kQ8_0) {
+    sign = _mm256_loadu_si256((const __m256i*)qs);
+    qw = _mm256_sign_epi8(sign, sign);
   } else {
-    const BlockQ8_0* wb = (const BlockQ8_0*)w + b;
-    sign = _mm256_loadu_si256((const __m256i*)wb->qs);
-    qw = _mm256_sign_epi8(sign, sign), dw = fp16_to_fp32(wb->d), offset = 0.0f;
+    qw = unpack_nibbles(qs);
   }
 }
 
@@ -165,22 +161,13 @@ void dot_row(const uint8_t* w, int64_t nb, const BlockQ8X* const* xs, float* out
     float sum = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
       const BlockQ8X& xb = xs[t][b];
-      int dot = 0;
       float dw, offset;
+      const uint8_t* qs = block_fields<WType>(w, b, dw, offset);
+      int dot = 0;
       if constexpr (WType == kQ8_0) {
-        const BlockQ8_0* wb = (const BlockQ8_0*)w + b;
-        for (int i = 0; i < QK; ++i) dot += wb->qs[i] * xb.qs[i];
-        dw = fp16_to_fp32(wb->d), offset = 0.0f;
+        for (int i = 0; i < QK; ++i) dot += (int8_t)qs[i] * xb.qs[i];
       } else {
-        const uint8_t* qs =
-            WType == kQ4_0 ? ((const BlockQ4_0*)w + b)->qs : ((const BlockQ4_1*)w + b)->qs;
         for (int i = 0; i < 16; ++i) dot += (qs[i] & 0x0f) * xb.qs[i] + (qs[i] >> 4) * xb.qs[i + 16];
-        if constexpr (WType == kQ4_0) {
-          dw = fp16_to_fp32(((const BlockQ4_0*)w + b)->d), offset = -8.0f * dw;
-        } else {
-          dw = fp16_to_fp32(((const BlockQ4_1*)w + b)->d);
-          offset = fp16_to_fp32(((const BlockQ4_1*)w + b)->m);
-        }
       }
       sum += dw * xb.d * (float)dot + offset * xb.s;
     }
@@ -207,53 +194,20 @@ void gemm(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int
   static thread_local std::vector<BlockQ8X> xq;
   if ((int64_t)xq.size() < m * nb) xq.resize(m * nb);
   BlockQ8X* xqp = xq.data();
-  // A small product is not worth waking a second thread for (tens of us on a busy machine).
-  const bool parallel = nthreads > 1 && n * k * (m < 4 ? m : 4) >= (1 << 18);
-#pragma omp parallel num_threads(nthreads) if (parallel)
-  {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < m; ++i) quantize_row(x + i * ldx, k, xqp + i * nb);
-    // Chunks of 16 rows: neighbouring threads do not share the cache lines of y.
-#pragma omp for schedule(static)
-    for (int64_t r0 = 0; r0 < n; r0 += 16) {
-      const int64_t r1 = r0 + 16 < n ? r0 + 16 : n;
-      for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* wr = w + r * row_bytes;
-        for (int64_t i0 = 0; i0 < m; i0 += kTile) {
-          const int mt = (int)(m - i0 < kTile ? m - i0 : kTile);
-          const BlockQ8X* xs[kTile];
-          float out[kTile];
-          for (int t = 0; t < mt; ++t) xs[t] = xqp + (i0 + t) * nb;
-          dot_rows<WType>(wr, nb, xs, mt, out);
-          for (int t = 0; t < mt; ++t) y[(i0 + t) * ldy + r] = out[t];
-        }
+  for (int64_t i = 0; i < m; ++i) quantize_row(x + i * ldx, k, xqp + i * nb);
+  for_row_chunks(n, 16, nthreads, worth_threads(n, k, m, nthreads), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* wr = w + r * row_bytes;
+      for (int64_t i0 = 0; i0 < m; i0 += kTile) {
+        const int mt = (int)(m - i0 < kTile ? m - i0 : kTile);
+        const BlockQ8X* xs[kTile];
+        float out[kTile];
+        for (int t = 0; t < mt; ++t) xs[t] = xqp + (i0 + t) * nb;
+        dot_rows<WType>(wr, nb, xs, mt, out);
+        for (int t = 0; t < mt; ++t) y[(i0 + t) * ldy + r] = out[t];
       }
     }
-  }
-}
-void dequant_row(int wtype, const uint8_t* w, int64_t k, float* out) {
-  for (int64_t b = 0; b < k / QK; ++b) {
-    float* o = out + b * QK;
-    if (wtype == kQ8_0) {
-      const BlockQ8_0* wb = (const BlockQ8_0*)w + b;
-      const float d = fp16_to_fp32(wb->d);
-      for (int i = 0; i < QK; ++i) o[i] = wb->qs[i] * d;
-    } else if (wtype == kQ4_1) {
-      const BlockQ4_1* wb = (const BlockQ4_1*)w + b;
-      const float d = fp16_to_fp32(wb->d), mn = fp16_to_fp32(wb->m);
-      for (int i = 0; i < 16; ++i) {
-        o[i] = (wb->qs[i] & 0x0f) * d + mn;
-        o[i + 16] = (wb->qs[i] >> 4) * d + mn;
-      }
-    } else {
-      const BlockQ4_0* wb = (const BlockQ4_0*)w + b;
-      const float d = fp16_to_fp32(wb->d);
-      for (int i = 0; i < 16; ++i) {
-        o[i] = ((wb->qs[i] & 0x0f) - 8) * d;
-        o[i + 16] = ((wb->qs[i] >> 4) - 8) * d;
-      }
-    }
-  }
+  });
 }
 
 }  // namespace
@@ -274,12 +228,7 @@ int rs_simd_level() {
 int rs_gemm(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
             int64_t ldx, float* y, int64_t ldy, int nthreads) {
   if (k % QK != 0 || nthreads < 1) return 1;
-  switch (wtype) {
-    case kQ4_0: gemm<kQ4_0>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    case kQ4_1: gemm<kQ4_1>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    case kQ8_0: gemm<kQ8_0>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    default: return 2;
-  }
+  return with_wtype(wtype, [&](auto t) { gemm<decltype(t)::value>(w, n, k, x, m, ldx, y, ldy, nthreads); });
 }
 
 // out[i, :] = dequantized row rows[i] of W (rows == nullptr: rows 0..n_rows-1). 0 on success.
@@ -289,11 +238,12 @@ int rs_dequant_rows(int wtype, const uint8_t* w, int64_t k, const int64_t* rows,
   if (bb == 0) return 2;
   if (k % QK != 0 || nthreads < 1) return 1;
   const int64_t row_bytes = k / QK * bb;
+  return with_wtype(wtype, [&](auto t) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n_rows > 64)
-  for (int64_t i = 0; i < n_rows; ++i) {
-    dequant_row(wtype, w + (rows ? rows[i] : i) * row_bytes, k, out + i * k);
-  }
-  return 0;
+    for (int64_t i = 0; i < n_rows; ++i) {
+      dequant_row<decltype(t)::value>(w + (rows ? rows[i] : i) * row_bytes, k, out + i * k);
+    }
+  });
 }
 
 }  // extern "C"

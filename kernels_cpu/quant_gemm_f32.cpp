@@ -1,4 +1,13 @@
 // The quantized GEMM with fp32 activations (see quant_gemm.cpp for the int8-activation one).
+//
+// Two kernels, one result (the fp32 product of the dequantized weights):
+// - few rows (m <= kDirectRows): each weight block is widened to fp32 in registers and dotted
+//   with every row; sum(W x) = d * sum(q x) + offset * sum(x), sum(x) of each activation
+//   block computed once per call.
+// - more rows: each thread dequantizes a tile of kTileRows weight rows into a buffer that
+//   stays in its L2 cache, once, and runs an fp32 micro-kernel of 3 activation rows x 4
+//   weight rows over it; the weight is unpacked once per tile, not once per activation row.
+// Rounding is fp32's alone, so results track a dequantize-then-matmul reference to ~1e-6.
 #include <vector>
 
 #include <omp.h>
@@ -9,59 +18,10 @@ using namespace rs;
 
 namespace {
 
-// ------------------------------------------------------------------ fp32-activation path
-//
-// The same products with the activations left in fp32: a block's values are widened to fp32
-// in registers and sum(W x) = d * sum(q x) + offset * sum(x), with sum(x) of each activation
-// block computed once per call. Rounding is fp32's alone, so results track a
-// dequantize-then-matmul reference to ~1e-6 (the int8 path: ~1e-2).
+constexpr int64_t kDirectRows = 4;  // up to here the register kernel wins (tools/bench_quant.py)
+constexpr int64_t kTileRows = 16;   // weight rows dequantized at a time by a thread
 
-#if defined(__AVX2__)
-template <int WType>
-inline void widen_block(const uint8_t* w, int64_t b, __m256 q[4], float& dw, float& offset) {
-  if constexpr (WType == kQ8_0) {
-    const BlockQ8_0* wb = (const BlockQ8_0*)w + b;
-    for (int i = 0; i < 4; ++i) {
-      q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wb->qs + 8 * i))));
-    }
-    dw = fp16_to_fp32(wb->d), offset = 0.0f;
-  } else {
-    const uint8_t* qs;
-    if constexpr (WType == kQ4_0) {
-      const BlockQ4_0* wb = (const BlockQ4_0*)w + b;
-      qs = wb->qs, dw = fp16_to_fp32(wb->d), offset = -8.0f * dw;
-    } else {
-      const BlockQ4_1* wb = (const BlockQ4_1*)w + b;
-      qs = wb->qs, dw = fp16_to_fp32(wb->d), offset = fp16_to_fp32(wb->m);
-    }
-    const __m128i t = _mm_loadu_si128((const __m128i*)qs), mask = _mm_set1_epi8(0x0f);
-    const __m128i lo = _mm_and_si128(t, mask), hi = _mm_and_si128(_mm_srli_epi16(t, 4), mask);
-    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-  }
-}
-#endif
-
-template <int WType>
-inline void widen_block_scalar(const uint8_t* w, int64_t b, float q[32], float& dw, float& offset) {
-  if constexpr (WType == kQ8_0) {
-    const BlockQ8_0* wb = (const BlockQ8_0*)w + b;
-    for (int i = 0; i < QK; ++i) q[i] = (float)wb->qs[i];
-    dw = fp16_to_fp32(wb->d), offset = 0.0f;
-  } else {
-    const uint8_t* qs;
-    if constexpr (WType == kQ4_0) {
-      const BlockQ4_0* wb = (const BlockQ4_0*)w + b;
-      qs = wb->qs, dw = fp16_to_fp32(wb->d), offset = -8.0f * dw;
-    } else {
-      const BlockQ4_1* wb = (const BlockQ4_1*)w + b;
-      qs = wb->qs, dw = fp16_to_fp32(wb->d), offset = fp16_to_fp32(wb->m);
-    }
-    for (int i = 0; i < 16; ++i) q[i] = (float)(qs[i] & 0x0f), q[i + 16] = (float)(qs[i] >> 4);
-  }
-}
+// ------------------------------------------------------------------ few rows: blocks in registers
 
 template <int WType, int MT>
 void dot_row_f32(const uint8_t* w, int64_t nb, const float* const* xs, const float* const* sums,
@@ -106,39 +66,114 @@ void dot_row_f32(const uint8_t* w, int64_t nb, const float* const* xs, const flo
 }
 
 template <int WType>
-void gemm_f32(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
-              float* y, int64_t ldy, int nthreads) {
+void gemm_direct(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
+                 float* y, int64_t ldy, int nthreads) {
   const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
   static thread_local std::vector<float> block_sums;
   if ((int64_t)block_sums.size() < m * nb) block_sums.resize(m * nb);
   float* sums = block_sums.data();
-  for (int64_t i = 0; i < m * nb; ++i) {
-    const float* xb = x + (i / nb) * ldx + (i % nb) * QK;
-    float s = 0.0f;
-    for (int j = 0; j < QK; ++j) s += xb[j];
-    sums[i] = s;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + i * ldx + b * QK;
+      float s = 0.0f;
+      for (int j = 0; j < QK; ++j) s += xb[j];
+      sums[i * nb + b] = s;
+    }
   }
-  const bool parallel = nthreads > 1 && n * k * (m < 4 ? m : 4) >= (1 << 18);
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
-  for (int64_t r0 = 0; r0 < n; r0 += 16) {
-    const int64_t r1 = r0 + 16 < n ? r0 + 16 : n;
+  const float* xs[kTile];
+  const float* ss[kTile];
+  for (int t = 0; t < m; ++t) xs[t] = x + t * ldx, ss[t] = sums + t * nb;
+  for_row_chunks(n, 16, nthreads, worth_threads(n, k, m, nthreads), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* wr = w + r * row_bytes;
-      for (int64_t i0 = 0; i0 < m; i0 += kTile) {
-        const int mt = (int)(m - i0 < kTile ? m - i0 : kTile);
-        const float* xs[kTile];
-        const float* ss[kTile];
-        float out[kTile];
-        for (int t = 0; t < mt; ++t) xs[t] = x + (i0 + t) * ldx, ss[t] = sums + (i0 + t) * nb;
+      float out[kTile];
+      switch (m) {
+        case 1: dot_row_f32<WType, 1>(wr, nb, xs, ss, out); break;
+        case 2: dot_row_f32<WType, 2>(wr, nb, xs, ss, out); break;
+        case 3: dot_row_f32<WType, 3>(wr, nb, xs, ss, out); break;
+        default: dot_row_f32<WType, 4>(wr, nb, xs, ss, out); break;
+      }
+      for (int t = 0; t < m; ++t) y[t * ldy + r] = out[t];
+    }
+  });
+}
+static_assert(kDirectRows <= kTile, "the direct kernel takes one tile of rows");
+
+// ------------------------------------------------------------------ many rows: dequantized tiles
+
+// y[t][j] = x_t . w_j for MT activation rows and NT dequantized weight rows, each of length k.
+template <int MT, int NT>
+void micro_kernel(const float* x, int64_t ldx, const float* w, int64_t k, float* y, int64_t ldy) {
+#if defined(__AVX2__)
+  __m256 acc[MT][NT];
+  for (int t = 0; t < MT; ++t)
+    for (int j = 0; j < NT; ++j) acc[t][j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < k; c += 8) {
+    __m256 xv[MT];
+    for (int t = 0; t < MT; ++t) xv[t] = _mm256_loadu_ps(x + t * ldx + c);
+    for (int j = 0; j < NT; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w + j * k + c);
+      for (int t = 0; t < MT; ++t) acc[t][j] = _mm256_fmadd_ps(xv[t], wv, acc[t][j]);
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int j = 0; j < NT; ++j) y[t * ldy + j] = hsum(acc[t][j]);
+#else
+  for (int t = 0; t < MT; ++t) {
+    for (int j = 0; j < NT; ++j) {
+      float s = 0.0f;
+      for (int64_t c = 0; c < k; ++c) s += x[t * ldx + c] * w[j * k + c];
+      y[t * ldy + j] = s;
+    }
+  }
+#endif
+}
+
+template <int MT>
+inline void micro_kernel_cols(int nt, const float* x, int64_t ldx, const float* w, int64_t k,
+                              float* y, int64_t ldy) {
+  switch (nt) {
+    case 1: micro_kernel<MT, 1>(x, ldx, w, k, y, ldy); break;
+    case 2: micro_kernel<MT, 2>(x, ldx, w, k, y, ldy); break;
+    case 3: micro_kernel<MT, 3>(x, ldx, w, k, y, ldy); break;
+    default: micro_kernel<MT, 4>(x, ldx, w, k, y, ldy); break;
+  }
+}
+
+template <int WType>
+void gemm_tiled(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
+                float* y, int64_t ldy, int nthreads) {
+  const int64_t row_bytes = k / QK * block_bytes(WType);
+  for_row_chunks(n, kTileRows, nthreads, worth_threads(n, k, m, nthreads),
+                 [&](int64_t r0, int64_t r1) {
+    static thread_local std::vector<float> tile;
+    if ((int64_t)tile.size() < kTileRows * k) tile.resize(kTileRows * k);
+    float* wt = tile.data();
+    for (int64_t r = r0; r < r1; ++r) dequant_row<WType>(w + r * row_bytes, k, wt + (r - r0) * k);
+    for (int64_t i = 0; i < m; i += 3) {
+      const int mt = (int)(m - i < 3 ? m - i : 3);
+      for (int64_t j = r0; j < r1; j += 4) {
+        const int nt = (int)(r1 - j < 4 ? r1 - j : 4);
+        const float* xi = x + i * ldx;
+        const float* wj = wt + (j - r0) * k;
+        float* yij = y + i * ldy + j;
         switch (mt) {
-          case 1: dot_row_f32<WType, 1>(wr, nb, xs, ss, out); break;
-          case 2: dot_row_f32<WType, 2>(wr, nb, xs, ss, out); break;
-          case 3: dot_row_f32<WType, 3>(wr, nb, xs, ss, out); break;
-          default: dot_row_f32<WType, 4>(wr, nb, xs, ss, out); break;
+          case 1: micro_kernel_cols<1>(nt, xi, ldx, wj, k, yij, ldy); break;
+          case 2: micro_kernel_cols<2>(nt, xi, ldx, wj, k, yij, ldy); break;
+          default: micro_kernel_cols<3>(nt, xi, ldx, wj, k, yij, ldy); break;
         }
-        for (int t = 0; t < mt; ++t) y[(i0 + t) * ldy + r] = out[t];
       }
     }
+  });
+}
+
+template <int WType>
+void gemm_f32(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
+              float* y, int64_t ldy, int nthreads) {
+  if (m <= kDirectRows) {
+    gemm_direct<WType>(w, n, k, x, m, ldx, y, ldy, nthreads);
+  } else {
+    gemm_tiled<WType>(w, n, k, x, m, ldx, y, ldy, nthreads);
   }
 }
 
@@ -150,12 +185,7 @@ extern "C" {
 int rs_gemm_f32(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
                 int64_t ldx, float* y, int64_t ldy, int nthreads) {
   if (k % QK != 0 || nthreads < 1) return 1;
-  switch (wtype) {
-    case kQ4_0: gemm_f32<kQ4_0>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    case kQ4_1: gemm_f32<kQ4_1>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    case kQ8_0: gemm_f32<kQ8_0>(w, n, k, x, m, ldx, y, ldy, nthreads); return 0;
-    default: return 2;
-  }
+  return with_wtype(wtype, [&](auto t) { gemm_f32<decltype(t)::value>(w, n, k, x, m, ldx, y, ldy, nthreads); });
 }
 
 }  // extern "C"

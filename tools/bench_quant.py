@@ -1,11 +1,13 @@
 """Times kernels_cpu's quantized GEMM against torch's fp32/bf16 linear on the model's shapes.
 
 Per call (one layer's shapes) and whole model (its 30 layers' linears + the LM head), at
-several row counts, as the default GGUF holds them (Q4_1 layers, Q8_0 LM head). Also the
-ctypes call overhead (a 1x32 @ 32x32 product). `--quick` runs one short repeat. Times are
-CPU seconds per thread (see _time): run it alone for wall-clock figures.
+several row counts, as the default GGUF holds them (Q4_1 layers, Q8_0 LM head). `deq+sgemm`
+is what QuantizedLinear runs past GEMM_MAX_ROWS (each weight dequantized into the scratch
+buffer, then torch's matmul): the crossover with `quant` is where that threshold belongs.
+Also the ctypes call overhead (a 1x32 @ 32x32 product). `--quick` runs one short repeat.
+Times are CPU seconds per thread (see _time): run it alone for wall-clock figures.
 
-    python tools/bench_quant.py [--rows 1,8,32] [--threads 1] [--quick]
+    python tools/bench_quant.py [--rows 1,8,32,256,512] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from engine_core.models.quant_layers import QuantizedLinear
 from kernels_cpu import ops
 
 # SmolLM2-135M: (out, in) of qkv, o, gate_up, down; 30 layers; LM head 49152 x 576
@@ -63,6 +66,7 @@ def main() -> None:
     print(f"call overhead (1x32 @ 32x32): {t / n_calls * 1e6:.1f} us")
     shapes = [(n, k, ops.Q4_1) for n, k in LAYER] * LAYERS + [(VOCAB, HIDDEN, ops.Q8_0)]
     quant = [(_random_blocks(t, n, k), t, n, k) for n, k, t in shapes]
+    layers = [QuantizedLinear(w, t, k, n) for w, t, n, k in quant]
     fp32 = [ops.dequantize(w, t, n, k) for w, t, n, k in quant]
     bf16 = [w.bfloat16() for w in fp32]
     for m in (int(r) for r in args.rows.split(",")):
@@ -72,6 +76,7 @@ def main() -> None:
             "quant-int8act": lambda xs=xs: [
                 ops.gemm(xs[k], w, t, n, k, int8_activations=True) for w, t, n, k in quant
             ],
+            "deq+sgemm": lambda xs=xs: [q._dequantized_matmul(xs[q.in_features]) for q in layers],
             "fp32": lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in fp32],
             "bf16": lambda xs=xs: [F.linear(xs[w.shape[1]].bfloat16(), w) for w in bf16],
         }
@@ -84,7 +89,8 @@ def main() -> None:
         }
         print(
             f"M={m:3d}  whole model: quant {times['quant'] * 1e3:7.2f} ms  "
-            f"int8-act {times['quant-int8act'] * 1e3:7.2f} ms  fp32 "
+            f"int8-act {times['quant-int8act'] * 1e3:7.2f} ms  "
+            f"deq+sgemm {times['deq+sgemm'] * 1e3:7.2f} ms  fp32 "
             f"{times['fp32'] * 1e3:7.2f} ms  bf16 {times['bf16'] * 1e3:7.2f} ms  "
             f"(fp32/quant {times['fp32'] / times['quant']:.2f}x)  one layer: quant "
             f"{layer['quant'] * 1e3:.3f} ms fp32 {layer['fp32'] * 1e3:.3f} ms"

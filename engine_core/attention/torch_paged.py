@@ -38,6 +38,7 @@ class DecodeGroup:
     end: int
     block_ids: torch.Tensor  # [rows * max_blocks] long: the rows' block tables, flattened
     bias: torch.Tensor  # [rows, 1, 1, max_blocks * block_size]: 0, or -inf past a row's end
+    bias_rows: torch.Tensor  # the same as [rows, max_blocks * block_size] (kernels_cpu's)
 
 
 @dataclass(slots=True)
@@ -173,8 +174,9 @@ def _decode_group(
     width = int(num_blocks[start:end].max())
     ids = np.ascontiguousarray(block_tables[start:end, :width], dtype=np.int64).reshape(-1)
     pad = np.arange(width * block_size)[None, :] >= context_lens[start:end, None]
-    bias = torch.from_numpy(np.where(pad, -np.inf, 0.0)[:, None, None, :])
-    return DecodeGroup(start, end, torch.from_numpy(ids).to(device), bias.to(device, dtype))
+    bias = torch.from_numpy(np.where(pad, -np.inf, 0.0)[:, None, None, :]).to(device, dtype)
+    ids_t = torch.from_numpy(ids).to(device)
+    return DecodeGroup(start, end, ids_t, bias, bias.view(end - start, -1))
 
 
 def _prefill_row(
@@ -232,7 +234,7 @@ def attend(
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     for group in meta.decode_groups:
         rows = slice(group.start, group.end)
-        out[rows] = _decode_attention(q[rows], k_cache, v_cache, group)
+        _decode_attention(q[rows], k_cache, v_cache, group, out[rows])
     for row in meta.prefills:
         rows = slice(row.query_start, row.query_start + row.query_len)
         out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, row)
@@ -245,16 +247,27 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype) ->
 
 
 def _decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup
-) -> torch.Tensor:
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: DecodeGroup,
+    out: torch.Tensor,
+) -> None:
+    """The group's attention, written into out [rows, heads, head_dim] (contiguous)."""
     rows, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     if q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and cpu_ops.available():
         # kernels_cpu reads the blocks in place: no gathered copy of the group's K/V.
-        bias = group.bias.reshape(rows, -1)
-        return cpu_ops.paged_decode_attention(
-            q.contiguous(), k_cache, v_cache, group.block_ids, bias, head_dim**-0.5
+        cpu_ops.paged_decode_attention(
+            q.contiguous(),
+            k_cache,
+            v_cache,
+            group.block_ids,
+            group.bias_rows,
+            head_dim**-0.5,
+            out=out,
         )
+        return
     k = _gather(k_cache, group.block_ids, q.dtype).view(rows, -1, kv_heads, head_dim)
     v = _gather(v_cache, group.block_ids, q.dtype).view(rows, -1, kv_heads, head_dim)
     # Each KV head's query heads act as that head's query rows: K/V are read once per KV
@@ -265,7 +278,7 @@ def _decode_attention(
         v.transpose(1, 2),
         attn_mask=group.bias,
     )
-    return o.reshape(rows, num_heads, head_dim)
+    out.copy_(o.reshape(rows, num_heads, head_dim))
 
 
 def _prefill_attention(

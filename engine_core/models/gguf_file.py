@@ -8,6 +8,8 @@ to gguf.quants.dequantize.
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,13 @@ class GGUFTensor:
 
 class GGUFFile:
     """Metadata (arrays replaced by their length) and tensors of a GGUF file, memory-mapped."""
+
+    @classmethod
+    def open(cls, path: str) -> GGUFFile:
+        """The file parsed once a process: the header walk (~100k tokenizer strings) costs
+        ~0.2 s, and the config and the weights both read it. A changed file is parsed anew."""
+        st = os.stat(path)
+        return _open_cached(os.path.realpath(path), st.st_mtime_ns, st.st_size)
 
     def __init__(self, path: str) -> None:
         import gguf
@@ -124,3 +133,8 @@ class GGUFFile:
         else:
             for _ in range(count):
                 self._value(item_type)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFFile:
+    return GGUFFile(path)

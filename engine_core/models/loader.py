@@ -84,7 +84,7 @@ def load_model_config(config: EngineConfig) -> tuple[ModelConfig, ModelFiles | N
         return ModelConfig.from_hf_config(_read_json(config.hf_config)), None
     files = resolve_model(config.model)
     if files.gguf_path is not None:
-        gguf_file = GGUFFile(files.gguf_path)
+        gguf_file = GGUFFile.open(files.gguf_path)
         return ModelConfig.from_gguf_fields(gguf_file.fields, set(gguf_file.tensors)), files
     cfg = _read_json(os.path.join(files.directory, "config.json"))
     gen_path = os.path.join(files.directory, "generation_config.json")
@@ -111,7 +111,7 @@ def load_model(
     if config.load_format == "dummy":
         source = DummyWeights(config.seed, device)
     elif files is not None and files.gguf_path is not None:
-        source = GGUFWeights(GGUFFile(files.gguf_path), model_config)
+        source = GGUFWeights(GGUFFile.open(files.gguf_path), model_config)
     else:
         source = SafetensorsWeights(files.directory)
     with torch.device(device):

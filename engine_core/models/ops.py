@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine_core.models.layers import RotaryEmbedding, apply_rope, silu_and_mul
+from kernels_cpu import ops as cpu_ops
 from kernels_cuda import ops
 
 
@@ -50,8 +51,14 @@ class ModelOps(Protocol):
         ...
 
 
+def _cpu_fp32(x: torch.Tensor) -> bool:
+    """Whether kernels_cpu's fused op takes x: fp32 on a CPU, the library built."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and cpu_ops.available()
+
+
 class NativeOps:
-    """torch ops: the CPU path, and the oracle the kernels are checked against."""
+    """torch ops, the CUDA kernels' oracle; fp32 on a CPU runs kernels_cpu's fused versions
+    (the same math in one call each; tests/kernels_cpu checks them against these torch ops)."""
 
     name = "native"
 
@@ -67,11 +74,21 @@ class NativeOps:
         positions: torch.Tensor,
         tables: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
+        if _cpu_fp32(qk) and qk.stride(2) == 1 and qk.stride(1) == qk.shape[2]:
+            return cpu_ops.rope_(qk, *tables)
         return apply_rope(qk, *tables)
 
     def rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (
+            _cpu_fp32(x)
+            and x.dim() == 2
+            and x.is_contiguous()
+            and weight.dtype == torch.float32
+            and (residual is None or residual.is_contiguous())
+        ):
+            return cpu_ops.add_rms_norm(x, residual, weight, eps)
         if residual is not None:
             x = x + residual
         residual = x
@@ -82,6 +99,8 @@ class NativeOps:
         return weight * h.to(x.dtype), residual
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_fp32(x) and x.dim() == 2 and x.is_contiguous():
+            return cpu_ops.silu_and_mul(x)
         return silu_and_mul(x)
 
 

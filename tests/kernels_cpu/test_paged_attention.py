@@ -29,7 +29,7 @@ def reference(q, k_cache, v_cache, block_ids, bias):
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 20)])
 @pytest.mark.parametrize("block_size", [16, 4])
 def test_decode_attention_reads_the_cache_in_place_like_gather_then_sdpa(
-    heads, kv_heads, head_dim, block_size
+    library, heads, kv_heads, head_dim, block_size
 ):
     g = torch.Generator().manual_seed(heads * block_size + head_dim)
     num_blocks, rows = 40, 5

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_model import blocks, new_kv_cache, step_logits
 
 from engine_core.config import EngineConfig
+from engine_core.models import quant_layers
 from engine_core.models.layers import Linear
 from engine_core.models.loader import load_model
 from engine_core.models.quant_layers import QuantizedEmbedding, QuantizedLinear
@@ -74,9 +75,12 @@ def write_mixed_gguf(hf_dir: str, path: str, types: dict[str, Q]) -> None:
     w.close()
 
 
+@pytest.mark.parametrize("gemm_max_rows", [256, 16])
 def test_mixed_block_types_match_the_dequantized_model_and_log_what_is_dequantized(
-    make_tiny_llama, tmp_path, caplog
+    make_tiny_llama, tmp_path, caplog, monkeypatch, gemm_max_rows
 ):
+    # 256: the 40-row prefill runs the block GEMM's tiled kernel; 16: dequantize + sgemm.
+    monkeypatch.setattr(quant_layers, "GEMM_MAX_ROWS", gemm_max_rows)
     hf_dir = make_tiny_llama("plain-tied")
     path = str(tmp_path / "mixed.gguf")
     types = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_0, "attn_v": Q.Q4_0, "attn_output": Q.Q8_0}
@@ -95,7 +99,7 @@ def test_mixed_block_types_match_the_dequantized_model_and_log_what_is_dequantiz
     )
     ref = load(path, quantization="none").model
     tokens = list(range(3, 43))
-    # 40 prefill rows (dequantized tiles + sgemm), then single decode rows (the GEMM kernel).
+    # 40 prefill rows, then single decode rows (the GEMM's register kernel).
     kv_q, kv_r = new_kv_cache(quant), new_kv_cache(ref)
     rows = [(tokens, 0, blocks(0, 48))]
     torch.testing.assert_close(step_logits(quant, kv_q, rows)[0], step_logits(ref, kv_r, rows)[0])
@@ -152,8 +156,8 @@ def test_default_model_greedy_tokens_equal_the_dequantized_fp32_model(
 ):
     quant, ref = load(None).model, load(None, quantization="none").model
     prompts = [
-        "The capital of France is",  # prefill of 5 rows: the GEMM kernel
-        # 17+ rows: dequantized tiles and sgemm
+        "The capital of France is",  # prefill of 5 rows: the GEMM's tiled kernel
+        # 17+ rows: the same; the decode steps' single rows: its register kernel
         "Write a short poem about the sea, the wind and the old lighthouse keeper who",
     ]
     n_new = 16
