@@ -22,6 +22,7 @@ leaves of gpu_memory_utilization (gpu_memory.py).
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -124,11 +125,14 @@ class ModelRunner:
         # One pool per layer: kv_cache[layer] = (K, V), each [blocks, block_size, kv_heads, head_dim].
         # Zeroed: padded reads must never see NaN garbage (0 attention weight * NaN = NaN).
         cfg = self.model_config
-        return torch.zeros(
-            (cfg.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim),
-            dtype=self.compute_dtype,
-            device=self.device,
-        )
+        shape = (cfg.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
+        if self.device.type != "cpu":
+            return torch.zeros(shape, dtype=self.compute_dtype, device=self.device)
+        # On the host, calloc'd pages: the kernel hands them out zeroed on first touch, so
+        # start-up does not write the whole pool (seconds for a few GiB) before serving.
+        nbytes = math.prod(shape) * self.compute_dtype.itemsize
+        pages = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8))
+        return pages.view(self.compute_dtype).view(shape)
 
     def _staging_bytes(self) -> int:
         """Room for a step's packed inputs at the budget (the cuda backend's staging buffer
