@@ -55,7 +55,7 @@ class Drafter:
     def propose(self, scheduler: Scheduler) -> None:
         """Attach drafts to the running requests that should verify some next step."""
         self._forget_gone(scheduler)
-        counter = scheduler.spec_counter
+        counter = scheduler.spec.counter
         acc, trials = counter.total_accepted, counter.total_trials
         if trials > self._seen[1]:
             self.acceptance.observe(acc - self._seen[0], trials - self._seen[1])
