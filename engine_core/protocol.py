@@ -264,6 +264,9 @@ class CachedRequestData(msgspec.Struct, **_STRUCT):
     new_token_ids: list[int]  # tokens sampled since the runner last saw it
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Trailing blocks the scheduler freed since (rejected drafts' lookahead): the runner drops
+    # them from the end of its block table before appending new_block_ids.
+    num_dropped_blocks: int = 0
 
 
 class SchedulerOutput(msgspec.Struct, **_STRUCT):

@@ -177,6 +177,7 @@ class Scheduler:
                     new_token_ids=request.all_token_ids[request.num_synced_tokens :],
                     new_block_ids=new_block_ids,
                     num_computed_tokens=request.num_computed_tokens,
+                    num_dropped_blocks=kv.take_num_dropped_blocks(request.request_id),
                 )
             )
             request.num_synced_tokens = request.num_tokens

@@ -4,7 +4,8 @@ verification leaves of them.
 Torch-free (the scheduler side imports it). A running request that is decoding carries the
 drafts the Drafter proposed after the last step; the scheduler asks `allocate` for its
 blocks, drafts included when they fit (drafts never preempt anyone), and after the step
-`settle` rolls the rejected drafts back (num_computed_tokens).
+`settle` rolls the rejected drafts back: num_computed_tokens, and the trailing blocks that
+hold only rejected slots, which go back to the pool at once.
 """
 
 from __future__ import annotations
@@ -77,11 +78,15 @@ class SpecDecodeScheduling:
         """Count a verification and roll its rejected drafts back; returns the emitted tokens.
 
         The request's num_computed_tokens already counts every draft as computed. A rejected
-        draft's K/V slot is past the new num_computed_tokens: rewritten, never cached.
+        draft's K/V slot is past the new num_computed_tokens (rewritten, never cached), and a
+        block holding only such slots goes back to the pool now rather than when the
+        request ends.
         """
         tokens, lps = emitted
         num_accepted = max(len(tokens) - 1, 0)
         self.counter.observe(request, len(drafts), num_accepted)
         num_rejected = len(drafts) - num_accepted
-        request.num_computed_tokens -= num_rejected
+        if num_rejected > 0:
+            request.num_computed_tokens -= num_rejected
+            self.kv.free_past_computed(request)
         return tokens, lps
