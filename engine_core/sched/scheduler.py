@@ -133,7 +133,7 @@ class Scheduler:
             prefix_cache_hits=self._prefix_cache_hits,
             num_preemptions=self._num_preemptions,
             num_free_blocks=kv.num_free_blocks,
-            num_total_blocks=kv.num_usable_blocks,
+            num_usable_blocks=kv.num_usable_blocks,
         )
         self.spec.counter.fill(stats, reset)
         if reset:

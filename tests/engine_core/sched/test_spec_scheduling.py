@@ -136,6 +136,8 @@ def run(sched: Scheduler, requests: list[Request], seed: int, k: int) -> SpecRun
     pool = kv.block_pool
     assert pool.num_free_blocks == pool.num_usable_blocks
     assert kv.req_to_blocks == {}
+    stats = sched.make_stats()
+    assert stats.num_free_blocks == stats.num_usable_blocks == pool.num_blocks - 1
     return runner
 
 
