@@ -25,6 +25,9 @@ class SpecDecodeScheduling:
         self.kv = kv_cache_manager
         self.max_model_len = max_model_len
         self.counter = SpecDecodingCounter()
+        # Whether the last step only decoded (each request one token and its drafts): the
+        # steps the off-switch's cost model learns from (switch.py).
+        self.last_step_decoded = False
 
     def allocate(
         self, request: Request, num_new: int, budget: int
@@ -62,12 +65,12 @@ class SpecDecodeScheduling:
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput | None
     ) -> dict[str, Emitted]:
         """Per drafted request of the step: the tokens the runner emitted (and their logprobs)."""
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        self.last_step_decoded = not scheduler_output.scheduled_new_reqs and all(
+            n == 1 + len(spec.get(r, ())) for r, n in scheduler_output.num_scheduled_tokens.items()
+        )
         out = runner_output
-        if (
-            not scheduler_output.scheduled_spec_decode_tokens
-            or out is None
-            or out.emitted_token_ids is None
-        ):
+        if not spec or out is None or out.emitted_token_ids is None:
             return {}
         lps = out.emitted_logprobs or [None] * len(out.req_ids)
         return {

@@ -40,3 +40,34 @@ def test_the_cost_model_recovers_a_linear_step_time():
 def test_a_request_without_history_takes_the_engine_wide_acceptance():
     assert request_alpha(0.0, 0.0, 0.7) == pytest.approx(0.7)
     assert request_alpha(90.0, 100.0, 0.1) > 0.85
+
+
+def test_the_cost_model_learns_from_decode_steps_only():
+    """A prefill chunk's tokens cost a fraction of a decode row's each: fitting them in would
+    make drafts look cheap. Only steps where every request decoded (and drafted) count."""
+    from engine_core.config import EngineConfig
+    from engine_core.protocol import ModelRunnerOutput, SamplingParams
+    from engine_core.sched.request import Request
+    from engine_core.sched.scheduler import Scheduler
+    from engine_core.spec_decode import make_drafter
+
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    config = EngineConfig(block_size=4, max_num_batched_tokens=64, speculative_config=spec)
+    sched = Scheduler(config, 64, 1024)
+    drafter = make_drafter(config)
+    assert drafter is not None
+    sched.add_request(Request("a", [5, 6, 7] * 4, SamplingParams(max_tokens=20), [2], 0.0, 4))
+    decoded = []
+    for _ in range(6):
+        out = sched.schedule()
+        ids = list(out.num_scheduled_tokens)
+        sampled = ModelRunnerOutput(req_ids=ids, sampled_token_ids=[5] * len(ids))
+        if out.scheduled_spec_decode_tokens:
+            sampled.emitted_token_ids = [[5] for _ in ids]  # every draft rejected
+        sched.update_from_output(out, sampled)
+        drafter.propose(sched)
+        before = drafter.cost._w
+        drafter.observe_step(out.total_num_scheduled_tokens, 0.05)
+        decoded.append(drafter.cost._w > before)
+    # The 12-token prefill is not data; every decode step after it is.
+    assert decoded == [False] + [True] * 5
