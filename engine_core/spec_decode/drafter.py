@@ -66,6 +66,8 @@ class Drafter:
         acc, trials = counter.total_accepted, counter.total_trials
         if trials > self._seen[1]:
             self.acceptance.observe(acc - self._seen[0], trials - self._seen[1])
+        else:
+            self.acceptance.relax()
         self._seen = (acc, trials)
         running = scheduler.running
         # A structured request gets no drafts: its grammar bitmask has one row per request,

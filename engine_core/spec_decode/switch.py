@@ -103,6 +103,14 @@ class EngineAcceptance:
         self._accepted = self._accepted * self.DECAY + accepted
         self._trials = self._trials * self.DECAY + trials
 
+    def relax(self) -> None:
+        """A step that verified nothing: drift back toward the prior. Without it, an engine
+        whose drafts once all failed (alpha near 0) would never draft again, whatever its
+        text does later (the off-switch stuck off)."""
+        d = self.DECAY
+        self._accepted = self._accepted * d + (1 - d) * _PRIOR_ALPHA * _PRIOR_WEIGHT
+        self._trials = self._trials * d + (1 - d) * _PRIOR_WEIGHT
+
     @property
     def alpha(self) -> float:
         return self._accepted / self._trials
