@@ -206,7 +206,7 @@ class SchedulerStats(msgspec.Struct, **_STRUCT):
     prefix_cache_hits: int = 0  # tokens found since the last stats
     num_preemptions: int = 0  # since the last stats
     num_free_blocks: int = 0
-    num_total_blocks: int = 0
+    num_usable_blocks: int = 0  # blocks requests can hold: the pool but its null block
     # Speculative decoding since the last stats (vLLM's SpecDecodingStats): requests that had
     # drafts verified, drafts verified, drafts accepted, and accepted per draft position.
     spec_num_drafts: int = 0
@@ -264,6 +264,9 @@ class CachedRequestData(msgspec.Struct, **_STRUCT):
     new_token_ids: list[int]  # tokens sampled since the runner last saw it
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Trailing blocks the scheduler freed since (rejected drafts' lookahead): the runner drops
+    # them from the end of its block table before appending new_block_ids.
+    num_dropped_blocks: int = 0
 
 
 class SchedulerOutput(msgspec.Struct, **_STRUCT):

@@ -46,7 +46,9 @@ class AsyncLLM:
         self.vocab_size = client.ready.vocab_size
         self.processor = OutputProcessor(tokenizer)
         self.metrics: Metrics | None = None
-        self.stats = SchedulerStats(num_total_blocks=client.ready.num_blocks)
+        # Until the core's first stats: nothing held; the pool but its null block is usable.
+        usable = client.ready.num_blocks - 1
+        self.stats = SchedulerStats(num_usable_blocks=usable, num_free_blocks=usable)
         self.dead_reason: str | None = None
         self.on_dead: Callable[[str], None] | None = None
         self._added_since_stats = 0  # engine requests sent since the last scheduler stats

@@ -72,6 +72,15 @@ class FreeBlockQueue:
         block.prev_free = block.next_free = None
         self.num_free_blocks -= 1
 
+    def appendleft(self, block: KVCacheBlock) -> None:
+        first = self._head.next_free
+        assert first is not None, "the head sentinel always has a successor"
+        self._head.next_free = block
+        block.prev_free = self._head
+        block.next_free = first
+        first.prev_free = block
+        self.num_free_blocks += 1
+
     def append(self, block: KVCacheBlock) -> None:
         last = self._tail.prev_free
         assert last is not None, "the tail sentinel always has a predecessor"
@@ -141,13 +150,16 @@ class BlockPool:
                 self.free_queue.remove(block)
             block.ref_cnt += 1
 
-    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
-        """Drop one hold on each block; unheld ones join the free queue in the given order."""
+    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock], to_front: bool = False) -> None:
+        """Drop one hold on each block; unheld ones join the free queue in the given order, at
+        its tail (evicted last), or at its head with to_front (blocks holding nothing of use)."""
+        queue = self.free_queue
+        add = queue.appendleft if to_front else queue.append
         for block in ordered_blocks:
             assert block.ref_cnt > 0, f"block {block.block_id} freed more often than held"
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self.free_queue.append(block)
+                add(block)
 
     def cache_full_blocks(
         self,

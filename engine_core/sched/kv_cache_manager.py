@@ -18,6 +18,8 @@ class KVCacheManager:
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         # How many leading blocks of each request went through cache_full_blocks already.
         self.num_cached_blocks: dict[str, int] = {}
+        # Trailing blocks freed from a request's table since the runner last saw it.
+        self._num_dropped_blocks: dict[str, int] = {}
 
     @property
     def usage(self) -> float:
@@ -107,10 +109,41 @@ class KVCacheManager:
                 self.num_cached_blocks[req_id] = num_full
         return [b.block_id for b in new_blocks]
 
+    def free_past_computed(self, request: Request) -> int:
+        """Free the request's trailing blocks that hold no computed token; returns how many.
+
+        They held lookahead slots only (rejected drafts): never cached, never shared. They
+        go to the head of the free queue, to be handed out before any cached block is evicted.
+        The runner learns of them from take_num_dropped_blocks.
+        """
+        req_id = request.request_id
+        blocks = self.req_to_blocks.get(req_id)
+        if not blocks:
+            return 0
+        keep = self.num_blocks_for(request.num_computed_tokens)
+        dropped = blocks[keep:]
+        if not dropped:
+            return 0
+        assert self.num_cached_blocks.get(req_id, 0) <= keep, f"{req_id!r}: dropping a cached block"
+        assert all(b.ref_cnt == 1 and b.block_hash is None for b in dropped), dropped
+        del blocks[keep:]
+        self.block_pool.free_blocks(dropped, to_front=True)
+        self._num_dropped_blocks[req_id] = self._num_dropped_blocks.get(req_id, 0) + len(dropped)
+        return len(dropped)
+
+    def take_num_dropped_blocks(self, request_id: str) -> int:
+        """Blocks dropped from the end of the request's table since the last call (for the
+        runner's copy of the table, before it appends the step's new blocks)."""
+        return self._num_dropped_blocks.pop(request_id, 0)
+
+    def num_blocks_held(self, request_id: str) -> int:
+        return len(self.req_to_blocks.get(request_id, ()))
+
     def free(self, request: Request) -> None:
         """Release a request's blocks, tail first so that the end of its chain is evicted first."""
         blocks = self.req_to_blocks.pop(request.request_id, None)
         self.num_cached_blocks.pop(request.request_id, None)
+        self._num_dropped_blocks.pop(request.request_id, None)
         if blocks:
             self.block_pool.free_blocks(reversed(blocks))
 

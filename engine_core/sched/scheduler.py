@@ -30,7 +30,7 @@ from engine_core.protocol import (
 )
 from engine_core.sched.kv_cache_manager import KVCacheManager
 from engine_core.sched.request import Request, RequestStatus
-from engine_core.spec_decode.stats import SpecDecodingCounter, num_drafts_to_schedule
+from engine_core.spec_decode.scheduling import SpecDecodeScheduling
 from engine_core.structured_output.manager import StructuredOutputManager
 
 
@@ -65,7 +65,7 @@ class Scheduler:
         self._num_preemptions = 0
         # Set by the EngineCore (it knows the vocabulary): compiles grammars, fills bitmasks.
         self.structured_output: StructuredOutputManager | None = None
-        self.spec_counter = SpecDecodingCounter()
+        self.spec = SpecDecodeScheduling(self.kv_cache_manager, max_model_len)
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -133,9 +133,9 @@ class Scheduler:
             prefix_cache_hits=self._prefix_cache_hits,
             num_preemptions=self._num_preemptions,
             num_free_blocks=kv.num_free_blocks,
-            num_total_blocks=kv.num_usable_blocks,
+            num_usable_blocks=kv.num_usable_blocks,
         )
-        self.spec_counter.fill(stats, reset)
+        self.spec.counter.fill(stats, reset)
         if reset:
             self._prefix_cache_queries = self._prefix_cache_hits = self._num_preemptions = 0
         return stats
@@ -164,11 +164,7 @@ class Scheduler:
             if num_new <= 0:  # waiting for a sampled token the runner did not return
                 i += 1
                 continue
-            num_draft = num_drafts_to_schedule(request, num_new, budget, self.max_model_len)
-            new_block_ids = kv.allocate_slots(request, num_new, num_lookahead_tokens=num_draft)
-            if new_block_ids is None and num_draft:  # drafts never preempt anyone
-                num_draft = 0
-                new_block_ids = kv.allocate_slots(request, num_new)
+            new_block_ids, drafts = self.spec.allocate(request, num_new, budget)
             if new_block_ids is None:
                 new_block_ids = self._preempt_until_allocated(request, num_new)
             if new_block_ids is None:
@@ -181,13 +177,13 @@ class Scheduler:
                     new_token_ids=request.all_token_ids[request.num_synced_tokens :],
                     new_block_ids=new_block_ids,
                     num_computed_tokens=request.num_computed_tokens,
+                    num_dropped_blocks=kv.take_num_dropped_blocks(request.request_id),
                 )
             )
             request.num_synced_tokens = request.num_tokens
-            if num_draft:
-                spec_tokens[request.request_id] = request.spec_token_ids[:num_draft]
-                num_new += num_draft
-            request.spec_token_ids = []
+            if drafts:
+                spec_tokens[request.request_id] = drafts
+                num_new += len(drafts)
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             i += 1
@@ -285,7 +281,7 @@ class Scheduler:
             if runner_output.logprobs is not None:
                 logprobs_of = dict(zip(runner_output.req_ids, runner_output.logprobs, strict=True))
         spec = scheduler_output.scheduled_spec_decode_tokens
-        emitted_of = self.spec_counter.emitted_tokens(runner_output) if spec else {}
+        emitted_of = self.spec.emitted(scheduler_output, runner_output)
         any_finished = False
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
@@ -297,9 +293,9 @@ class Scheduler:
             if token is None or request.num_computed_tokens < request.num_tokens:
                 continue
             if req_id in spec:
-                new_tokens, new_lps = self._append_verified(
-                    request, spec[req_id], token, emitted_of
-                )
+                emitted = emitted_of.get(req_id) or ([token], None)
+                tokens, lps = self.spec.settle(request, spec[req_id], emitted)
+                new_tokens, new_lps = self._append_until_stop(request, tokens, lps)
             else:
                 request.append_output_token(token)
                 self._check_stop(request, token)
@@ -327,19 +323,10 @@ class Scheduler:
 
     # ---------------------------------------------------------------- helpers
 
-    def _append_verified(
-        self,
-        request: Request,
-        drafts: list[int],
-        token: int,
-        emitted_of: dict[str, tuple[list[int], list[Logprobs] | None]],
+    def _append_until_stop(
+        self, request: Request, tokens: list[int], lps: list[Logprobs] | None
     ) -> tuple[list[int], list[Logprobs] | None]:
-        """Append a drafted request's emitted tokens up to a stop; roll back rejected slots."""
-        tokens, lps = emitted_of.get(request.request_id) or ([token], None)
-        num_accepted = max(len(tokens) - 1, 0)
-        self.spec_counter.observe(request, len(drafts), num_accepted)
-        # The rejected drafts' K/V slots are past num_computed_tokens: rewritten, never cached.
-        request.num_computed_tokens -= len(drafts) - num_accepted
+        """Append a verified run of tokens; a stop inside it ends the request there."""
         kept = 0
         for token in tokens:
             kept += 1

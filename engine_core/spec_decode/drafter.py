@@ -46,19 +46,28 @@ class Drafter:
         self._log_per_pos: list[int] = []
         self._last_log = time.monotonic()
         self._seen = (0, 0)  # the scheduler counter's (total_accepted, total_trials) last read
+        self._step_decoded = False  # the step being observed only decoded
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """One executed step: its scheduled tokens and wall time (the cost model's data)."""
-        if num_tokens > 0:
+        """One executed step (proposed after): its scheduled tokens and wall time.
+
+        Only decode steps are the cost model's data: drafts are added to decode steps, and a
+        prefill chunk's many rows cost far less each (a different GEMM), so a prefill step's
+        leverage in the fit would make drafts look several times cheaper than they are.
+        """
+        if num_tokens > 0 and self._step_decoded:
             self.cost.observe(num_tokens, seconds)
 
     def propose(self, scheduler: Scheduler) -> None:
         """Attach drafts to the running requests that should verify some next step."""
         self._forget_gone(scheduler)
-        counter = scheduler.spec_counter
+        self._step_decoded = scheduler.spec.last_step_decoded
+        counter = scheduler.spec.counter
         acc, trials = counter.total_accepted, counter.total_trials
         if trials > self._seen[1]:
             self.acceptance.observe(acc - self._seen[0], trials - self._seen[1])
+        else:
+            self.acceptance.relax()
         self._seen = (acc, trials)
         running = scheduler.running
         # Structured requests draft too: the EngineCore cuts their drafts where the grammar

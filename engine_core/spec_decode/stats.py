@@ -1,26 +1,13 @@
-"""What the scheduler needs of speculative decoding: how many drafts fit, and what was accepted.
+"""SpecDecodingCounter: what speculative decoding verified and accepted, for the stats and
+the off-switch.
 
 Torch-free (the scheduler side imports it).
 """
 
 from __future__ import annotations
 
-from engine_core.protocol import Logprobs, ModelRunnerOutput, SchedulerStats
+from engine_core.protocol import SchedulerStats
 from engine_core.sched.request import Request
-
-
-def num_drafts_to_schedule(request: Request, num_new: int, budget: int, max_model_len: int) -> int:
-    """How many of the request's drafts this step can verify: 0 unless it is decoding (one
-    token to compute), then capped by the step's budget, the context and max_tokens (a step
-    emits at most drafts + 1 tokens)."""
-    drafts = request.spec_token_ids
-    if not drafts or num_new != 1 or request.num_tokens - request.num_computed_tokens != 1:
-        return 0
-    k = min(len(drafts), budget - 1, max_model_len - request.num_tokens)
-    max_tokens = request.sampling_params.max_tokens
-    if max_tokens is not None:
-        k = min(k, max_tokens - request.num_output_tokens - 1)
-    return max(k, 0)
 
 
 class SpecDecodingCounter:
@@ -38,17 +25,6 @@ class SpecDecodingCounter:
         # Never reset: the drafter's engine-wide acceptance reads their growth.
         self.total_accepted = 0
         self.total_trials = 0
-
-    @staticmethod
-    def emitted_tokens(
-        out: ModelRunnerOutput | None,
-    ) -> dict[str, tuple[list[int], list[Logprobs] | None]]:
-        if out is None or out.emitted_token_ids is None:
-            return {}
-        lps = out.emitted_logprobs or [None] * len(out.req_ids)
-        return {
-            r: (t, lp) for r, t, lp in zip(out.req_ids, out.emitted_token_ids, lps, strict=True)
-        }
 
     def observe(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         """One request's verification: num_accepted of its num_drafts drafts were accepted."""

@@ -1,18 +1,19 @@
 """The per-step off-switch: drafts only where the step's expected throughput gains from them.
 
-The rule. A step's time (scheduling, forward, sampling and proposing) is modelled as
-t(N) = a + b * N for N scheduled tokens, fitted online from the engine's own steps (exponentially weighted least squares; until the steps
-seen spread enough in N, b / a = 1 / 64). A request with running acceptance alpha (the
-per-draft acceptance of its recent verifications, geometric model, with a prior of the
-engine-wide average) gains alpha**j expected tokens from its j-th draft. Starting from the
-step without drafts (B decoding requests, N0 tokens: B emitted tokens in t(N0)), drafts are
-added in order of decreasing gain, and the step takes the prefix that maximises expected
-tokens per second, (B + sum of gains) / t(N0 + drafts), within the token budget. A draft is
-therefore kept only while its gain beats the throughput it costs: at a small batch (t
-dominated by a) nearly any draft pays; at a large batch (b * N comparable to a) only drafts
-that are almost always accepted do; when none pays, the step has no drafts and the proposer
-does not even run. `disable_by_batch_size` (vLLM's key) turns drafts off at that many
-running requests regardless.
+The rule. A step's time (scheduling, forward, sampling and proposing) is modelled as t(N) =
+a + b * N for N scheduled tokens, fitted online to the engine's own decode steps
+(exponentially weighted least squares; until the steps seen spread enough in N, b / a = 1 /
+64; prefill steps are left out, see Drafter.observe_step). A request with running acceptance
+alpha (the per-draft acceptance of its recent verifications, geometric model, with a prior
+of the engine-wide average) gains alpha**j expected tokens from its j-th draft. Starting
+from the step without drafts (B decoding requests, N0 tokens: B emitted tokens in t(N0)),
+drafts are added in order of decreasing gain, and the step takes the prefix that maximises
+expected tokens per second, (B + sum of gains) / t(N0 + drafts), within the token budget. A
+draft is therefore kept only while its gain beats the throughput it costs: at a small batch
+(t dominated by a) nearly any draft pays; at a large batch (b * N comparable to a) only
+drafts that are almost always accepted do; when none pays, the step has no drafts and the
+proposer does not even run. `disable_by_batch_size` (vLLM's key) turns drafts off at that
+many running requests regardless.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class StepCostModel:
             return _PRIOR_SLOPE_RATIO
         mean_n, mean_t = self._n / self._w, self._t / self._w
         var_n = self._nn / self._w - mean_n * mean_n
-        if var_n < 4.0:  # the steps seen do not tell a from b
+        if var_n < 1.0:  # the steps seen do not tell a from b
             return _PRIOR_SLOPE_RATIO
         b = (self._nt / self._w - mean_n * mean_t) / var_n
         a = mean_t - b * mean_n
@@ -101,6 +102,14 @@ class EngineAcceptance:
     def observe(self, accepted: int, trials: int) -> None:
         self._accepted = self._accepted * self.DECAY + accepted
         self._trials = self._trials * self.DECAY + trials
+
+    def relax(self) -> None:
+        """A step that verified nothing: drift back toward the prior. Without it, an engine
+        whose drafts once all failed (alpha near 0) would never draft again, whatever its
+        text does later (the off-switch stuck off)."""
+        d = self.DECAY
+        self._accepted = self._accepted * d + (1 - d) * _PRIOR_ALPHA * _PRIOR_WEIGHT
+        self._trials = self._trials * d + (1 - d) * _PRIOR_WEIGHT
 
     @property
     def alpha(self) -> float:

@@ -94,6 +94,14 @@ class InputBatch:
             )
         self._append_tokens(state, cached.new_token_ids)
         state.output_token_ids.extend(cached.new_token_ids)
+        if cached.num_dropped_blocks:
+            num_blocks = int(self.num_blocks_per_row[state.row])
+            if not 0 < cached.num_dropped_blocks <= num_blocks:
+                raise ValueError(
+                    f"request {cached.req_id!r}: cannot drop {cached.num_dropped_blocks} of its "
+                    f"{num_blocks} blocks."
+                )
+            self.num_blocks_per_row[state.row] = num_blocks - cached.num_dropped_blocks
         self._append_blocks(state, cached.new_block_ids)
         self._set_computed(state, cached.num_computed_tokens)
         return state

@@ -109,6 +109,11 @@ class ModelRunner:
         )
         self.model.set_attention_backend(self.attn_backend)
         self.cuda_graphs = self._make_graphs(graph_capture)
+        # A drafted row's 1 + k queries as 1 + k single-query rows: a drafted decode step is
+        # then a pure-decode step the graphs replay. Without graphs a drafted row stays one
+        # multi-token row: one gather of its context per layer, where 1 + k decode rows
+        # read it 1 + k times (slower on a CPU; see the README's speculative decoding notes).
+        self.split_drafted_rows = self.cuda_graphs is not None
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = self._num_blocks_for_memory()
         if self.tp_size > 1:
@@ -322,14 +327,20 @@ class ModelRunner:
         )
         rows = np.array([batch.requests[r].row for r in req_ids], dtype=np.int64)
         num_computed = batch.num_computed_tokens[rows]
-        # Single-query rows first, by context length: decode groups then pad little.
-        order = np.lexsort((num_computed, query_lens > 1))
+        spec = so.scheduled_spec_decode_tokens
+        split = bool(spec) and self.split_drafted_rows
+        num_drafts = np.zeros(len(req_ids), dtype=np.int64)
+        if spec:
+            num_drafts = np.array([len(spec.get(r, ())) for r in req_ids], dtype=np.int64)
+        # Single-query rows (and drafted ones when split, see below) first, by context
+        # length: decode groups then pad little.
+        single = query_lens - (num_drafts if split else 0) == 1
+        order = np.lexsort((num_computed, ~single))
         req_ids = [req_ids[i] for i in order]
         rows, query_lens, num_computed = rows[order], query_lens[order], num_computed[order]
+        num_drafts = num_drafts[order]
         num_tokens = batch.num_tokens[rows]
-        spec = so.scheduled_spec_decode_tokens
         if spec:  # drafts sit past a request's tokens for this step only
-            num_drafts = np.array([len(spec.get(r, ())) for r in req_ids], dtype=np.int64)
             for r, row, n in zip(req_ids, rows.tolist(), num_tokens.tolist(), strict=True):
                 if r in spec:
                     batch.token_ids[row, n : n + len(spec[r])] = spec[r]
@@ -342,7 +353,22 @@ class ModelRunner:
         positions = token_positions(query_lens, num_computed)
         input_ids = batch.token_ids[np.repeat(rows, query_lens), positions]
         block_tables = batch.block_table[rows, : int(needed_blocks.max())]
-        layout = step_layout(query_lens, num_computed, block_tables, self.block_size, positions)
+        if split:
+            # Query j of a drafted row attends as its own row, over the context up to itself.
+            per_row = np.where(num_drafts > 0, query_lens, 1)
+            row_of = np.repeat(np.arange(len(rows)), per_row)
+            split_lens = np.where(num_drafts[row_of] > 0, 1, query_lens[row_of])
+            first = np.cumsum(per_row) - per_row
+            offset = np.arange(len(row_of)) - np.repeat(first, per_row)
+            layout = step_layout(
+                split_lens,
+                num_computed[row_of] + offset,
+                block_tables[row_of],
+                self.block_size,
+                positions,
+            )
+        else:
+            layout = step_layout(query_lens, num_computed, block_tables, self.block_size, positions)
         sampled = np.flatnonzero(num_computed + query_lens == num_tokens)
         logits_indices = np.cumsum(query_lens)[sampled] - 1
         draft_token_ids = None

@@ -59,7 +59,7 @@ def test_offline_llm_with_structured_outputs():
         with pytest.raises(ValueError, match="structured_outputs.regex"):
             llm.generate("x", bad, use_tqdm=False)
         stats = llm.get_stats()
-        assert stats.num_free_blocks == stats.num_total_blocks
+        assert stats.num_free_blocks == stats.num_usable_blocks
         assert stats.num_running_reqs == stats.num_waiting_reqs == 0
 
 
@@ -118,11 +118,11 @@ def test_async_llm_embedded_with_concurrent_requests_and_aborts():
             assert await engine.check_health()
             # every KV block back in the pool, as the core reports it
             for _ in range(100):
-                if inner.stats.num_free_blocks == inner.stats.num_total_blocks:
+                if inner.stats.num_free_blocks == inner.stats.num_usable_blocks:
                     break
                 await engine.check_health()
                 await asyncio.sleep(0.05)
-            assert inner.stats.num_free_blocks == inner.stats.num_total_blocks
+            assert inner.stats.num_free_blocks == inner.stats.num_usable_blocks
             assert inner.stats.num_running_reqs == inner.stats.num_waiting_reqs == 0
             return inner.client.proc.pid
 

@@ -40,3 +40,67 @@ def test_the_cost_model_recovers_a_linear_step_time():
 def test_a_request_without_history_takes_the_engine_wide_acceptance():
     assert request_alpha(0.0, 0.0, 0.7) == pytest.approx(0.7)
     assert request_alpha(90.0, 100.0, 0.1) > 0.85
+
+
+def test_the_cost_model_learns_from_decode_steps_only():
+    """A prefill chunk's tokens cost a fraction of a decode row's each: fitting them in would
+    make drafts look cheap. Only steps where every request decoded (and drafted) count."""
+    from engine_core.config import EngineConfig
+    from engine_core.protocol import ModelRunnerOutput, SamplingParams
+    from engine_core.sched.request import Request
+    from engine_core.sched.scheduler import Scheduler
+    from engine_core.spec_decode import make_drafter
+
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    config = EngineConfig(block_size=4, max_num_batched_tokens=64, speculative_config=spec)
+    sched = Scheduler(config, 64, 1024)
+    drafter = make_drafter(config)
+    assert drafter is not None
+    sched.add_request(Request("a", [5, 6, 7] * 4, SamplingParams(max_tokens=20), [2], 0.0, 4))
+    decoded = []
+    for _ in range(6):
+        out = sched.schedule()
+        ids = list(out.num_scheduled_tokens)
+        sampled = ModelRunnerOutput(req_ids=ids, sampled_token_ids=[5] * len(ids))
+        if out.scheduled_spec_decode_tokens:
+            sampled.emitted_token_ids = [[5] for _ in ids]  # every draft rejected
+        sched.update_from_output(out, sampled)
+        drafter.propose(sched)
+        before = drafter.cost._w
+        drafter.observe_step(out.total_num_scheduled_tokens, 0.05)
+        decoded.append(drafter.cost._w > before)
+    # The 12-token prefill is not data; every decode step after it is.
+    assert decoded == [False] + [True] * 5
+
+
+def test_an_engine_whose_drafts_all_failed_drafts_again_later():
+    """The engine-wide acceptance drifts back to its prior while nothing is verified: the
+    off-switch does not stay off for good after a run of rejections."""
+    from engine_core.config import EngineConfig
+    from engine_core.protocol import ModelRunnerOutput, SamplingParams
+    from engine_core.sched.request import Request
+    from engine_core.sched.scheduler import Scheduler
+    from engine_core.spec_decode import make_drafter
+
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    config = EngineConfig(block_size=4, max_num_batched_tokens=64, speculative_config=spec)
+    sched = Scheduler(config, 64, 1024)
+    drafter = make_drafter(config)
+    assert drafter is not None
+    request = Request("a", [5, 6, 7] * 4, SamplingParams(max_tokens=500), [2], 0.0, 4)
+    sched.add_request(request)
+    out = sched.schedule()
+    sched.update_from_output(out, ModelRunnerOutput(req_ids=["a"], sampled_token_ids=[5]))
+    for _ in range(50):
+        drafter.acceptance.observe(0, 10)  # a long run of rejected drafts, engine-wide
+    request.spec_accepted, request.spec_trials = 0.0, 40.0
+    drafter.propose(sched)
+    assert request.spec_token_ids == []  # off: nothing pays at acceptance ~0
+    alpha_off = drafter.acceptance.alpha
+    steps = 0
+    while not request.spec_token_ids:
+        steps += 1
+        assert steps < 1000, "the off-switch never turned back on"
+        drafter.propose(sched)
+    assert request.spec_token_ids == [6, 7, 5][: len(request.spec_token_ids)]
+    assert drafter.acceptance.alpha > alpha_off
