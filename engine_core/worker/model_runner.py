@@ -35,14 +35,13 @@ from engine_core.models.loader import load_model, load_model_config
 from engine_core.protocol import (
     GrammarOutput,
     ModelRunnerOutput,
-    SamplingParams,
     SchedulerOutput,
     WorkerModelConfig,
 )
 from engine_core.sample.rejection_sampler import RejectionSampler, verify_drafts
-from engine_core.sample.sampler import Sampler, SamplingMetadata, sample_states
+from engine_core.sample.sampler import Sampler, sample_states
 from engine_core.structured_output.bitmask import apply_grammar_bitmask
-from engine_core.worker import gpu_memory
+from engine_core.worker import dummy_runs
 from engine_core.worker.cuda_graphs import Capture, CudaGraphCapture, DecodeGraphs, capture_sizes
 from engine_core.worker.input_batch import InputBatch
 
@@ -163,73 +162,23 @@ class ModelRunner:
         )
 
     def _num_blocks_for_memory(self) -> int:
-        cfg = self.model_config
-        elem = torch.tensor([], dtype=self.compute_dtype).element_size()
-        block_bytes = 2 * cfg.num_layers * self.block_size * self.num_kv_heads * cfg.head_dim * elem
-        if self.config.num_gpu_blocks_override is not None:
-            return self.config.num_gpu_blocks_override
-        if self.device.type == "cuda":
-            return self._profile_num_blocks(block_bytes)
-        budget = self.config.kv_cache_space_gib * 2**30
-        num_blocks = int(budget // block_bytes)
-        if num_blocks < 2:
-            raise ValueError(
-                f"the KV cache budget ({budget / 2**30:.3f} GiB) holds {num_blocks} blocks of "
-                f"{block_bytes} bytes; at least 2 are needed (raise kv_cache_space_gib or "
-                f"gpu_memory_utilization)."
-            )
-        return num_blocks
+        return dummy_runs.num_blocks_for_memory(self)
 
     def _profile_num_blocks(self, block_bytes: int) -> int:
-        """On a GPU: what gpu_memory_utilization leaves after the largest step, profiled on a
-        scratch cache that is dropped after."""
-        query_lens, table = gpu_memory.profile_step_shape(
-            self.max_num_batched_tokens,
-            self.config.max_num_seqs,
-            self.max_model_len,
-            self.block_size,
-        )
-        graphs = self.cuda_graphs
-        self.kv_cache = self.new_kv_cache(int(table.max()) + 1)
-        try:
-            return gpu_memory.profile_num_blocks(
-                self.device,
-                self.config.gpu_memory_utilization,
-                block_bytes,
-                self.block_size,
-                lambda: self.profile_run(query_lens, table),
-                None if graphs is None else lambda: graphs.padded_forward(graphs.sizes[-1]),
-            )
-        finally:
-            self.kv_cache = None
+        return dummy_runs.profile_num_blocks(self, block_bytes)
+
+    def profile_run(self, query_lens: np.ndarray, block_table: np.ndarray) -> None:
+        """The largest step's forward and sampler call (dummy_runs.profile_run)."""
+        dummy_runs.profile_run(self, query_lens, block_table)
+
+    def warmup(self) -> None:
+        """A prefill, a mixed and a decode forward, then the CUDA graphs (dummy_runs.warmup)."""
+        dummy_runs.warmup(self)
 
     def worker_model_config(self) -> WorkerModelConfig:
         """The model facts the EngineCore needs (vocabulary size, end-of-sequence ids)."""
         cfg = self.model_config
         return WorkerModelConfig(vocab_size=cfg.vocab_size, eos_token_ids=list(cfg.eos_token_ids))
-
-    @torch.inference_mode()
-    def profile_run(self, query_lens: np.ndarray, block_table: np.ndarray) -> None:
-        """A prefill forward of rows query_lens over block_table, then the sampler at
-        max_num_seqs rows (random sampling, its costliest path): the largest step's memory.
-
-        It writes into self.kv_cache at the table's blocks.
-        """
-        hidden = self._dummy_forward(query_lens, np.zeros_like(query_lens), block_table)
-        rows = self.config.max_num_seqs
-        logits = self.model.compute_logits(hidden[-1:].expand(rows, -1).contiguous())
-        if logits is None:  # a tensor-parallel rank other than 0: no sampling
-            return
-        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
-        md = SamplingMetadata.build(
-            [params] * rows,
-            [[0]] * rows,
-            [[]] * rows,
-            [None] * rows,
-            self.model_config.vocab_size,
-            self.device,
-        )
-        self.sampler(logits, md)
 
     # ------------------------------------------------------------------------------ the step
 
@@ -385,51 +334,6 @@ class ModelRunner:
             self.attn_backend.prepare(input_ids, layout, logits_indices),
             draft_token_ids,
         )
-
-    # ------------------------------------------------------------------------------ warm-up
-
-    @torch.inference_mode()
-    def warmup(self) -> None:
-        """Run a prefill, a mixed and a decode forward once so the first request is not slow,
-        then capture the decode CUDA graphs (once) if the runner uses them.
-
-        It writes into the first blocks of the KV cache, which hold no request yet.
-        """
-        n = min(2 * self.block_size, self.max_model_len, self.num_blocks * self.block_size) - 1
-        if n >= 1:
-            self._warmup_steps(n)
-        if self.cuda_graphs is not None and not self.cuda_graphs.captured:
-            self.cuda_graphs.capture()
-
-    def _warmup_steps(self, n: int) -> None:
-        table = np.arange(-(-(n + 1) // self.block_size), dtype=np.int64)[None, :].repeat(2, 0)
-        for query_lens, computed in (([n], [0]), ([1, n - 1], [n, 1]), ([1], [n])):
-            hidden = self._dummy_forward(np.array(query_lens), np.array(computed), table)
-            logits = self.model.compute_logits(hidden[-1:])
-            if logits is None:  # a tensor-parallel rank other than 0: no sampling
-                continue
-            md = SamplingMetadata.build(
-                [SamplingParams(temperature=0.0)],
-                [[0]],
-                [[]],
-                [None],
-                self.model_config.vocab_size,
-                self.device,
-            )
-            self.sampler(logits, md)
-        self.kv_cache[:, :, : table.shape[1]].zero_()
-
-    def _dummy_forward(
-        self, query_lens: np.ndarray, num_computed: np.ndarray, block_table: np.ndarray
-    ) -> torch.Tensor:
-        """A forward of token id 0 at every position of rows (query_lens, num_computed)."""
-        num_tokens = int(query_lens.sum())
-        layout = step_layout(
-            query_lens, num_computed, block_table[: len(query_lens)], self.block_size
-        )
-        no_logits = np.zeros(0, dtype=np.int64)
-        step = self.attn_backend.prepare(np.zeros(num_tokens, dtype=np.int64), layout, no_logits)
-        return self.model(step.input_ids, step.meta, self.kv_cache)
 
 
 def _resolve_device(device: str) -> torch.device:
