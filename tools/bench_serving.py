@@ -63,17 +63,20 @@ class Result:
     error: str = ""
 
 
-# --structured: what constrains a structured request. The json and regex ones let the model
-# write up to max_tokens (an array of strings, words), so that lengths match plain requests.
+# --structured: what constrains a structured request. The json and regex ones cannot end
+# before max_tokens (at least 256 strings, or words), so that output lengths match plain
+# requests run with --ignore-eos and throughputs compare like for like.
 STRUCTURED = {
     "json": {
         "json": {
             "type": "object",
-            "properties": {"words": {"type": "array", "items": {"type": "string"}}},
+            "properties": {
+                "words": {"type": "array", "items": {"type": "string"}, "minItems": 256}
+            },
             "required": ["words"],
         }
     },
-    "regex": {"regex": "([a-z]+ )+"},
+    "regex": {"regex": "([a-z]+ ){256,}"},
     "choice": {"choice": ["yes", "no", "maybe", "it depends"]},
 }
 
