@@ -19,6 +19,7 @@ from engine_core.config import EngineConfig
 from engine_core.protocol import ModelRunnerOutput, SamplingParams, SchedulerOutput
 from engine_core.sched.request import Request, RequestStatus
 from engine_core.sched.scheduler import Scheduler
+from tests.engine_core.sched.test_scheduler import prefix_values
 
 BLOCK = 4
 
@@ -26,14 +27,6 @@ BLOCK = 4
 def token_at(req_id: str, position: int) -> int:
     """The token a request samples at a position (greedy): ids 10..999, never EOS."""
     return 10 + zlib.crc32(f"{req_id}:{position}".encode()) % 990
-
-
-def prefix_values(tokens: list[int]) -> list[int]:
-    values, v = [], 0
-    for tok in tokens:
-        v = zlib.crc32(f"{v}:{tok}".encode())
-        values.append(v)
-    return values
 
 
 class SpecRunner:
