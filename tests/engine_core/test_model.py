@@ -217,13 +217,18 @@ def test_unsupported_rope_scaling_is_refused_by_name(make_tiny_llama, tmp_path):
         )
 
 
-def write_gguf(hf_dir: str, path: str, quantize_ffn: bool) -> None:
-    """Write an HF Llama dir as a llama.cpp-style GGUF: q/k rows permuted, llama.* metadata."""
+def write_gguf(hf_dir: str, path: str, types: dict | None = None) -> None:
+    """Write an HF Llama dir as a llama.cpp-style GGUF: q/k rows permuted, llama.* metadata;
+    each tensor takes types[part] (a gguf.GGMLQuantizationType; `ffn_gate`, `attn_q`,
+    `token_embd`, ...), F32 where types does not name it."""
     import gguf
 
+    f32 = gguf.GGMLQuantizationType.F32
+    types = types or {}
     cfg = json.loads(open(os.path.join(hf_dir, "config.json")).read())
     tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    rope = cfg.get("rope_parameters") or {}
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -231,9 +236,10 @@ def write_gguf(hf_dir: str, path: str, quantize_ffn: bool) -> None:
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-    w.add_rope_scaling_factor(cfg["rope_parameters"]["factor"])
+    w.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     w.add_eos_token_id(2)
@@ -246,23 +252,24 @@ def write_gguf(hf_dir: str, path: str, quantize_ffn: bool) -> None:
         a = t.float().numpy()
         if name.startswith("model.layers."):
             i, rest = name[len("model.layers.") :].split(".", 1)
-            part = rest.rsplit(".", 1)[0]
-            gguf_name = f"blk.{i}.{parts[part]}.weight"
-            if part in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's permute
-                n = heads if "q_proj" in part else kv_heads
+            short = parts[rest.rsplit(".", 1)[0]]
+            gguf_name = f"blk.{i}.{short}.weight"
+            if short in ("attn_q", "attn_k"):  # llama.cpp's permute
+                n = heads if short == "attn_q" else kv_heads
                 a = (
                     a.reshape(n, 2, a.shape[0] // n // 2, a.shape[1])
                     .swapaxes(1, 2)
                     .reshape(a.shape)
                 )
         else:
-            gguf_name = names[name.split(".")[-2]] + ".weight"
-        if quantize_ffn and "ffn_" in gguf_name and "norm" not in gguf_name:
-            qtype = gguf.GGMLQuantizationType.Q8_0
+            short = names[name.split(".")[-2]]
+            gguf_name = f"{short}.weight"
+        qtype = types.get(short, f32)
+        if qtype == f32:
+            w.add_tensor(gguf_name, np.ascontiguousarray(a))
+        else:
             q = gguf.quants.quantize(a, qtype)
             w.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=qtype)
-        else:
-            w.add_tensor(gguf_name, np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -275,14 +282,19 @@ def test_gguf_file_loads_the_same_model_as_its_hf_directory(make_tiny_llama, tmp
     rows = [(tokens, 0, blocks(0, len(tokens)))]
     ref = load(hf_dir).model
     (expected,) = step_logits(ref, new_kv_cache(ref), rows)
-    write_gguf(hf_dir, str(tmp_path / "tiny.gguf"), quantize_ffn=False)
+    write_gguf(hf_dir, str(tmp_path / "tiny.gguf"))
     loaded = load(str(tmp_path / "tiny.gguf"))
     assert loaded.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
     assert loaded.config.num_kv_heads == 2 and not loaded.config.tie_word_embeddings
     (logits,) = step_logits(loaded.model, new_kv_cache(loaded.model), rows)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     # Q8_0 feed-forward weights: close to the fp32 model, not equal.
-    write_gguf(hf_dir, str(tmp_path / "q8.gguf"), quantize_ffn=True)
+    import gguf
+
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    write_gguf(
+        hf_dir, str(tmp_path / "q8.gguf"), {f"ffn_{a}": q8_0 for a in ("gate", "up", "down")}
+    )
     q8 = load(str(tmp_path / "q8.gguf")).model
     (q8_logits,) = step_logits(q8, new_kv_cache(q8), rows)
     assert 0 < (q8_logits - expected).abs().max().item() < 0.05

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import gguf
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_model import blocks, new_kv_cache, step_logits
+from test_model import blocks, new_kv_cache, step_logits, write_gguf
 
 from engine_core.config import EngineConfig
 from engine_core.models import quant_layers
@@ -29,52 +26,6 @@ def load(path: str | None, quantization: str | None = None):
     return load_model(cfg, torch.device("cpu"))
 
 
-def write_mixed_gguf(hf_dir: str, path: str, types: dict[str, Q]) -> None:
-    """An HF Llama dir as a llama.cpp GGUF whose tensors take types[part] (default F32)."""
-    cfg = json.loads(open(os.path.join(hf_dir, "config.json")).read())
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_vocab_size(cfg["vocab_size"])
-    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    parts |= {f"self_attn.{a}_proj": f"attn_{a}" for a in "qkv"}
-    parts["self_attn.o_proj"] = "attn_output"
-    parts |= {f"mlp.{a}_proj": f"ffn_{a}" for a in ("gate", "up", "down")}
-    for name, t in load_file(os.path.join(hf_dir, "model.safetensors")).items():
-        a = t.float().numpy()
-        if name.startswith("model.layers."):
-            i, rest = name[len("model.layers.") :].split(".", 1)
-            short = parts[rest.rsplit(".", 1)[0]]
-            if short in ("attn_q", "attn_k"):  # llama.cpp's row permutation
-                n = heads if short == "attn_q" else kv_heads
-                a = (
-                    a.reshape(n, 2, a.shape[0] // n // 2, a.shape[1])
-                    .swapaxes(1, 2)
-                    .reshape(a.shape)
-                )
-            gguf_name = f"blk.{i}.{short}.weight"
-        else:
-            short = {"embed_tokens": "token_embd", "norm": "output_norm"}[name.split(".")[-2]]
-            gguf_name = f"{short}.weight"
-        qtype = types.get(short, Q.F32)
-        if qtype == Q.F32:
-            w.add_tensor(gguf_name, np.ascontiguousarray(a))
-        else:
-            q = gguf.quants.quantize(a, qtype)
-            w.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.parametrize("gemm_max_rows", [256, 16])
 def test_mixed_block_types_match_the_dequantized_model_and_log_what_is_dequantized(
     make_tiny_llama, tmp_path, caplog, monkeypatch, gemm_max_rows
@@ -85,7 +36,7 @@ def test_mixed_block_types_match_the_dequantized_model_and_log_what_is_dequantiz
     path = str(tmp_path / "mixed.gguf")
     types = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_0, "attn_v": Q.Q4_0, "attn_output": Q.Q8_0}
     types |= {"ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.F16, "token_embd": Q.Q8_0}
-    write_mixed_gguf(hf_dir, path, types)
+    write_gguf(hf_dir, path, types)
     with caplog.at_level(logging.INFO, logger="engine_core.models.gguf_quant"):
         quant = load(path).model
     assert "blk.0.ffn_down.weight (F16)" in caplog.text and "dequantized" in caplog.text
