@@ -1,7 +1,7 @@
 """Speculative decoding with tensor parallelism: the drafts reach every rank with the step.
 
 The default model's 9 heads do not split over 2 ranks, so this runs a tiny random Llama
-(8 heads, 4 KV heads) as tests/engine_core/test_tensor_parallel.py does.
+(8 heads, 4 KV heads): the one tests/engine_core/executor/test_tensor_parallel.py runs.
 """
 
 from __future__ import annotations
@@ -10,17 +10,10 @@ import pytest
 
 from engine_core.config import EngineConfig
 from engine_core.protocol import EngineCoreRequest, SamplingParams
+from tests.engine_core.executor.test_tensor_parallel import TP_LLAMA
 
 pytestmark = pytest.mark.slow
 
-TP_LLAMA = dict(
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    vocab_size=255,
-    tie_word_embeddings=False,
-    initializer_range=0.1,  # peaked logits: greedy choices far from ties
-)
 PROMPTS = [[3] * 20, [5, 6, 7, 8, 9] * 6, list(range(10, 40))]
 NGRAM = {
     "method": "ngram",
