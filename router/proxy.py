@@ -141,6 +141,14 @@ class Proxy:
                 self.waiting -= 1
                 self.metrics.queue_depth.set(self.waiting)
 
+    def _failed(
+        self, b: Backend, t0: float, exclude: set[str], connect_error: bool = False
+    ) -> None:
+        """A try that failed on b before any byte reached the client: mark b, try elsewhere."""
+        self.pool.mark_failure(b, connect_error)
+        self._done(b, False, t0)
+        exclude.add(b.url)
+
     def _done(self, b: Backend, ok: bool, t0: float) -> None:
         latency = time.monotonic() - t0
         self.metrics.latency.labels(b.url).observe(latency)
@@ -189,9 +197,7 @@ class Proxy:
             try:
                 resp = await self._open(b, path, fwd, content)
             except httpx.HTTPError as e:
-                self.pool.mark_failure(b, isinstance(e, httpx.ConnectError))
-                self._done(b, False, t0)
-                exclude.add(b.url)
+                self._failed(b, t0, exclude, isinstance(e, httpx.ConnectError))
                 last_reason = f"{b.url}: {type(e).__name__}: {e}"
                 continue
             try:
@@ -199,24 +205,18 @@ class Proxy:
                     data = await resp.aread()
             except httpx.HTTPError as e:
                 await resp.aclose()
-                self.pool.mark_failure(b, False)
-                self._done(b, False, t0)
-                exclude.add(b.url)
+                self._failed(b, t0, exclude)
                 last_reason = f"{b.url}: {type(e).__name__} while reading: {e}"
                 continue
             ctype = resp.headers.get("content-type", "application/json")
             if resp.status_code >= 500:
                 await resp.aclose()
-                self.pool.mark_failure(b, False)
-                self._done(b, False, t0)
-                exclude.add(b.url)
+                self._failed(b, t0, exclude)
                 last, last_reason = (resp.status_code, data, ctype), f"{b.url}: {resp.status_code}"
                 continue
             if resp.status_code == 200 and not stream and not _is_json(data):
                 await resp.aclose()
-                self.pool.mark_failure(b, False)
-                self._done(b, False, t0)
-                exclude.add(b.url)
+                self._failed(b, t0, exclude)
                 last_reason = f"{b.url}: a 200 whose body is not JSON"
                 continue
             if resp.status_code != 200 or not stream:
@@ -229,9 +229,7 @@ class Proxy:
                 first = await events.__anext__()
             except (httpx.HTTPError, StopAsyncIteration) as e:
                 await resp.aclose()
-                self.pool.mark_failure(b, isinstance(e, httpx.HTTPError))
-                self._done(b, False, t0)
-                exclude.add(b.url)
+                self._failed(b, t0, exclude, isinstance(e, httpx.HTTPError))
                 last_reason = f"{b.url}: the stream ended before its first event"
                 continue
             state = StreamState(body, chat, bool(body.get("return_token_ids")))
