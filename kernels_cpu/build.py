@@ -18,7 +18,13 @@ import tempfile
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("quant_gemm.cpp", "quant_gemm_f32.cpp", "paged_attention.cpp", "small_ops.cpp")
+SOURCES = (
+    "quant_gemm.cpp",
+    "quant_gemm_f32.cpp",
+    "paged_attention.cpp",
+    "small_ops.cpp",
+    "model_step.cpp",
+)
 HEADERS = ("quant_blocks.h", "simd.h")
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -9,6 +9,7 @@ figure is the best over the timed steps' sums divided by their count (the machin
 shared: take the best of several runs).
 
     python tools/profile_step.py [--threads 2] [--rows 1] [--context 256] [--steps 32]
+    python tools/profile_step.py --query-len 6   # verify steps: 1 + 5 drafts a row
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1, help="decode rows a step")
     ap.add_argument("--context", type=int, default=256, help="prompt tokens before decoding")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument(
+        "--query-len",
+        type=int,
+        default=1,
+        help="tokens a row a step, all of them sampled (a speculative verify row: 1 + drafts)",
+    )
     ap.add_argument("--quantization", default=None)
     ap.add_argument(
         "--clock",
@@ -68,7 +75,8 @@ def main() -> None:
         EngineConfig(dtype="float32", quantization=args.quantization), torch.device("cpu")
     )
     model, cfg = loaded.model, loaded.config
-    n_blocks = -(-(args.context + args.steps + 2) // BLOCK)
+    qlen = args.query_len
+    n_blocks = -(-(args.context + args.steps * qlen + 2) // BLOCK)
     kv = torch.zeros(cfg.num_layers, 2, n_blocks * args.rows, BLOCK, cfg.num_kv_heads, cfg.head_dim)
     tables = np.arange(n_blocks * args.rows).reshape(args.rows, n_blocks)
     totals: dict[str, float] = collections.defaultdict(float)
@@ -120,8 +128,7 @@ def main() -> None:
             np.full(args.rows, qlen), np.full(args.rows, computed), tables, BLOCK
         )
         hidden = model(torch.from_numpy(ids), meta, kv)
-        last = torch.arange(args.rows) * qlen + qlen - 1
-        return model.compute_logits(hidden[last])
+        return model.compute_logits(hidden)  # every position: a verify step samples them all
 
     best: dict[str, float] = {}
     with torch.inference_mode():
@@ -130,18 +137,19 @@ def main() -> None:
                 np.array([args.context]), np.array([0]), tables[r : r + 1], BLOCK
             )
             model(torch.from_numpy(prompt), meta, kv)
-        ids = np.full(args.rows, 100)
+        ids = np.full(args.rows * qlen, 100)
         runs = []
+        n = args.rows * qlen
         for i in range(args.steps):
             totals.clear()
             t0 = clock()
-            logits = step(ids, args.context + i, 1)
+            logits = step(ids, args.context + i * qlen, qlen)
             t1 = clock()
             md = SamplingMetadata.build(
-                [SamplingParams(temperature=0.0)] * args.rows,
-                [[0]] * args.rows,
-                [[]] * args.rows,
-                [None] * args.rows,
+                [SamplingParams(temperature=0.0)] * n,
+                [[0]] * n,
+                [[]] * n,
+                [None] * n,
                 cfg.vocab_size,
                 torch.device("cpu"),
             )
@@ -155,7 +163,7 @@ def main() -> None:
         best[k] = float(np.median([r.get(k, 0.0) for r in runs[len(runs) // 4 :]]))
     other = best["step"] - sum(v for k, v in best.items() if k not in ("step", "sampler"))
     print(
-        f"threads {args.threads}, rows {args.rows}, context {args.context}, "
+        f"threads {args.threads}, rows {args.rows} x {qlen} tokens, context {args.context}, "
         f"{args.clock} clock: median of steps"
     )
     order = sorted(keys, key=lambda k: -best[k])

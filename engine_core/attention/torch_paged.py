@@ -2,7 +2,9 @@
 
 A step's decode rows are batched in groups of DECODE_GROUP_SIZE: K/V gathered through the
 group's block tables padded to its longest row, then one masked softmax attention (SDPA)
-for the group. Prefill rows go one at a time: causal attention over [0, num_computed +
+for the group. A short multi-token row after a cached context (a verify row of drafts)
+joins them as one single-query row per token (SHORT_ROW_MAX_QUERIES). Other prefill rows go
+one at a time: causal attention over [0, num_computed +
 query_len), the first num_computed tokens (a cached prefix or earlier chunks) read from the
 cache. The layout (row order, slots) is common.py's.
 
@@ -28,6 +30,13 @@ from kernels_cpu import ops as cpu_ops
 # Decode rows attended together. Rows come sorted by length, so small groups pad little and
 # a group's gathered K/V stays in the CPU's cache.
 DECODE_GROUP_SIZE = 8
+# A multi-token row of up to this many queries after a cached context (a verify row of 1 +
+# k drafts, a short chunk) is attended as that many single-query rows, query i over the
+# context's first num_computed + i + 1 keys: the paged decode kernel reads the blocks in
+# place, where the prefill path gathers the whole context into a copy (4x the attention time
+# of such a row on this CPU, measured), and each token's attention is then the same
+# computation as a plain decode step's for it.
+SHORT_ROW_MAX_QUERIES = 32
 
 
 @dataclass(slots=True)
@@ -106,16 +115,18 @@ class AttentionMetadata:
             for start in range(0, num_decode, group)
         ]
         starts = np.cumsum(layout.query_lens) - layout.query_lens
-        prefills = [
-            _prefill_row(
-                int(starts[i]),
-                int(layout.query_lens[i]),
-                int(layout.num_computed[i]),
-                tables[i, : num_blocks[i]],
-                device,
-            )
-            for i in range(num_decode, len(layout.query_lens))
-        ]
+        prefills = []
+        for i in range(num_decode, len(layout.query_lens)):
+            start, query_len = int(starts[i]), int(layout.query_lens[i])
+            computed, table = int(layout.num_computed[i]), tables[i, : num_blocks[i]]
+            if computed and query_len <= SHORT_ROW_MAX_QUERIES:
+                groups.append(
+                    _short_row_group(
+                        start, query_len, computed, table, layout.block_size, device, dtype
+                    )
+                )
+            else:
+                prefills.append(_prefill_row(start, query_len, computed, table, device))
         return cls(
             positions=torch.from_numpy(layout.positions).to(device),
             slot_mapping=torch.from_numpy(layout.slot_mapping).to(device),
@@ -177,6 +188,25 @@ def _decode_group(
     bias = torch.from_numpy(np.where(pad, -np.inf, 0.0)[:, None, None, :]).to(device, dtype)
     ids_t = torch.from_numpy(ids).to(device)
     return DecodeGroup(start, end, ids_t, bias, bias.view(end - start, -1))
+
+
+def _short_row_group(
+    start: int,
+    query_len: int,
+    num_computed: int,
+    block_ids: np.ndarray,
+    block_size: int,
+    device,
+    dtype: torch.dtype,
+) -> DecodeGroup:
+    """A short row's queries as single-query rows sharing its block table (see above)."""
+    width = len(block_ids)
+    ids = np.tile(block_ids.astype(np.int64), query_len)
+    ends = num_computed + 1 + np.arange(query_len)
+    pad = np.arange(width * block_size)[None, :] >= ends[:, None]
+    bias = torch.from_numpy(np.where(pad, -np.inf, 0.0)[:, None, None, :]).to(device, dtype)
+    ids_t = torch.from_numpy(ids).to(device)
+    return DecodeGroup(start, start + query_len, ids_t, bias, bias.view(query_len, -1))
 
 
 def _prefill_row(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch import nn
 
 from engine_core.attention import AttentionBackend, StepMetadata
 from engine_core.distributed import all_reduce_sum, gather_to_first
+from engine_core.models import fused_step
 from engine_core.models.layers import Linear, RMSNorm, RotaryEmbedding
 from engine_core.models.model_config import ModelConfig
 from engine_core.models.ops import NATIVE_OPS, ModelOps
@@ -230,10 +231,11 @@ class LlamaForCausalLM(nn.Module):
             cfg.rope_scaling,
         )
         self.attn_backend: AttentionBackend = _native_backend()
+        self._fused: Any = None  # models/fused_step.py's plan, False where it cannot run
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         """Run every layer's attention and fused ops on `backend` (once, before the first step)."""
-        self.attn_backend = backend
+        self.attn_backend, self._fused = backend, None
         for module in self.modules():
             if isinstance(module, LlamaAttention):
                 module.attn = backend
@@ -252,6 +254,10 @@ class LlamaForCausalLM(nn.Module):
         else:
             h = self._vocab_parallel_embedding(input_ids)
         rope = self.attn_backend.ops.rope_tables(self.rotary, meta.positions, h.dtype)
+        if self._fused is None:
+            self._fused = fused_step.build(self) or False
+        if self._fused and fused_step.applies(meta, h):
+            return fused_step.run(self._fused, h, kv_caches, meta, rope)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h, residual = layer(h, residual, rope, kv_cache, meta)

@@ -1,0 +1,110 @@
+"""When a Llama step runs its decoder layers in one kernels_cpu call (kernels_cpu/model_step).
+
+The quantized CPU path's decode steps: every linear a QuantizedLinear (the GGUF blocks, or
+--quantization int8/int4), fp32 activations, one process, the native attention backend,
+and a step whose attention rows are all single-query (decode rows, and the short rows of
+drafts that torch_paged.py splits per token) with at most GEMM_MAX_ROWS tokens. The call
+runs the same kernels as the layers' Python in the same order, so its hidden states are the
+Python path's bit for bit (tests/engine_core/worker/test_fused_step.py); it saves the
+interpreter and dispatch time around them (~30% of a single-stream step on this CPU).
+`RINGSERVE_FUSED_STEP=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine_core.models.quant_layers import GEMM_MAX_ROWS, QuantizedLinear
+
+if TYPE_CHECKING:
+    from engine_core.attention.torch_paged import AttentionMetadata
+    from engine_core.models.llama import LlamaForCausalLM
+    from kernels_cpu.model_step import LlamaLayers
+
+logger = logging.getLogger(__name__)
+
+
+def build(model: LlamaForCausalLM) -> LlamaLayers | None:
+    """The model's layers as one call, or None (with the reason logged) where it cannot run."""
+    why = _why_not(model)
+    if why is not None:
+        logger.debug("decoder layers run op by op: %s", why)
+        return None
+    from kernels_cpu.model_step import LayerWeights, LlamaLayers
+
+    cfg, layers = model.config, []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(
+            LayerWeights(
+                input_norm=layer.input_layernorm.weight.data,
+                post_norm=layer.post_attention_layernorm.weight.data,
+                qkv=(attn.qkv_proj.qweight.data, attn.qkv_proj.wtype),
+                o=(attn.o_proj.qweight.data, attn.o_proj.wtype),
+                gate_up=(mlp.gate_up_proj.qweight.data, mlp.gate_up_proj.wtype),
+                down=(mlp.down_proj.qweight.data, mlp.down_proj.wtype),
+            )
+        )
+    first = model.layers[0].self_attn
+    plan = LlamaLayers(
+        layers,
+        model.norm.weight.data,
+        hidden=cfg.hidden_size,
+        heads=first.num_heads,
+        kv_heads=first.num_kv_heads,
+        head_dim=first.head_dim,
+        intermediate=model.tp.intermediate_size,
+        eps=model.norm.eps,
+    )
+    logger.info("decoder layers run as one kernels_cpu call on decode steps")
+    return plan
+
+
+def _why_not(model: LlamaForCausalLM) -> str | None:
+    if os.environ.get("RINGSERVE_FUSED_STEP", "1") == "0":
+        return "RINGSERVE_FUSED_STEP=0"
+    if model.tp.tp_size != 1:
+        return "tensor parallelism"
+    if model.attn_backend.name != "native" or model.norm.weight.device.type != "cpu":
+        return "not the CPU's native attention backend"
+    eps = {model.norm.eps}
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if any(type(lin) is not QuantizedLinear for lin in linears):
+            return "not every linear layer is a QuantizedLinear"
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if any(w.dtype != torch.float32 for w in norms):
+            return "activations are not float32"
+        eps |= {layer.input_layernorm.eps, layer.post_attention_layernorm.eps}
+    if len(eps) != 1:
+        return "the norms' epsilons differ"
+    from kernels_cpu import ops
+
+    return None if ops.available() else "kernels_cpu is not built"
+
+
+def applies(meta: AttentionMetadata, h: torch.Tensor) -> bool:
+    """Whether this step's rows fit the one call (see the module's docstring)."""
+    return (
+        not meta.prefills
+        and h.dtype == torch.float32
+        and 0 < h.shape[0] <= GEMM_MAX_ROWS
+        and h.is_contiguous()
+    )
+
+
+def run(
+    plan: LlamaLayers,
+    h: torch.Tensor,
+    kv_caches: torch.Tensor,
+    meta: AttentionMetadata,
+    rope: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The final norm's output for the step's embeddings h (overwritten)."""
+    groups = [(g.start, g.end, g.block_ids, g.bias_rows) for g in meta.decode_groups]
+    return plan.run(h, kv_caches, meta.slot_mapping, rope[0], rope[1], groups)

@@ -1,0 +1,116 @@
+"""The decoder layers as one kernels_cpu call: bit-identical to the layers' Python path."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from test_model import BLOCK, blocks, new_kv_cache, write_gguf
+
+from engine_core.attention.torch_paged import AttentionMetadata
+from engine_core.config import EngineConfig
+from engine_core.models import fused_step
+from engine_core.models.loader import load_model
+from kernels_cpu import ops
+
+pytestmark = pytest.mark.skipif(not ops.available(), reason="no C++ compiler on this machine")
+Q = gguf.GGMLQuantizationType
+
+
+def load(path: str | None = None, quantization: str | None = None):
+    cfg = EngineConfig(model=path, dtype="float32", quantization=quantization)
+    return load_model(cfg, torch.device("cpu")).model
+
+
+@torch.inference_mode()
+def hidden(model, kv, rows, fused: bool):
+    """One step's hidden states over rows (token_ids, num_computed, block_ids), and whether
+    the fused call ran."""
+    width = max(len(b) for _, _, b in rows)
+    tables = np.array([b + [0] * (width - len(b)) for _, _, b in rows])
+    meta = AttentionMetadata.build(
+        np.array([len(t) for t, _, _ in rows]), np.array([c for _, c, _ in rows]), tables, BLOCK
+    )
+    ids = torch.tensor([t for tokens, _, _ in rows for t in tokens])
+    model._fused = None if fused else False
+    calls = []
+    real_run = fused_step.run
+
+    def counted(*a):
+        calls.append(1)
+        return real_run(*a)
+
+    fused_step.run = counted
+    try:
+        out = model(ids, meta, kv)
+    finally:
+        fused_step.run = real_run
+    return out, bool(calls)
+
+
+def check_steps(model, steps) -> None:
+    """Run each step on two caches, fused and op by op: the same hidden states and caches."""
+    kv_fused, kv_ops = new_kv_cache(model, 96), new_kv_cache(model, 96)
+    for rows, expect_fused in steps:
+        got, ran = hidden(model, kv_fused, rows, fused=True)
+        want, _ = hidden(model, kv_ops, rows, fused=False)
+        assert ran == expect_fused, [(len(t), c) for t, c, _ in rows]
+        assert torch.equal(got, want)
+        assert torch.equal(kv_fused, kv_ops)
+    assert torch.isfinite(got).all() and got.abs().max() > 0  # something real was computed
+
+
+def steps_over(rng, vocab: int):
+    """Prefills (op by op), then decode steps of 1 and 11 rows (two decode groups), a verify
+    step (decode rows + a row of 1 + 5 drafts), and a step with a long prefill (op by op)."""
+
+    def seq(rng, n: int) -> list[int]:
+        return [int(t) for t in rng.integers(0, vocab, n)]
+
+    a, b, c = (0, 40), (10, 33), (20, 70)  # (first block, prompt length) of three sequences
+    prefill = [(seq(rng, n), 0, blocks(first, n + 40)) for first, n in (a, b, c)]
+    steps = [([row], False) for row in prefill]
+    steps.append(([(seq(rng, 1), a[1], blocks(a[0], a[1] + 1))], True))
+    many = [(seq(rng, 1), 3 + i, blocks(30 + 3 * i, 4 + i)) for i in range(8)]
+    many += [
+        (seq(rng, 1), a[1] + 1, blocks(a[0], a[1] + 2)),
+        (seq(rng, 1), b[1], blocks(b[0], b[1] + 1)),
+        (seq(rng, 1), c[1], blocks(c[0], c[1] + 1)),
+    ]
+    steps.append((many, True))
+    verify = [
+        (seq(rng, 1), a[1] + 2, blocks(a[0], a[1] + 3)),
+        (seq(rng, 6), b[1] + 1, blocks(b[0], b[1] + 7)),
+    ]
+    steps.append((verify, True))
+    mixed = [(seq(rng, 1), a[1] + 3, blocks(a[0], a[1] + 4)), (seq(rng, 36), 0, blocks(60, 36))]
+    steps.append((mixed, False))
+    return steps
+
+
+def test_default_model_decode_and_verify_steps_are_bit_identical():
+    model = load()
+    assert fused_step.build(model) is not None
+    check_steps(model, steps_over(np.random.default_rng(0), model.config.vocab_size))
+
+
+def test_mixed_block_types_and_rtn_int8_are_bit_identical(make_tiny_llama, tmp_path):
+    hf_dir = make_tiny_llama("plain-tied")
+    path = str(tmp_path / "mixed.gguf")
+    types = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_0, "attn_v": Q.Q4_0, "attn_output": Q.Q8_0}
+    types |= {"ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0, "token_embd": Q.Q8_0}
+    write_gguf(hf_dir, path, types)
+    for model in (load(path), load(hf_dir, quantization="int8")):
+        check_steps(model, steps_over(np.random.default_rng(1), model.config.vocab_size))
+
+
+def test_not_taken_where_a_layer_is_not_quantized(make_tiny_llama, tmp_path, monkeypatch):
+    hf_dir = make_tiny_llama("plain-tied")
+    assert fused_step.build(load(hf_dir, quantization="none")) is None  # fp32 Linear layers
+    path = str(tmp_path / "f16-down.gguf")
+    write_gguf(hf_dir, path, {"ffn_down": Q.F16, "attn_q": Q.Q8_0})
+    assert fused_step.build(load(path)) is None  # ffn_down dequantized to a Linear
+    assert fused_step.build(load(hf_dir, quantization="int8")) is not None
+    monkeypatch.setenv("RINGSERVE_FUSED_STEP", "0")
+    assert fused_step.build(load(hf_dir, quantization="int8")) is None
