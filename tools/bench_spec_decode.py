@@ -2,7 +2,9 @@
 
 Each configuration runs alone (one engine at a time, in this process, greedy), on the
 default model:
-  (a) quote-edit: one stream whose output repeats text of its prompt (a code edit);
+  (a) quote-edit: single streams whose output repeats text of their prompt: a proofreading
+      edit of a news text (a_proofread) and a code edit (a_code_edit; the default 135M model
+      rewrites the code rather than copying it, so little of it is drafted right);
   (b) agent-loop: 20 requests one after another whose outputs repeat earlier outputs
       (tool-call JSON);
   (c) batch32: bench_throughput.py's random batch32 workload (the off-switch's case).
@@ -58,6 +60,28 @@ _QUOTE_EDIT = (
     "with the function parse_records renamed to read_records. Output only the code."
     "<|im_end|>\n<|im_start|>assistant\n"
 )
+_NEWS = (
+    "The city council met on Tuesday evening to discuss the new budgett for next year. The "
+    "mayor said that the budget would increase spending on schools and roads, and that "
+    "property taxes would not rise. Several council members asked how the new bus line to the "
+    "airport would be paid for. The finance director answered that a federal grant would cover "
+    "most of the cost, and that the rest would come from higher parking fees in the city "
+    "centre. A group of residants from the north side of the city spoke against the plan to "
+    "close the public libary on Sundays. They said that many students use the library to study "
+    "at the weekend, and that the savings would be small. The council agreed to look at the "
+    "library hours again at its next meeting in March. The meeting ended with a vote on the new "
+    "park by the river, which passed by seven votes to two. Work on the park is expected to "
+    "start in the spring and to be finished before the end of the summer. The mayor thanked the "
+    "volunteers who had cleaned the river banks last month, and said that the city would plant "
+    "two hundred new trees along the water. A local business owner asked whether the road "
+    "works on the main street could be moved to the night, because the noise and the closed "
+    "lanes had kept customers away for weeks. The director of public works promised to look "
+    "into it and to report back to the council before the end of the month."
+)
+_PROOFREAD = (
+    "<|im_start|>user\nCorrect the spelling mistakes in the following text and output the "
+    "corrected text in full:\n\n" + _NEWS + "<|im_end|>\n<|im_start|>assistant\n"
+)
 _CITIES = [
     "Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Vienna", "Oslo", "Lisbon",
     "Prague", "Dublin", "Warsaw", "Athens", "Cairo", "Lima", "Quito", "Seoul", "Delhi",
@@ -73,12 +97,13 @@ _AGENT = (
 
 def workloads(tokenizer, vocab_size: int, quick: bool) -> dict[str, list[list[tuple]]]:
     """name -> waves: each wave a list of (prompt ids, max new tokens) run together."""
-    a = [[(tokenizer.encode(_QUOTE_EDIT), 24 if quick else 256)]]
+    a1 = [[(tokenizer.encode(_PROOFREAD), 24 if quick else 256)]]
+    a2 = [[(tokenizer.encode(_QUOTE_EDIT), 24 if quick else 256)]]
     cities = _CITIES[:3] if quick else _CITIES
     b = [[(tokenizer.encode(_AGENT.format(city=c)), 16 if quick else 64)] for c in cities]
     batch = make_workload("tiny" if quick else "batch32", vocab_size, seed=0)
     c = [[(p, n) for p, n in batch]]
-    return {"a_quote_edit": a, "b_agent_loop": b, "c_batch32": c}
+    return {"a_proofread": a1, "a_code_edit": a2, "b_agent_loop": b, "c_batch32": c}
 
 
 def run_config(name: str, spec, loads, args) -> dict:
