@@ -6,7 +6,7 @@ default model:
       edit of a news text (a_proofread) and a code edit (a_code_edit; the default 135M model
       rewrites the code rather than copying it, so little of it is drafted right);
   (b) agent-loop: 20 requests one after another whose outputs repeat earlier outputs
-      (tool-call JSON);
+      (a tool-call JSON, the city changing; two example calls in the prompt);
   (c) batch32: bench_throughput.py's random batch32 workload (the off-switch's case).
 It reports new tokens/s, mean acceptance length and the ratio to no speculation.
 
@@ -87,11 +87,28 @@ _CITIES = [
     "Prague", "Dublin", "Warsaw", "Athens", "Cairo", "Lima", "Quito", "Seoul", "Delhi",
     "Sydney", "Toronto",
 ]  # fmt: skip
+
+
+def _tool_call(city: str) -> str:
+    args = {"city": city, "unit": "celsius", "days": 3, "fields": ["temperature", "rain", "wind"]}
+    return json.dumps({"name": "get_weather", "arguments": args})
+
+
+def _agent_turn(city: str, answered: bool) -> str:
+    turn = (
+        f"<|im_start|>user\nWhat is the weather in {city} for the next three days?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    return turn + (_tool_call(city) + "<|im_end|>\n" if answered else "")
+
+
+# An agent's prompt: the tool's format and two earlier exchanges (few-shot: the 135M default
+# model answers in prose without them), then the new question. Every answer is the same JSON
+# call with another city: what suffix decoding's tree over earlier outputs predicts.
 _AGENT = (
-    "<|im_start|>system\nYou are an agent. Answer only with a JSON tool call of the form "
-    '{{"name": "get_weather", "arguments": {{"city": CITY, "unit": "celsius", "days": 3}}}}.'
-    "<|im_end|>\n<|im_start|>user\nWhat is the weather in {city} for the next three days?"
-    "<|im_end|>\n<|im_start|>assistant\n"
+    "<|im_start|>system\nYou are a weather agent. For every question, answer with exactly one "
+    'JSON tool call and nothing else, of the form {"name": "get_weather", "arguments": {...}}.'
+    "<|im_end|>\n" + _agent_turn("Nairobi", True) + _agent_turn("Havana", True) + "{question}"
 )
 
 
@@ -100,7 +117,15 @@ def workloads(tokenizer, vocab_size: int, quick: bool) -> dict[str, list[list[tu
     a1 = [[(tokenizer.encode(_PROOFREAD), 24 if quick else 256)]]
     a2 = [[(tokenizer.encode(_QUOTE_EDIT), 24 if quick else 256)]]
     cities = _CITIES[:3] if quick else _CITIES
-    b = [[(tokenizer.encode(_AGENT.format(city=c)), 16 if quick else 64)] for c in cities]
+    b = [
+        [
+            (
+                tokenizer.encode(_AGENT.replace("{question}", _agent_turn(c, False))),
+                16 if quick else 64,
+            )
+        ]
+        for c in cities
+    ]
     batch = make_workload("tiny" if quick else "batch32", vocab_size, seed=0)
     c = [[(p, n) for p, n in batch]]
     return {"a_proofread": a1, "a_code_edit": a2, "b_agent_loop": b, "c_batch32": c}
@@ -153,6 +178,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny workloads (a smoke run)")
     p.add_argument("--configs", default="none,ngram,suffix")
+    p.add_argument("--workloads", default=None, help="a comma-separated subset (default: all)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all)")
@@ -162,6 +188,11 @@ def main() -> None:
 
     tokenizer = load_tokenizer(None)
     loads = workloads(tokenizer, len(tokenizer), args.quick)
+    if args.workloads:
+        wanted = args.workloads.split(",")
+        if unknown_w := [w for w in wanted if w not in loads]:
+            p.error(f"unknown workload {unknown_w[0]!r} (known: {', '.join(loads)})")
+        loads = {w: loads[w] for w in wanted}
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
