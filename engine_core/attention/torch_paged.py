@@ -3,7 +3,7 @@
 A step's decode rows are batched in groups of DECODE_GROUP_SIZE: K/V gathered through the
 group's block tables padded to its longest row, then one masked softmax attention (SDPA)
 for the group. A short multi-token row after a cached context (a verify row of drafts)
-joins them as one single-query row per token (SHORT_ROW_MAX_QUERIES). Other prefill rows go
+joins them as one single-query row per token (SHORT_ROW_MAX_PAIRS). Other prefill rows go
 one at a time: causal attention over [0, num_computed +
 query_len), the first num_computed tokens (a cached prefix or earlier chunks) read from the
 cache. The layout (row order, slots) is common.py's.
@@ -30,13 +30,16 @@ from kernels_cpu import ops as cpu_ops
 # Decode rows attended together. Rows come sorted by length, so small groups pad little and
 # a group's gathered K/V stays in the CPU's cache.
 DECODE_GROUP_SIZE = 8
-# A multi-token row of up to this many queries after a cached context (a verify row of 1 +
-# k drafts, a short chunk) is attended as that many single-query rows, query i over the
-# context's first num_computed + i + 1 keys: the paged decode kernel reads the blocks in
-# place, where the prefill path gathers the whole context into a copy (4x the attention time
-# of such a row on this CPU, measured), and each token's attention is then the same
-# computation as a plain decode step's for it.
-SHORT_ROW_MAX_QUERIES = 32
+# A multi-token row after a cached context with at most SHORT_ROW_MAX_QUERIES queries (a
+# verify row of 1 + up to 32 drafts, a short chunk) and at most SHORT_ROW_MAX_PAIRS (query,
+# key) pairs is attended as that many single-query rows, query i over the context's first
+# num_computed + i + 1 keys: the paged decode kernel reads the blocks in place, where the
+# prefill path gathers the whole context into a copy and runs SDPA. Measured per layer (one
+# thread, 9 heads of 64): 6 queries over 128 keys 280 vs 439 us, over 512 keys 857 vs 1008;
+# 33 over 128: 1268 vs 1009, 12 over 512: 1557 vs 1316, so past ~4096 pairs SDPA's blocking
+# wins. Such a step then stays a pure single-query step (models/fused_step.py's one call).
+SHORT_ROW_MAX_QUERIES = 33
+SHORT_ROW_MAX_PAIRS = 4096
 
 
 @dataclass(slots=True)
@@ -119,7 +122,8 @@ class AttentionMetadata:
         for i in range(num_decode, len(layout.query_lens)):
             start, query_len = int(starts[i]), int(layout.query_lens[i])
             computed, table = int(layout.num_computed[i]), tables[i, : num_blocks[i]]
-            if computed and query_len <= SHORT_ROW_MAX_QUERIES:
+            short = query_len <= SHORT_ROW_MAX_QUERIES
+            if computed and short and query_len * (computed + query_len) <= SHORT_ROW_MAX_PAIRS:
                 groups.append(
                     _short_row_group(
                         start, query_len, computed, table, layout.block_size, device, dtype
