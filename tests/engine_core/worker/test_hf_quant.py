@@ -1,0 +1,141 @@
+"""AWQ and GPTQ checkpoints (published layouts, built from the default model's weights) load
+into Q4_Z layers that match dequantize-then-matmul; bad quantization_configs are refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from hf_quant_checkpoints import write_checkpoints
+
+from engine_core.config import EngineConfig
+from engine_core.models import quant_layers
+from engine_core.models.hf_quant import ActOrderLinear, ConcatLinear
+from engine_core.models.layers import Linear
+from engine_core.models.loader import load_model
+from engine_core.models.quant_layers import QuantizedLinear
+from kernels_cpu import ops
+
+pytestmark = pytest.mark.skipif(not ops.available(), reason="no C++ compiler on this machine")
+
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+def load(path: str, quantization: str | None = None):
+    cfg = EngineConfig(model=path, dtype="float32", quantization=quantization)
+    return load_model(cfg, torch.device("cpu")).model
+
+
+def check_layers(model, refs: dict[str, torch.Tensor], rows: tuple[int, ...]) -> None:
+    """Every linear layer's output against x @ W_ref.T in fp32, W_ref the dequantized weight."""
+    gen = torch.Generator().manual_seed(0)
+    for i, _ in enumerate(model.layers):
+        for ours, parts in FUSED.items():
+            w = torch.cat([refs[f"model.layers.{i}.{p}.weight"] for p in parts])
+            module = model.get_submodule(f"layers.{i}.{ours}")
+            for m in rows:
+                x = torch.randn(m, w.shape[1], generator=gen)
+                torch.testing.assert_close(module(x), x @ w.t(), atol=2e-5, rtol=1e-5)
+
+
+VARIANTS = {
+    "awq-g64": dict(method="awq", group_size=64),
+    "awq-g32": dict(method="awq", group_size=32),
+    "gptq-g128": dict(method="gptq", group_size=128),  # 576 inputs: a last group of 64
+    "gptq-g32": dict(method="gptq", group_size=32),
+    "gptq-g128-desc_act": dict(method="gptq", group_size=128, desc_act=True),
+    "gptq-g32-desc_act": dict(method="gptq", group_size=32, desc_act=True),
+    "gptq-per-column": dict(method="gptq", group_size=-1),
+    "gptq_v2-g128-desc_act": dict(method="gptq", group_size=128, desc_act=True, v1=False),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_layers_match_dequantize_then_matmul(tmp_path, monkeypatch, variant):
+    qdir, pdir, refs = write_checkpoints(str(tmp_path), **VARIANTS[variant])
+    model = load(qdir)
+    desc_act = VARIANTS[variant].get("desc_act", False)
+    for i, layer in enumerate(model.layers):
+        for ours in FUSED:
+            module = layer.get_submodule(ours)
+            inner = module.inner if desc_act else module
+            assert isinstance(module, ActOrderLinear) == desc_act, (i, ours)
+            assert isinstance(inner, QuantizedLinear) and inner.wtype == ops.Q4_Z, (i, ours)
+            # Q4_Z holds exactly the reference values: (q - z) * s in fp32.
+            w = torch.cat([refs[f"model.layers.{i}.{p}.weight"] for p in FUSED[ours]])
+            got = inner.dequantized()
+            if desc_act:
+                got = torch.empty_like(got).index_copy_(1, module.perm, got)
+            assert torch.equal(got, w), (i, ours)
+    # 1, 3 rows: the register kernel; 40: the tiled one; 300: dequantize + sgemm.
+    check_layers(model, refs, rows=(1, 3, 40, 300))
+    # The dequantized path (as on CUDA or with TP > 1) holds the same values.
+    plain = load(qdir, quantization="none")
+    for name, module in plain.named_modules():
+        if isinstance(module, Linear) and name.startswith("layers.") and module.packed is None:
+            assert not isinstance(module, QuantizedLinear)
+    monkeypatch.setattr(quant_layers, "GEMM_MAX_ROWS", 0)
+    check_layers(plain, refs, rows=(3,))
+
+
+def test_fused_parts_with_different_g_idx_run_apart_and_still_match(tmp_path):
+    qdir, _, refs = write_checkpoints(
+        str(tmp_path), method="gptq", group_size=64, desc_act=True, same_order_per_input=False
+    )
+    model = load(qdir)
+    qkv = model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, ConcatLinear) and len(qkv.parts) == 3
+    assert isinstance(model.layers[0].self_attn.o_proj, ActOrderLinear)
+    check_layers(model, refs, rows=(1, 17))
+
+
+def test_groups_smaller_than_32_are_dequantized_with_a_log_line(tmp_path, caplog):
+    qdir, _, refs = write_checkpoints(str(tmp_path), method="gptq", group_size=16, num_layers=1)
+    with caplog.at_level(logging.INFO, logger="engine_core.models.hf_quant"):
+        model = load(qdir)
+    assert "layer 0 qkv_proj: no exact Q4_Z mapping" in caplog.text
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    check_layers(model, refs, rows=(2,))
+
+
+BAD = [
+    ({"quant_method": "fp8"}, "quant_method='fp8'"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "bits=8"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "bits=3"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "version='gemv'"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False}, "zero_point"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "group_size=0"),
+    ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format"),
+    ({"quant_method": "gptq", "bits": 4, "desc_act": "yes"}, "desc_act='yes'"),
+]
+
+
+@pytest.mark.parametrize("qc,message", BAD, ids=[m for _, m in BAD])
+def test_unsupported_quantization_configs_are_refused_by_key(tmp_path, qc, message):
+    cfg = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128}
+    cfg |= {"num_hidden_layers": 1, "num_attention_heads": 4, "quantization_config": qc}
+    with open(os.path.join(tmp_path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load(str(tmp_path))
+
+
+def test_a_wrongly_shaped_tensor_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    qdir, _, _ = write_checkpoints(str(tmp_path), method="awq", group_size=64, num_layers=1)
+    path = os.path.join(qdir, "model.safetensors")
+    tensors = load_file(path)
+    name = "model.layers.0.mlp.up_proj.scales"
+    tensors[name] = tensors[name][:-1].contiguous()
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=name):
+        load(qdir)
