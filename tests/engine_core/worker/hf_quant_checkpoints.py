@@ -48,10 +48,10 @@ class Quantized:
     g_idx: torch.Tensor  # int64 [in]
 
     def reference(self) -> torch.Tensor:
-        """w[o, i] = (q[o, i] - z[g[i], o]) * s[g[i], o], in float64 (exact), as float32."""
-        z = self.zeros[self.g_idx].t().double()
-        s = self.scales[self.g_idx].t().double()
-        return ((self.q.double() - z) * s).float()
+        """w[o, i] = (q[o, i] - z[g[i], o]) * s[g[i], o] in float32 (exact: a small integer
+        times an fp16 value)."""
+        z = self.zeros[self.g_idx].t().float()
+        return (self.q.float() - z) * self.scales[self.g_idx].t().float()
 
 
 def default_weights(num_layers: int, vocab: int | None = None) -> tuple[dict, ModelConfig]:
@@ -65,8 +65,8 @@ def default_weights(num_layers: int, vocab: int | None = None) -> tuple[dict, Mo
     for name, shape in shapes.items():
         if name.startswith("model.layers.") and not any(name.startswith(k) for k in keep):
             continue
-        t = source.get(name, shape, None)
-        tensors[name] = t[:vocab] if vocab and name == "model.embed_tokens.weight" else t
+        rows = vocab if vocab and name == "model.embed_tokens.weight" else None
+        tensors[name] = source.get(name, shape, None if rows is None else (0, 0, rows))
     return tensors, cfg
 
 
@@ -83,18 +83,20 @@ def quantize(
     order = torch.arange(k) if order is None else order
     g_idx = torch.empty(k, dtype=torch.int64)
     g_idx[order] = torch.arange(k) // gs
-    groups = int(g_idx.max()) + 1
-    q = torch.empty(out, k, dtype=torch.int64)
+    groups = -(-k // gs)
+    wt = w.t()[order].float().contiguous()  # [in, out], quantization order: groups are rows
+    qt = torch.empty(k, out, dtype=torch.int64)
     zeros = torch.empty(groups, out, dtype=torch.int64)
     scales = torch.empty(groups, out, dtype=torch.float16)
     for g in range(groups):
-        cols = (g_idx == g).nonzero().flatten()
-        wg = w[:, cols].double()
-        lo, hi = wg.min(dim=1).values.clamp(max=0), wg.max(dim=1).values.clamp(min=0)
+        wg = wt[g * gs : (g + 1) * gs]
+        lo, hi = wg.amin(dim=0).clamp(max=0), wg.amax(dim=0).clamp(min=0)
         s = ((hi - lo) / 15).clamp(min=1e-6).half()
-        z = torch.round(-lo / s.double()).clamp(zero_min, 15).long()
-        q[:, cols] = (torch.round(wg / s.double()[:, None]).long() + z[:, None]).clamp(0, 15)
+        z = torch.round(-lo / s.float()).clamp(zero_min, 15).long()
+        qt[g * gs : (g + 1) * gs] = (torch.round(wg / s.float()).long() + z).clamp(0, 15)
         zeros[g], scales[g] = z, s
+    q = torch.empty(out, k, dtype=torch.int64)
+    q[:, order] = qt.t()
     return Quantized(q, zeros, scales, g_idx)
 
 
