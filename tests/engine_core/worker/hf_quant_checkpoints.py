@@ -85,19 +85,20 @@ def quantize(
     g_idx[order] = torch.arange(k) // gs
     groups = -(-k // gs)
     wt = w.t()[order].float().contiguous()  # [in, out], quantization order: groups are rows
-    qt = torch.empty(k, out, dtype=torch.int64)
-    zeros = torch.empty(groups, out, dtype=torch.int64)
+    qt = torch.empty(k, out)  # integers, held in float32 until the end
+    zeros = torch.empty(groups, out)
     scales = torch.empty(groups, out, dtype=torch.float16)
     for g in range(groups):
         wg = wt[g * gs : (g + 1) * gs]
         lo, hi = wg.amin(dim=0).clamp(max=0), wg.amax(dim=0).clamp(min=0)
         s = ((hi - lo) / 15).clamp(min=1e-6).half()
-        z = torch.round(-lo / s.float()).clamp(zero_min, 15).long()
-        qt[g * gs : (g + 1) * gs] = (torch.round(wg / s.float()).long() + z).clamp(0, 15)
+        sf = s.float()
+        z = torch.round(-lo / sf).clamp_(zero_min, 15)
+        qt[g * gs : (g + 1) * gs] = torch.round(wg / sf).add_(z).clamp_(0, 15)
         zeros[g], scales[g] = z, s
     q = torch.empty(out, k, dtype=torch.int64)
-    q[:, order] = qt.t()
-    return Quantized(q, zeros, scales, g_idx)
+    q[:, order] = qt.t().long()
+    return Quantized(q, zeros.long(), scales, g_idx)
 
 
 def _to_int32(words: np.ndarray) -> torch.Tensor:
