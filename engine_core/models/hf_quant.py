@@ -285,11 +285,17 @@ def _blocks_of(w: IntWeight) -> tuple[torch.Tensor, torch.Tensor | None] | None:
 
 def _fused(source: HFQuantWeights, parts: list[tuple[str, int]], k: int, what: str) -> nn.Module:
     """One layer of our model from checkpoint layers `parts` ((prefix, out_features)) of k inputs."""
+    stored = [source.is_quantized(p) for p, _ in parts]
     built = None
-    if k % ops.QK == 0 and all(source.is_quantized(p) for p, _ in parts):
+    if all(stored) and k % ops.QK == 0:
         built = [_blocks_of(source.int_weight(p, n, k)) for p, n in parts]
     if built is None or any(b is None for b in built):
-        logger.info("%s: no exact Q4_Z mapping (groups of 32 needed): dequantized", what)
+        if not any(stored):
+            pass  # stored plain (modules_to_not_convert): nothing to say
+        elif not all(stored):
+            logger.info("%s: its parts are stored partly quantized: dequantized", what)
+        else:
+            logger.info("%s: no exact Q4_Z mapping (groups of 32 needed): dequantized", what)
         layer = Linear(k, sum(n for _, n in parts))
         layer.weight.data = torch.cat([source.get(p + ".weight", (n, k), None) for p, n in parts])
         return layer

@@ -173,3 +173,47 @@ def test_llm_greedy_tokens_equal_the_dequantized_fp32_checkpoint(tmp_path, varia
         tokens.append([list(o.outputs[0].token_ids) for o in outs])
     assert all(len(t) == 24 for t in tokens[0])
     assert tokens[0] == tokens[1]
+
+
+def test_tensor_parallel_ranks_load_the_dequantized_shards(tmp_path, caplog):
+    # TP > 1 runs no quantized layers: each rank holds its shard of (q - z) * s, exactly
+    # what the same rank of the plain dequantized checkpoint holds.
+    qdir, pdir, _ = write_checkpoints(str(tmp_path), method="gptq", group_size=32, desc_act=True)
+    for rank in range(3):
+        models = []
+        for path in (qdir, pdir):
+            cfg = EngineConfig(model=path, dtype="float32", tensor_parallel_size=3)
+            with caplog.at_level(logging.INFO, logger="engine_core.models.loader"):
+                models.append(load_model(cfg, torch.device("cpu"), tp_rank=rank, tp_size=3).model)
+        assert "weights dequantized" in caplog.text
+        quant, plain = (dict(m.named_parameters()) for m in models)
+        assert quant.keys() == plain.keys()
+        for name, p in quant.items():
+            assert torch.equal(p, plain[name]), (rank, name)
+        for a, b in zip(models[0].modules(), models[1].modules(), strict=True):
+            if isinstance(a, Linear) and a.packed is not None:
+                assert torch.equal(a.packed.to_dense(), b.packed.to_dense())
+
+
+def test_layers_left_unquantized_load_plain(tmp_path, caplog):
+    # AWQ's modules_to_not_convert (and GPTQ's dynamic exclusions) leave a layer's .weight.
+    from safetensors.torch import load_file, save_file
+
+    qdir, _, refs = write_checkpoints(str(tmp_path), method="awq", group_size=64, num_layers=1)
+    path = os.path.join(qdir, "model.safetensors")
+    tensors = load_file(path)
+    for prefix in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.k_proj"):
+        for key in ("qweight", "qzeros", "scales"):
+            del tensors[f"{prefix}.{key}"]
+        tensors[prefix + ".weight"] = refs[prefix + ".weight"].half()
+        refs[prefix + ".weight"] = tensors[prefix + ".weight"].float()
+    save_file(tensors, path)
+    with caplog.at_level(logging.INFO, logger="engine_core.models.hf_quant"):
+        model = load(qdir)
+    layer = model.layers[0]
+    assert isinstance(layer.mlp.down_proj, Linear)  # plain
+    assert isinstance(layer.self_attn.qkv_proj, Linear)  # q, v quantized, k not: dequantized
+    assert "layer 0 qkv_proj: its parts are stored partly quantized" in caplog.text
+    assert "down_proj" not in caplog.text
+    assert isinstance(layer.mlp.gate_up_proj, QuantizedLinear)
+    check_layers(model, refs, rows=(2, 40))
