@@ -30,7 +30,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +43,7 @@ logger = logging.getLogger(__name__)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds column AWQ_ORDER[j]
 _AWQ_UNDO = tuple(AWQ_ORDER.index(j) for j in range(8))  # column j sits in nibble _AWQ_UNDO[j]
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+_AWQ_SHIFTS = 4 * torch.tensor(_AWQ_UNDO, dtype=torch.int32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +116,12 @@ class IntWeight:
         return (self.q.float() - z) * self.scales[self.g_idx].t()
 
 
-def _unpack_cols(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [r, c] of eight nibbles a word -> int32 [r, 8c], nibble j of word c at 8c + j."""
+def _unpack_cols(packed: torch.Tensor, awq: bool = False) -> torch.Tensor:
+    """int32 [r, c] of eight nibbles a word -> uint8 [r, 8c]: column 8c + j from nibble j
+    (awq: from nibble _AWQ_UNDO[j], AWQ's order undone)."""
     r = packed.shape[0]
-    return ((packed.to(torch.int32)[:, :, None] >> _SHIFTS) & 0xF).reshape(r, -1)
+    shifts = _AWQ_SHIFTS if awq else _SHIFTS
+    return ((packed.to(torch.int32)[:, :, None] >> shifts) & 0xF).to(torch.uint8).reshape(r, -1)
 
 
 class HFQuantWeights:
@@ -177,11 +179,9 @@ class HFQuantWeights:
                 )
         if out_features % 8 or in_features % 8:
             raise ValueError(f"{prefix}: {out_features}x{in_features} is not a multiple of 8.")
-        zeros = _unpack_cols(qzeros) + self.quant.zero_offset
+        zeros = _unpack_cols(qzeros, awq).to(torch.int32) + self.quant.zero_offset
         if awq:
-            q = _unpack_cols(qweight).view(in_features, -1, 8)[:, :, list(_AWQ_UNDO)]
-            q = q.reshape(in_features, out_features).t()
-            zeros = zeros.view(groups, -1, 8)[:, :, list(_AWQ_UNDO)].reshape(groups, -1)
+            q = _unpack_cols(qweight, awq=True).t()  # [out, in]
             g_idx = torch.arange(in_features) // gs
         else:
             q = _unpack_cols(qweight.t().contiguous())  # [out, in]
@@ -196,7 +196,7 @@ class HFQuantWeights:
                 raise ValueError(f"{name} must hold {in_features} group numbers >= 0.")
         if int(g_idx.max()) >= scales.shape[0]:
             raise ValueError(f"{prefix}: g_idx names a group past the {scales.shape[0]} stored.")
-        return IntWeight(q.to(torch.uint8).contiguous(), zeros, scales.float(), g_idx)
+        return IntWeight(q.contiguous(), zeros, scales.float(), g_idx)
 
     def get(self, name: str, shape: tuple[int, ...], shard: Shard) -> torch.Tensor:
         prefix = name.removesuffix(".weight")
@@ -231,13 +231,12 @@ def q4_z_blocks(q: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.Tens
     """
     out, k = q.shape
     nb = k // ops.QK
-    qb = q.numpy().astype(np.uint8).reshape(out, nb, ops.QK)
-    qs = qb[..., :16] | (qb[..., 16:] << 4)
-    head = np.empty((out, nb, 2), dtype=np.uint16)
-    head[..., 0] = d.to(torch.float16).numpy().view(np.uint16)
-    head[..., 1] = z.numpy()
-    raw = np.concatenate([head.view(np.uint8).reshape(out, nb, 4), qs], axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(raw).reshape(-1))
+    qb = q.to(torch.uint8).reshape(out, nb, 2, 16)
+    raw = torch.empty(out, nb, ops.BLOCK_BYTES[ops.Q4_Z], dtype=torch.uint8)
+    raw[..., 4:] = qb[:, :, 0] | (qb[:, :, 1] << 4)
+    raw[..., :2] = d.to(torch.float16).contiguous().view(torch.uint8).view(out, nb, 2)
+    raw[..., 2:4] = z.to(torch.int16).contiguous().view(torch.uint8).view(out, nb, 2)
+    return raw.reshape(-1)
 
 
 class ActOrderLinear(nn.Module):
@@ -279,7 +278,7 @@ def _blocks_of(w: IntWeight) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     if not bool((gb == gb[:, :1]).all()):
         return None  # a block of 32 would span two groups
     gb = gb[:, 0]
-    q = w.q if perm is None else w.q[:, perm]
+    q = w.q if perm is None else w.q.index_select(1, perm)
     return q4_z_blocks(q.contiguous(), w.scales[gb].t(), w.zeros[gb].t()), perm
 
 
