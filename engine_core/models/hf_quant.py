@@ -159,6 +159,8 @@ class HFQuantWeights:
 
     def int_weight(self, prefix: str, out_features: int, in_features: int) -> IntWeight:
         """Layer `prefix`'s integers, checked against its [out_features, in_features] shape."""
+        if out_features % 8 or in_features % 8:
+            raise ValueError(f"{prefix}: {out_features}x{in_features} is not a multiple of 8.")
         qweight, qzeros = self._raw(prefix + ".qweight"), self._raw(prefix + ".qzeros")
         scales = self._raw(prefix + ".scales")
         gs = in_features if self.quant.group_size == -1 else self.quant.group_size
@@ -177,8 +179,6 @@ class HFQuantWeights:
                     f"{prefix}.{key} has shape {tuple(t.shape)}, expected {expect[key]} "
                     f"for a {out_features}x{in_features} {self.quant.method} layer."
                 )
-        if out_features % 8 or in_features % 8:
-            raise ValueError(f"{prefix}: {out_features}x{in_features} is not a multiple of 8.")
         zeros = _unpack_cols(qzeros, awq).to(torch.int32) + self.quant.zero_offset
         if awq:
             q = _unpack_cols(qweight, awq=True).t()  # [out, in]
@@ -267,8 +267,10 @@ class ConcatLinear(nn.Module):
 
 
 def _blocks_of(w: IntWeight) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(Q4_Z blocks, input permutation or None) of one layer; None when groups cut blocks."""
-    out, k = w.q.shape
+    """(Q4_Z blocks, input permutation or None) of one layer; None when groups cut blocks or
+    a scale is no fp16 value (bf16 or fp32 scales of a checkpoint that wrote them so)."""
+    if not torch.equal(w.scales.half().float(), w.scales):
+        return None
     perm = None
     g = w.g_idx
     if bool((g[1:] < g[:-1]).any()):  # desc_act: sort the columns by group
@@ -294,7 +296,10 @@ def _fused(source: HFQuantWeights, parts: list[tuple[str, int]], k: int, what: s
         elif not all(stored):
             logger.info("%s: its parts are stored partly quantized: dequantized", what)
         else:
-            logger.info("%s: no exact Q4_Z mapping (groups of 32 needed): dequantized", what)
+            logger.info(
+                "%s: no exact Q4_Z mapping (groups of 32 inputs and fp16 scales needed): dequantized",
+                what,
+            )
         layer = Linear(k, sum(n for _, n in parts))
         layer.weight.data = torch.cat([source.get(p + ".weight", (n, k), None) for p, n in parts])
         return layer

@@ -217,3 +217,21 @@ def test_layers_left_unquantized_load_plain(tmp_path, caplog):
     assert "down_proj" not in caplog.text
     assert isinstance(layer.mlp.gate_up_proj, QuantizedLinear)
     check_layers(model, refs, rows=(2, 40))
+
+
+def test_scales_that_are_no_fp16_values_are_dequantized_with_a_log_line(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    qdir, _, refs = write_checkpoints(str(tmp_path), method="gptq", group_size=128, num_layers=1)
+    path = os.path.join(qdir, "model.safetensors")
+    tensors = load_file(path)
+    name = "model.layers.0.mlp.down_proj"
+    tensors[name + ".scales"] = tensors[name + ".scales"].float() * (1 + 2**-15)  # fp32 only
+    refs[name + ".weight"] = refs[name + ".weight"] * (1 + 2**-15)
+    save_file(tensors, path)
+    with caplog.at_level(logging.INFO, logger="engine_core.models.hf_quant"):
+        model = load(qdir)
+    assert "layer 0 down_proj: no exact Q4_Z mapping" in caplog.text
+    assert isinstance(model.layers[0].mlp.down_proj, Linear)
+    assert isinstance(model.layers[0].mlp.gate_up_proj, QuantizedLinear)
+    check_layers(model, refs, rows=(2,))
