@@ -235,3 +235,12 @@ def test_scales_that_are_no_fp16_values_are_dequantized_with_a_log_line(tmp_path
     assert isinstance(model.layers[0].mlp.down_proj, Linear)
     assert isinstance(model.layers[0].mlp.gate_up_proj, QuantizedLinear)
     check_layers(model, refs, rows=(2,))
+
+
+def test_rtn_flags_leave_the_checkpoints_own_quantization(tmp_path, caplog):
+    qdir, _, refs = write_checkpoints(str(tmp_path), method="awq", group_size=64, num_layers=1)
+    with caplog.at_level(logging.INFO, logger="engine_core.models.loader"):
+        model = load(qdir, quantization="int4")
+    assert "a quantized one keeps its own types" in caplog.text
+    assert model.layers[0].mlp.down_proj.wtype == ops.Q4_Z
+    check_layers(model, refs, rows=(1,))
