@@ -17,8 +17,9 @@ m = -z * s in fp16, which rounds (z * s has up to 15 significant bits). With des
 input columns are stored sorted by group, and the activations permuted to match at run time
 (index_select), as vLLM's exllama path does; fused q/k/v or gate/up parts with different
 permutations each run alone on their own permuted input. Elsewhere (CUDA, TP > 1, no
-compiler, --quantization none, a group size that is no multiple of 32) every weight is
-dequantized to (q - z) * s at load.
+compiler, --quantization none) every weight is dequantized to (q - z) * s at load; a layer
+whose groups cut blocks of 32, whose scales are no fp16 values or whose fused parts are
+stored partly quantized is dequantized alone, with a log line.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from engine_core.models.layers import Linear
-from engine_core.models.llama import LlamaForCausalLM, Shard
+from engine_core.models.llama import LlamaForCausalLM, Shard, hf_weight_shapes
 from engine_core.models.quant_layers import QuantizedLinear
 from kernels_cpu import ops
 
@@ -336,8 +337,6 @@ def load_hf_quantized(
     cfg = model.config
     if model.tp.tp_size != 1:
         raise ValueError("quantized AWQ/GPTQ layers do not support tensor parallelism.")
-    from engine_core.models.llama import hf_weight_shapes
-
     shapes, params = hf_weight_shapes(cfg), dict(model.named_parameters())
     for name, tensors in model._weight_map().items():
         if name.endswith(_LINEARS):
