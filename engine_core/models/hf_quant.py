@@ -246,6 +246,8 @@ class ActOrderLinear(nn.Module):
     y = W x = W[:, perm] x[perm]: the activations are permuted to the stored column order.
     """
 
+    perm: torch.Tensor
+
     def __init__(self, inner: QuantizedLinear, perm: torch.Tensor) -> None:
         super().__init__()
         self.inner = inner
@@ -301,14 +303,16 @@ def _fused(source: HFQuantWeights, parts: list[tuple[str, int]], k: int, what: s
                 "%s: no exact Q4_Z mapping (groups of 32 inputs and fp16 scales needed): dequantized",
                 what,
             )
-        layer = Linear(k, sum(n for _, n in parts))
-        layer.weight.data = torch.cat([source.get(p + ".weight", (n, k), None) for p, n in parts])
-        return layer
+        plain = Linear(k, sum(n for _, n in parts))
+        plain.weight.data = torch.cat([source.get(p + ".weight", (n, k), None) for p, n in parts])
+        return plain
     blocks = [b for b in built if b is not None]
     perms = [perm for _, perm in blocks]
     first = perms[0]
     same = all(
-        (p is None) == (first is None) and (p is None or torch.equal(p, first)) for p in perms
+        (p is None and first is None)
+        or (p is not None and first is not None and torch.equal(p, first))
+        for p in perms
     )
     if same:
         n = sum(n for _, n in parts)
@@ -317,8 +321,8 @@ def _fused(source: HFQuantWeights, parts: list[tuple[str, int]], k: int, what: s
     logger.info("%s: its parts' g_idx differ: each part permutes its own input", what)
     mods: list[nn.Module] = []
     for (b, perm), (_, n) in zip(blocks, parts, strict=True):
-        layer = QuantizedLinear(b, ops.Q4_Z, k, n)
-        mods.append(layer if perm is None else ActOrderLinear(layer, perm))
+        part = QuantizedLinear(b, ops.Q4_Z, k, n)
+        mods.append(part if perm is None else ActOrderLinear(part, perm))
     return ConcatLinear(mods)
 
 
@@ -341,8 +345,8 @@ def load_hf_quantized(
     for name, tensors in model._weight_map().items():
         if name.endswith(_LINEARS):
             continue
-        parts = [source.get(hf, shapes[hf], shard).to(weight_dtype) for hf, shard in tensors]
-        loaded = torch.cat(parts) if len(parts) > 1 else parts[0]
+        got = [source.get(hf, shapes[hf], shard).to(weight_dtype) for hf, shard in tensors]
+        loaded = torch.cat(got) if len(got) > 1 else got[0]
         if tuple(loaded.shape) != tuple(params[name].shape):
             raise ValueError(
                 f"checkpoint tensor {tensors[0][0]!r} has shape {tuple(loaded.shape)}, "
@@ -356,9 +360,12 @@ def load_hf_quantized(
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [(p + "self_attn.q_proj", q), (p + "self_attn.k_proj", kv)]
         qkv.append((p + "self_attn.v_proj", kv))
-        attn.qkv_proj = _fused(source, qkv, h, f"layer {i} qkv_proj")
-        attn.o_proj = _fused(source, [(p + "self_attn.o_proj", h)], q, f"layer {i} o_proj")
         gate_up = [(p + "mlp.gate_proj", inter), (p + "mlp.up_proj", inter)]
-        mlp.gate_up_proj = _fused(source, gate_up, h, f"layer {i} gate_up_proj")
-        mlp.down_proj = _fused(source, [(p + "mlp.down_proj", h)], inter, f"layer {i} down_proj")
+        for owner, attr, parts, k in (
+            (attn, "qkv_proj", qkv, h),
+            (attn, "o_proj", [(p + "self_attn.o_proj", h)], q),
+            (mlp, "gate_up_proj", gate_up, h),
+            (mlp, "down_proj", [(p + "mlp.down_proj", h)], inter),
+        ):
+            setattr(owner, attr, _fused(source, parts, k, f"layer {i} {attr}"))
     model.pack_weights()  # the LM head (and any dequantized layer) as the plain path has them
