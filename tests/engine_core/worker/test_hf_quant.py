@@ -165,7 +165,7 @@ def test_llm_greedy_tokens_equal_the_dequantized_fp32_checkpoint(tmp_path, varia
         "The capital of France is",
         "Write a short poem about the sea, the wind and the old lighthouse keeper who",
     ]
-    params = SamplingParams(temperature=0.0, max_tokens=24)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     tokens = []
     for path in (qdir, pdir):
         with LLM(model=path, dtype="float32", kv_cache_space_gib=0.1) as llm:
