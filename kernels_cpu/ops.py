@@ -21,7 +21,10 @@ logger = logging.getLogger(__name__)
 
 # ggml type ids the kernels take, with their (block elements, block bytes)
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
+# Ours, not a ggml type: fp16 d, uint16 zero point z (0..16), 16 bytes of nibbles laid out as
+# Q4_0/Q4_1's; value (q - z) * d, exact in fp32: AWQ/GPTQ groups map onto it (hf_quant.py).
+Q4_Z = 100
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_Z: 20}
 QK = 32
 
 _lib: ctypes.CDLL | None = None

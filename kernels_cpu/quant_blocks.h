@@ -11,11 +11,16 @@ namespace rs {
 
 constexpr int QK = 32;
 constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;  // ggml type ids
+// Ours, not a ggml type: 4 bits with an fp16 scale and an integer zero point per 32, value
+// (q - z) * d, the AWQ/GPTQ form (z * d in fp16, as Q4_1's m would hold it, is not exact).
+constexpr int kQ4_Z = 100;
 
 struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };
 struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };
 struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
 struct BlockQ8X { float d, s; int8_t qs[32]; };  // a quantized activation block
+struct BlockQ4_Z { uint16_t d, z; uint8_t qs[16]; };  // z: 0..16 (GPTQ v1 reads 16)
+static_assert(sizeof(BlockQ4_Z) == 20);
 static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ8_0) == 34);
 
 inline float fp16_to_fp32(uint16_t h) {
@@ -51,6 +56,7 @@ inline int64_t block_bytes(int wtype) {
     case kQ4_0: return sizeof(BlockQ4_0);
     case kQ4_1: return sizeof(BlockQ4_1);
     case kQ8_0: return sizeof(BlockQ8_0);
+    case kQ4_Z: return sizeof(BlockQ4_Z);
     default: return 0;
   }
 }
@@ -67,6 +73,11 @@ inline const uint8_t* block_fields(const uint8_t* w, int64_t b, float& dw, float
   } else if constexpr (WType == kQ4_1) {
     const BlockQ4_1* wb = (const BlockQ4_1*)w + b;
     dw = fp16_to_fp32(wb->d), offset = fp16_to_fp32(wb->m);
+    return wb->qs;
+  } else if constexpr (WType == kQ4_Z) {
+    // z * d is exact in fp32 (at most 4 + 11 significant bits), so is q * d + offset.
+    const BlockQ4_Z* wb = (const BlockQ4_Z*)w + b;
+    dw = fp16_to_fp32(wb->d), offset = -(float)wb->z * dw;
     return wb->qs;
   } else {
     const BlockQ8_0* wb = (const BlockQ8_0*)w + b;
@@ -154,6 +165,7 @@ inline int with_wtype(int wtype, Fn&& fn) {
     case kQ4_0: fn(std::integral_constant<int, kQ4_0>{}); return 0;
     case kQ4_1: fn(std::integral_constant<int, kQ4_1>{}); return 0;
     case kQ8_0: fn(std::integral_constant<int, kQ8_0>{}); return 0;
+    case kQ4_Z: fn(std::integral_constant<int, kQ4_Z>{}); return 0;
     default: return 2;
   }
 }

@@ -27,6 +27,7 @@ from engine_core.config import EngineConfig
 from engine_core.model_files import ModelFiles, default_model_path, resolve_model
 from engine_core.models.gguf_file import GGUFFile, GGUFTensor
 from engine_core.models.gguf_quant import load_gguf_quantized, quantize_model_rtn
+from engine_core.models.hf_quant import HFQuantWeights, load_hf_quantized, read_quant_config
 from engine_core.models.llama import LlamaForCausalLM, Shard
 from engine_core.models.model_config import ModelConfig
 from kernels_cpu import ops as kernels_cpu_ops
@@ -89,6 +90,7 @@ def load_model_config(config: EngineConfig) -> tuple[ModelConfig, ModelFiles | N
     cfg = _read_json(os.path.join(files.directory, "config.json"))
     gen_path = os.path.join(files.directory, "generation_config.json")
     model_config = ModelConfig.from_hf_config(cfg)
+    read_quant_config(files.directory)  # refuses an AWQ/GPTQ variant we do not load, by key
     if os.path.isfile(gen_path):
         # generation_config.json's eos list (e.g. Llama 3's <|eot_id|>) wins, as in vLLM.
         eos = _read_json(gen_path).get("eos_token_id")
@@ -113,12 +115,16 @@ def load_model(
     elif files is not None and files.gguf_path is not None:
         source = GGUFWeights(GGUFFile.open(files.gguf_path), model_config)
     else:
-        source = SafetensorsWeights(files.directory)
+        source = HFQuantWeights.open(files.directory) or SafetensorsWeights(files.directory)
     with torch.device(device):
         model = LlamaForCausalLM(model_config, max_positions, tp_rank, tp_size).to(compute_dtype)
-    if isinstance(source, GGUFWeights) and _keep_gguf_quantized(config, device, tp_size):
+    if isinstance(source, GGUFWeights) and _keep_quantized(config, device, tp_size):
         load_gguf_quantized(model, source.file, compute_dtype)
         weight_dtype = torch.float32  # the blocks' values, exact in fp32
+    elif isinstance(source, HFQuantWeights) and _keep_quantized(config, device, tp_size):
+        load_hf_quantized(model, source, weight_dtype)
+        model.to(compute_dtype)
+        weight_dtype = torch.float32  # (q - z) * s, exact in fp32
     elif config.quantization in ("int8", "int4") and _can_quantize(device, tp_size):
         model.load_weights(source, torch.float32)
         quantize_model_rtn(model, config.quantization)
@@ -139,11 +145,11 @@ def _can_quantize(device: torch.device, tp_size: int) -> bool:
     return kernels_cpu_ops.available()  # logs why not (no compiler, build failure)
 
 
-def _keep_gguf_quantized(config: EngineConfig, device: torch.device, tp_size: int) -> bool:
-    """Whether a GGUF's weights load into quantized layers rather than dequantized ones."""
+def _keep_quantized(config: EngineConfig, device: torch.device, tp_size: int) -> bool:
+    """Whether a quantized checkpoint (GGUF, AWQ, GPTQ) loads into quantized layers."""
     if config.quantization in ("int8", "int4"):
         logger.info(
-            "--quantization %s is for plain checkpoints: the GGUF keeps its own types",
+            "--quantization %s is for plain checkpoints: a quantized one keeps its own types",
             config.quantization,
         )
     return config.quantization != "none" and _can_quantize(device, tp_size)
