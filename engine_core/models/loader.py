@@ -117,13 +117,13 @@ def load_model(
         source = SafetensorsWeights(files.directory)
     with torch.device(device):
         model = LlamaForCausalLM(model_config, max_positions, tp_rank, tp_size).to(compute_dtype)
-    gguf_file = source.file if isinstance(source, GGUFWeights) else None
-    if quant_cuda.applies(config.quantization, device, tp_size, gguf_file is not None):
+    gguf = source if isinstance(source, GGUFWeights) else None
+    if quant_cuda.applies(config.quantization, device, gguf is not None):
         model.load_weights(source, weight_dtype)  # dense first: norms, embedding, Q8_0, ...
         model.pack_weights()
-        quant_cuda.quantize_model(model, config.quantization, gguf_file)
-    elif gguf_file is not None and _keep_gguf_quantized(config, device, tp_size):
-        load_gguf_quantized(model, gguf_file, compute_dtype)
+        quant_cuda.quantize_model(model, config.quantization, gguf)
+    elif gguf is not None and _keep_gguf_quantized(config, device, tp_size):
+        load_gguf_quantized(model, gguf.file, compute_dtype)
         weight_dtype = torch.float32  # the blocks' values, exact in fp32
     elif config.quantization in ("int8", "int4") and _can_quantize(device, tp_size):
         model.load_weights(source, torch.float32)
@@ -140,7 +140,7 @@ def load_model(
 def _can_quantize(device: torch.device, tp_size: int) -> bool:
     """Whether quantized layers can run here: one CPU process with the kernels built."""
     if device.type != "cpu" or tp_size != 1:
-        logger.info("weights dequantized: quantized layers run in one CPU or CUDA process only")
+        logger.info("weights dequantized: the CPU's quantized layers run in one process only")
         return False
     return kernels_cpu_ops.available()  # logs why not (no compiler, build failure)
 

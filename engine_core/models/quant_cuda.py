@@ -11,7 +11,8 @@ Q8_0 has no exact home: torch's CUDA `_weight_int8pack_mm` takes one scale per o
 (Q8_0 has one per 32 inputs: a requantization would lose) and is a plain one-thread-per-output
 kernel, slower than cuBLAS on bf16. Q8_0 tensors (the default model's tied embedding and LM
 head among them) and any other type are dequantized to the compute dtype, with a log line;
-so is `--quantization int8`.
+so is `--quantization int8`. With tensor parallelism each rank packs its own rows (or whole
+32-column groups) of the blocks, as load_weights reads its shard.
 
 The same layer runs on a CPU with torch's `_for_cpu` twins of the ops (the tests' path; the
 CPU engine uses kernels_cpu's block GEMM instead, models/quant_layers.py).
@@ -20,14 +21,17 @@ CPU engine uses kernels_cpu's block GEMM instead, models/quant_layers.py).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine_core.models.gguf_file import GGUFFile, GGUFTensor
-from engine_core.models.llama import LlamaForCausalLM
+from engine_core.models.gguf_file import GGUFTensor
+from engine_core.models.llama import LlamaForCausalLM, Shard
+
+if TYPE_CHECKING:
+    from engine_core.models.loader import GGUFWeights  # loader imports this module
 
 logger = logging.getLogger(__name__)
 
@@ -175,26 +179,24 @@ class Int4Linear(nn.Module):
 # ------------------------------------------------------------------------------ the model
 
 
-def applies(quantization: str | None, device: torch.device, tp_size: int, gguf: bool) -> bool:
-    """Whether load_model hands the model to quantize_model: one CUDA process, a GGUF not
-    loaded with --quantization none, or --quantization int4/int8 of a plain checkpoint.
-    Tensor parallelism keeps the dequantized weights (loader's log line says so)."""
-    if device.type != "cuda" or tp_size != 1:
+def applies(quantization: str | None, device: torch.device, gguf: bool) -> bool:
+    """Whether load_model hands the model to quantize_model: a CUDA device, and a GGUF not
+    loaded with --quantization none, or --quantization int4/int8 of a plain checkpoint."""
+    if device.type != "cuda":
         return False
     return quantization in ("int4", "int8") or (gguf and quantization != "none")
 
 
 def quantize_model(
-    model: LlamaForCausalLM, quantization: str | None, gguf_file: GGUFFile | None
+    model: LlamaForCausalLM, quantization: str | None, gguf: GGUFWeights | None
 ) -> None:
-    """Swap `model`'s loaded dense linear layers (tp_size 1) for Int4Linear ones in place.
+    """Swap `model`'s loaded dense linear layers for Int4Linear ones in place.
 
-    A GGUF's Q4_0 / Q4_1 layers are packed from the file's own blocks; `--quantization int4`
-    rounds the loaded weights (as loaded: in the compute dtype) to nearest, group 32. The
-    embedding stays dense; a tied LM head is packed from the embedding's blocks (or values).
+    A GGUF's Q4_0 / Q4_1 layers are packed from the file's own blocks, each tensor-parallel
+    rank its own rows or columns of them; `--quantization int4` rounds the loaded weights (as
+    loaded: in the compute dtype) to nearest, group 32. The embedding stays dense; a tied LM
+    head is packed from the embedding's blocks (or values).
     """
-    if model.tp.tp_size != 1:
-        raise ValueError("quantized CUDA layers do not support tensor parallelism.")
     dtype, device = model.norm.weight.dtype, model.norm.weight.device
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         logger.info(
@@ -204,18 +206,19 @@ def quantize_model(
             *torch.cuda.get_device_capability(device),
         )
         return
-    if gguf_file is not None:
+    if gguf is not None:
         if quantization in ("int4", "int8"):
             logger.info(
                 "--quantization %s is for plain checkpoints: the GGUF keeps its own types",
                 quantization,
             )
-        done = _load_gguf_int4(model, gguf_file)
+        done = _load_gguf_int4(model, gguf)
     elif quantization == "int4":
         done = 0
         for owner, name in _linears(model):
             weight = getattr(owner, name).weight
-            if weight.shape[0] % 8 == 0:  # else kept dense: the op's rows come in 8s
+            # The op's rows come in 8s and its groups are 32 inputs: else kept dense.
+            if weight.shape[0] % 8 == 0 and weight.shape[1] % GROUP_SIZE == 0:
                 setattr(owner, name, Int4Linear.quantize_rtn(weight))
                 done += 1
     else:
@@ -236,6 +239,7 @@ def quantize_model(
 
 # (the module holding a linear layer, the layer's attribute name)
 _Slot = tuple[Any, str]
+_LINEAR_PATHS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 def _linears(model: LlamaForCausalLM) -> list[_Slot]:
@@ -247,50 +251,59 @@ def _linears(model: LlamaForCausalLM) -> list[_Slot]:
     return out + [(model, "lm_head")]
 
 
-def _block_rows(tensor: GGUFTensor, num_heads: int | None) -> np.ndarray:
-    """A 2-D tensor's raw block rows; q/k rows back in rotate-half order (whole rows move)."""
+def _shard_blocks(tensor: GGUFTensor, num_heads: int | None, shard: Shard) -> np.ndarray | None:
+    """This rank's raw block rows of a 2-D tensor (q/k rows back in rotate-half order, which
+    moves whole rows); None when a column shard cuts through a block."""
     raw = np.asarray(tensor.data).reshape(tensor.shape[0], -1)
-    if num_heads is None:
+    if num_heads is not None:
+        rows, cols = raw.shape
+        raw = raw.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2)
+        raw = raw.reshape(rows, cols)
+    if shard is None:
         return raw
-    rows, cols = raw.shape
-    return raw.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, -1)
+    dim, start, stop = shard
+    start, stop = min(start, tensor.shape[dim]), min(stop, tensor.shape[dim])
+    if dim == 0:
+        return raw[start:stop]
+    if start % GROUP_SIZE or stop % GROUP_SIZE:
+        return None
+    bb = _BLOCK_BYTES[tensor.tensor_type]
+    return raw[:, start // GROUP_SIZE * bb : stop // GROUP_SIZE * bb]
 
 
-def _load_gguf_int4(model: LlamaForCausalLM, gguf_file: GGUFFile) -> int:
+def _load_gguf_int4(model: LlamaForCausalLM, gguf: GGUFWeights) -> int:
     """Pack every layer whose GGUF parts are all Q4_0 or all Q4_1; the number packed."""
-    import gguf
+    import gguf as gguf_lib
 
-    cfg, tensors = model.config, gguf_file.tensors
-    device = model.norm.weight.device
-    tied = cfg.tie_word_embeddings or "output.weight" not in tensors
-    head = "token_embd.weight" if tied else "output.weight"
-    parts: dict[_Slot, list[tuple[str, int | None]]] = {}
-    for i, layer in enumerate(model.layers):
-        b = f"blk.{i}."
-        attn, mlp = layer.self_attn, layer.mlp
-        parts[(attn, "qkv_proj")] = [
-            (b + "attn_q.weight", cfg.num_heads),
-            (b + "attn_k.weight", cfg.num_kv_heads),
-            (b + "attn_v.weight", None),
-        ]
-        parts[(attn, "o_proj")] = [(b + "attn_output.weight", None)]
-        parts[(mlp, "gate_up_proj")] = [(b + "ffn_gate.weight", None), (b + "ffn_up.weight", None)]
-        parts[(mlp, "down_proj")] = [(b + "ffn_down.weight", None)]
-    parts[(model, "lm_head")] = [(head, None)]
+    cfg, tensors = model.config, gguf.file.tensors
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}  # the GGUF's permuted rows
     dense: dict[str, int] = {}
     packed = 0
-    for (owner, name), names in parts.items():
-        ts = [(tensors[n], heads) for n, heads in names]
-        types = {t.tensor_type for t, _ in ts}
+    # The model's own map of which checkpoint rows and columns this rank holds.
+    for param, parts in model._weight_map().items():
+        path = param.removesuffix(".weight")
+        if path != "lm_head" and not path.endswith(_LINEAR_PATHS):
+            continue
+        owner_path, _, name = path.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        layer = getattr(owner, name)
+        ts = [(tensors[gguf.gguf_name(hf)], heads.get(hf.split(".")[-2]), s) for hf, s in parts]
+        types = {t.tensor_type for t, _, _ in ts}
         wtype = ts[0][0].tensor_type
-        out_features = sum(t.shape[0] for t, _ in ts)
-        if len(types) != 1 or wtype not in INT4_TYPES or out_features % 8:
-            key = "+".join(gguf.GGMLQuantizationType(t).name for t in sorted(types))
+        raw: np.ndarray | None = None
+        if len(types) == 1 and wtype in INT4_TYPES and layer.out_features % 8 == 0:
+            shards = [_shard_blocks(t, h, s) for t, h, s in ts]
+            whole = [r for r in shards if r is not None]
+            if len(whole) == len(shards):
+                raw = np.concatenate(whole)
+        if raw is None:
+            key = "+".join(gguf_lib.GGMLQuantizationType(t).name for t in sorted(types))
             dense[key] = dense.get(key, 0) + 1
             continue
-        raw = np.concatenate([_block_rows(t, heads) for t, heads in ts])
-        blocks = torch.from_numpy(raw).to(device)
-        setattr(owner, name, Int4Linear.from_gguf_blocks(blocks, wtype, ts[0][0].shape[1]))
+        # A padded vocabulary's last rows: zero bytes, d = m = 0, weights 0 (as load_weights).
+        pad = np.zeros((layer.out_features - raw.shape[0], raw.shape[1]), dtype=np.uint8)
+        blocks = torch.from_numpy(np.concatenate([raw, pad])).to(model.norm.weight.device)
+        setattr(owner, name, Int4Linear.from_gguf_blocks(blocks, wtype, layer.in_features))
         packed += 1
     if dense:
         what = ", ".join(f"{n} of type {k}" for k, n in sorted(dense.items()))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import blocks, new_kv_cache, step_logits
+from test_model import blocks, new_kv_cache, step_logits, write_gguf
 from torch import nn
 
 from engine_core.config import EngineConfig
@@ -131,22 +131,20 @@ def test_bad_shapes_and_types_are_refused_by_value():
 
 
 @pytest.mark.parametrize(
-    "quantization,device,tp_size,is_gguf,expected",
+    "quantization,device,is_gguf,expected",
     [
-        (None, "cuda", 1, True, True),  # the default GGUF on one GPU
-        ("int4", "cuda", 1, False, True),
-        ("int8", "cuda", 1, False, True),  # handed over to say that it stays dense
-        ("none", "cuda", 1, True, False),
-        (None, "cuda", 1, False, False),  # a plain checkpoint, no --quantization
-        (None, "cuda", 2, True, False),  # tensor parallel: dequantized
-        (None, "cpu", 1, True, False),  # the CPU has its own block kernels
+        (None, "cuda", True, True),  # the default GGUF on a GPU
+        ("int4", "cuda", False, True),
+        ("int8", "cuda", False, True),  # handed over to say that it stays dense
+        ("none", "cuda", True, False),
+        (None, "cuda", False, False),  # a plain checkpoint, no --quantization
+        (None, "cpu", True, False),  # the CPU has its own block kernels
     ],
 )
-def test_the_cuda_hook_applies_to_one_cuda_process_with_something_to_quantize(
-    quantization, device, tp_size, is_gguf, expected
+def test_the_cuda_hook_applies_on_cuda_with_something_to_quantize(
+    quantization, device, is_gguf, expected
 ):
-    got = quant_cuda.applies(quantization, torch.device(device), tp_size, is_gguf)
-    assert got is expected
+    assert quant_cuda.applies(quantization, torch.device(device), is_gguf) is expected
 
 
 class Mirror(nn.Module):
@@ -171,10 +169,54 @@ def mirrored(model: nn.Module) -> nn.Module:
     return model
 
 
-def cuda_hooked_load(monkeypatch, **config) -> torch.nn.Module:
+def cuda_hooked_load(monkeypatch, tp_rank: int = 0, tp_size: int = 1, **config) -> nn.Module:
     """load_model through the CUDA hook, on this CPU (the hook's condition forced true)."""
     monkeypatch.setattr(quant_cuda, "applies", lambda *args: True)
-    return loader.load_model(EngineConfig(**config), torch.device("cpu")).model
+    cfg, cpu = EngineConfig(**config), torch.device("cpu")
+    return loader.load_model(cfg, cpu, tp_rank=tp_rank, tp_size=tp_size).model
+
+
+def test_tensor_parallel_ranks_pack_their_rows_and_columns_of_the_gguf_blocks(
+    make_tiny_llama, tmp_path, monkeypatch, caplog
+):
+    # 255 tokens over 2 ranks: 128 rows each, the last rank's final row padding.
+    hf_dir = make_tiny_llama("tp-padded-vocab", vocab_size=255)
+    path = str(tmp_path / "tp.gguf")
+    types = {p: Q.Q4_1 for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate")}
+    types |= {"ffn_up": Q.Q4_1, "ffn_down": Q.Q4_0, "token_embd": Q.Q4_0}
+    write_gguf(hf_dir, path, types)
+    full = cuda_hooked_load(monkeypatch, model=path, dtype="float32")
+    cfg = full.config
+    hd, heads, kv, inter = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    with caplog.at_level(logging.INFO, logger="engine_core.models"):
+        ranks = [cuda_hooked_load(monkeypatch, r, 2, model=path, dtype="float32") for r in (0, 1)]
+    assert "dequantized" not in caplog.text  # every layer of every rank packed
+    w = {name: m.dequantized() for name, m in full.named_modules() if isinstance(m, Int4Linear)}
+    # One rank's 255 head rows are no multiple of 8 (the op's tile): that head stays dense.
+    assert isinstance(full.lm_head, Linear) and "lm_head" not in w
+    raw = raw_rows(GGUFFile.open(path), "token_embd.weight")
+    padded = torch.cat([raw, torch.zeros(1, raw.shape[1], dtype=torch.uint8)])
+    w["lm_head"] = Int4Linear.from_gguf_blocks(padded, quant_cuda.Q4_0, 64).dequantized()
+    for r, rank in enumerate(ranks):
+        got = {n: m.dequantized() for n, m in rank.named_modules() if isinstance(m, Int4Linear)}
+        assert set(got) == set(w)
+        h, k, m = heads // 2, kv // 2, inter // 2  # this rank's heads and MLP slice
+        q, o = slice(r * h * hd, (r + 1) * h * hd), slice(r * m, (r + 1) * m)
+        kv_rows = slice(heads * hd + r * k * hd, heads * hd + (r + 1) * k * hd)
+        v_rows = slice(kv_rows.start + kv * hd, kv_rows.stop + kv * hd)
+        up = slice(inter + r * m, inter + (r + 1) * m)
+        for i in range(cfg.num_layers):
+            qkv, gu = w[f"layers.{i}.self_attn.qkv_proj"], w[f"layers.{i}.mlp.gate_up_proj"]
+            want = {
+                "self_attn.qkv_proj": torch.cat([qkv[q], qkv[kv_rows], qkv[v_rows]]),
+                "self_attn.o_proj": w[f"layers.{i}.self_attn.o_proj"][:, q],
+                "mlp.gate_up_proj": torch.cat([gu[o], gu[up]]),
+                "mlp.down_proj": w[f"layers.{i}.mlp.down_proj"][:, o],
+            }
+            for name, tensor in want.items():
+                assert torch.equal(got[f"layers.{i}.{name}"], tensor), (r, i, name)
+        assert torch.equal(got["lm_head"], w["lm_head"][r * 128 : (r + 1) * 128])
+    assert not ranks[1].lm_head.dequantized()[-1].any()  # the padding row: zero weights
 
 
 def test_rtn_int4_checkpoint_through_the_loader_hook_matches_its_dequantized_model(
