@@ -3,7 +3,9 @@
 Loads the model in this process to count its int4 layers and weight bytes, then runs our LLM
 (an EngineCore process) twice, quantized (the default) and with --quantization none (every
 weight dequantized to bf16): greedy tokens of a few prompts, compared, and the new tokens
-per second of one stream and of a batch (a generate call's wall time, its prefill included). The two paths' weights differ by the bf16 rounding of the blocks'
+per second of one stream and of a batch (a generate call's wall time, its prefill included).
+It also times one int4 layer against bf16 `F.linear` at 1 to 4,096 rows on three models'
+gate/up shapes: where the int4 kernel stops paying. The two paths' weights differ by the bf16 rounding of the blocks'
 scales, so their greedy tokens may part after a while: the report says where.
 
     python tools/check_quant_cuda.py --json OUT.json            # on a GPU (tools/gpu_check.sh)
@@ -13,6 +15,7 @@ scales, so their greedy tokens may part after a while: the report says where.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -43,6 +46,47 @@ def model_facts(device: str) -> dict:
         if device == "cuda":
             torch.cuda.empty_cache()
     return facts
+
+
+# (in, out) of the gate/up projection of SmolLM2-135M, Llama-3.2-1B and Llama-3-8B
+LAYER_SHAPES = [(576, 3072), (2048, 16384), (4096, 28672)]
+LAYER_ROWS = [1, 16, 128, 1024, 4096]  # decode batches to prefill chunks
+
+
+def _seconds_per_call(fn, reps: int, device: str) -> float:
+    for _ in range(3):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def layer_timings(device: str, shapes: list, rows: list[int], reps: int) -> list[dict]:
+    """One int4 layer against bf16 F.linear per shape and row count: where the int4 kernel
+    stops paying (a prefill chunk of many rows may be faster dequantized)."""
+    import torch.nn.functional as F
+
+    from engine_core.models.quant_cuda import Int4Linear
+
+    out = []
+    for k, n in shapes:
+        w = 0.02 * torch.randn(n, k, device=device)
+        int4, dense = Int4Linear.quantize_rtn(w), w.to(torch.bfloat16)
+        del w
+        for m in rows:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            t4 = _seconds_per_call(functools.partial(int4, x), reps, device)
+            td = _seconds_per_call(functools.partial(F.linear, x, dense), reps, device)
+            out.append(
+                {"in": k, "out": n, "rows": m, "int4_us": t4 * 1e6, "bf16_us": td * 1e6,
+                 "int4_speedup": td / t4}
+            )  # fmt: skip
+    return out
 
 
 def run_llm(quantization: str | None, args) -> dict:
@@ -97,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--new-tokens and --batch must be >= 1, got {args.new_tokens}, {args.batch}")
     report: dict = {"device": args.device, "new_tokens": args.new_tokens}
     report["models"] = model_facts(args.device)
+    if args.device == "cuda":
+        report["layers"] = layer_timings("cuda", LAYER_SHAPES, LAYER_ROWS, reps=20)
+    else:  # the CPU's int4 op is slow (and not what the CPU engine runs): the plumbing only
+        report["layers"] = layer_timings("cpu", LAYER_SHAPES[:1], [1], reps=1)
     int4, dense = run_llm(None, args), run_llm("none", args)
     report |= {"int4": int4, "dequantized_bf16": dense, "greedy": compare(int4, dense)}
     for key in ("batch1_tok_s", f"batch{args.batch}_tok_s"):
@@ -107,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(text)
-    summary = {k: v for k, v in report.items() if k not in ("int4", "dequantized_bf16")}
+    summary = {k: v for k, v in report.items() if k not in ("int4", "dequantized_bf16", "layers")}
     print(json.dumps(summary, indent=1))
+    for r in report["layers"]:
+        print(
+            f"layer {r['in']}x{r['out']}, {r['rows']} rows: int4 {r['int4_us']:.1f} us, "
+            f"bf16 {r['bf16_us']:.1f} us ({r['int4_speedup']:.2f}x)"
+        )
     for name in ("int4", "dequantized_bf16"):
         rates = {k: round(v, 1) for k, v in report[name].items() if k.endswith("tok_s")}
         print(name, rates)

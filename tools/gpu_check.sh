@@ -326,7 +326,7 @@ main() {
         step env 60
         step cuda_tests 170
     fi
-    step quant_cuda 90
+    step quant_cuda 120
     step decode_1b 120
     step e2e_1b 150
     step serving_1b 120

@@ -253,6 +253,11 @@ def summary_text(s: dict) -> str:
     q = s.get("quant_cuda")
     if q:
         out.append(f"\nquant_cuda ({q['device']}): {_quant_line(q)}")
+        for r in q.get("layers", []):
+            out.append(
+                f"  int4 layer {r['in']}x{r['out']}, {r['rows']:>4} rows: {r['int4_us']:>9.1f} us"
+                f" vs bf16 {r['bf16_us']:>9.1f} us ({r['int4_speedup']:.2f}x)"
+            )
     for key in ("decode_1b", "decode_8b"):
         d = s[key]
         if not d:
