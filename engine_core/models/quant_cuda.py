@@ -164,6 +164,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:  # the CUDA kernel would launch an empty grid
+            return x.new_empty(*lead, self.out_features)
         if dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
         y = self._mm(x2.contiguous()).reshape(*lead, self.out_features)

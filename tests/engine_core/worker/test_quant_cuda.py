@@ -95,6 +95,7 @@ def test_int4_layer_matches_dequantize_then_matmul_on_real_blocks(gguf_file, wty
     # fp32 activations go in and come out fp32 (rounded to bf16 for the op).
     x = torch.randn(3, k)
     torch.testing.assert_close(layer(x), layer(x.bfloat16()).float())
+    assert layer(torch.empty(0, k)).shape == (0, n)  # an empty step
 
 
 def test_rtn_int4_layer_is_its_nearest_codes_and_matches_its_dequantized_matmul(gguf_file):
