@@ -98,6 +98,45 @@ def test_int4_layer_matches_dequantize_then_matmul_on_real_blocks(gguf_file, wty
     assert layer(torch.empty(0, k)).shape == (0, n)  # an empty step
 
 
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs an NVIDIA GPU (none found)"
+)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("wtype", [quant_cuda.Q4_0, quant_cuda.Q4_1])
+def test_gpu_int4_layer_matches_dequantize_then_matmul_and_its_cpu_twin(gguf_file, wtype):
+    # The CUDA packing (nibble pairs, inner k-tiles) runs only here.
+    for name in ("blk.5.attn_q.weight", "blk.5.ffn_down.weight", "blk.5.ffn_gate.weight"):
+        raw = real_blocks(gguf_file, wtype, name)
+        n, k = gguf_file.tensors[name].shape
+        layer = Int4Linear.from_gguf_blocks(raw.cuda(), wtype, k)
+        want_w = scale_zero_weight(raw, wtype, k).cuda()
+        torch.manual_seed(0)
+        for rows in (1, 7, 64, 300):
+            x = torch.randn(rows, k).bfloat16().cuda()
+            want = F.linear(x.float(), want_w)
+            got = layer(x).float()
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=2e-2 * want.abs().mean())
+        cpu = Int4Linear.from_gguf_blocks(raw, wtype, k)
+        torch.testing.assert_close(
+            layer.dequantized().cpu(), cpu.dequantized(), rtol=2**-7, atol=1e-6
+        )
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_default_gguf_loads_int4_layers_at_under_half_the_bf16_bytes():
+    cuda = torch.device("cuda")
+    model = loader.load_model(EngineConfig(device="cuda", dtype="bfloat16"), cuda).model
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 120
+    cfg = EngineConfig(device="cuda", dtype="bfloat16", quantization="none")
+    dense = loader.load_model(cfg, cuda).model
+    assert not any(isinstance(m, Int4Linear) for m in dense.modules())
+    assert model.weight_bytes() < 0.5 * dense.weight_bytes()
+
+
 def test_rtn_int4_layer_is_its_nearest_codes_and_matches_its_dequantized_matmul(gguf_file):
     t = gguf_file.tensors["blk.7.ffn_up.weight"]
     w = torch.from_numpy(t.dequantize())
