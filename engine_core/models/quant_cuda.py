@@ -200,6 +200,14 @@ def quantize_model(
     head is packed from the embedding's blocks (or values).
     """
     dtype, device = model.norm.weight.dtype, model.norm.weight.device
+    torch_version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if torch_version < (2, 6):  # older torch packed int32 codes and had no _for_cpu twins
+        logger.info(
+            "weights kept in %s: the int4 layers need torch 2.6+, this is %s",
+            str(dtype).removeprefix("torch."),
+            torch.__version__,
+        )
+        return
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         logger.info(
             "weights kept in %s: torch's int4 CUDA kernel needs compute capability 8.0+, "
