@@ -10,6 +10,7 @@ scales, so their greedy tokens may part after a while: the report says where.
 
     python tools/check_quant_cuda.py --json OUT.json            # on a GPU (tools/gpu_check.sh)
     python tools/check_quant_cuda.py --device cpu --new-tokens 4   # a CPU rehearsal
+    python tools/check_quant_cuda.py --cpu-twin --new-tokens 32   # int4 numerics vs fp32, CPU
 """
 
 from __future__ import annotations
@@ -130,15 +131,67 @@ def compare(int4: dict, dense: dict) -> dict:
     return {"first_differing_token": first_diff, "identical_share": same / max(total, 1)}
 
 
+def _greedy(model, prompt_ids: list[int], n: int) -> list[int]:
+    """n greedy tokens of `model` (on the CPU) after prompt_ids: a prefill, then decode steps."""
+    import numpy as np
+
+    from engine_core.attention.torch_paged import AttentionMetadata
+
+    cfg, block = model.config, 16
+    kv = torch.zeros(cfg.num_layers, 2, 64, block, cfg.num_kv_heads, cfg.head_dim)
+    table = np.arange(-(-(len(prompt_ids) + n) // block))[None]
+    out: list[int] = []
+    ids, done = prompt_ids, 0
+    with torch.inference_mode():
+        while len(out) < n:
+            meta = AttentionMetadata.build(np.array([len(ids)]), np.array([done]), table, block)
+            hidden = model(torch.tensor(ids), meta, kv)
+            out.append(int(model.compute_logits(hidden[-1:])[0].argmax()))
+            done, ids = done + len(ids), out[-1:]
+    return out
+
+
+def cpu_twin(n: int) -> dict:
+    """The int4 layers on this CPU (the loader's CUDA hook forced, torch's _for_cpu ops)
+    against the exact dequantized fp32 model: greedy tokens of PROMPTS."""
+    from engine_core.config import EngineConfig
+    from engine_core.models import loader, quant_cuda
+    from frontend.tokenizer import load_tokenizer
+
+    tok, cpu = load_tokenizer(None), torch.device("cpu")
+    dense = loader.load_model(EngineConfig(dtype="float32", quantization="none"), cpu).model
+    applies = quant_cuda.applies
+    quant_cuda.applies = lambda *args: True
+    try:
+        int4 = loader.load_model(EngineConfig(dtype="float32"), cpu).model
+    finally:
+        quant_cuda.applies = applies
+    ids = [tok.encode(p) for p in PROMPTS]
+    return compare(
+        {"tokens": [_greedy(int4, i, n) for i in ids]},
+        {"tokens": [_greedy(dense, i, n) for i in ids]},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--json", help="write the report here")
+    ap.add_argument(
+        "--cpu-twin",
+        action="store_true",
+        help="only: the int4 layers run on this CPU by torch's _for_cpu ops, against the "
+        "dequantized fp32 model (greedy tokens)",
+    )
     args = ap.parse_args(argv)
     if args.new_tokens < 1 or args.batch < 1:
         ap.error(f"--new-tokens and --batch must be >= 1, got {args.new_tokens}, {args.batch}")
+    if args.cpu_twin:
+        torch.set_num_threads(1)  # a shared 2-core machine: OpenMP barriers only cost
+        print(json.dumps(cpu_twin(args.new_tokens)))
+        return 0
     report: dict = {"device": args.device, "new_tokens": args.new_tokens}
     report["models"] = model_facts(args.device)
     if args.device == "cuda":
