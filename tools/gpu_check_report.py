@@ -20,14 +20,23 @@ import sys
 import xml.etree.ElementTree as ET
 
 # The order the script runs them in; every one gets a status in the summary.
-STEPS = ("install", "env", "cuda_tests", "decode_1b", "e2e_1b", "serving_1b", "decode_8b")
+STEPS = (
+    "install",
+    "env",
+    "cuda_tests",
+    "quant_cuda",
+    "decode_1b",
+    "e2e_1b",
+    "serving_1b",
+    "decode_8b",
+)
 _STATUSES = ("ok", "failed", "timeout", "skipped")
 # The issue's targets (#15), checked on what the run measured.
 FLOOR_TARGET_PCT = 80.0  # decode with graphs, batch 1, 1B shape
 E2E_TARGET_RATIO = 3.0  # ours / transformers' generate_batch at 64 requests
 E2E_TARGET_BATCH = 64
 # Files copied from WORK into OUT as they are (the tools' own JSON).
-_COPIED = ("decode-1b.json", "e2e-1b.json", "decode-8b.json")
+_COPIED = ("decode-1b.json", "e2e-1b.json", "decode-8b.json", "quant-cuda.json")
 
 
 def _dist_name(wheel: str) -> str:
@@ -195,12 +204,28 @@ def build_summary(work: str, mode: str) -> dict:
         "e2e_1b": e2e,
         "serving_1b": read_serving(work),
         "decode_8b": _load(os.path.join(work, "decode-8b.json")),
+        "quant_cuda": _load(os.path.join(work, "quant-cuda.json")),
         "targets": check_targets(decode, e2e),
     }
 
 
 def _fmt(x, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def _quant_line(q: dict) -> str:
+    """tools/check_quant_cuda.py's report in a line: layers, bytes, tokens, tok/s both ways."""
+    rates = [k for k in q["int4"] if k.endswith("_tok_s")]
+    tok_s = ", ".join(
+        f"{k.removesuffix('_tok_s')} {q['int4'][k]:.1f} vs {q['dequantized_bf16'][k]:.1f} tok/s"
+        for k in rates
+    )
+    return (
+        f"{q['models']['int4']['int4_layers']} int4 layers, weights "
+        f"{q['weight_bytes_ratio']:.2f}x the dequantized bf16 bytes; greedy tokens "
+        f"{q['greedy']['identical_share']:.0%} identical (each prompt's first difference at "
+        f"{q['greedy']['first_differing_token']}, {q['new_tokens']}: none); int4 vs bf16: {tok_s}"
+    )
 
 
 def summary_text(s: dict) -> str:
@@ -225,6 +250,14 @@ def summary_text(s: dict) -> str:
             f"{p['errors']} errors, {p['skipped']} skipped"
         )
         out += [f"  FAILED {f['test']}: {f['message']}" for f in p["failed"]]
+    q = s.get("quant_cuda")
+    if q:
+        out.append(f"\nquant_cuda ({q['device']}): {_quant_line(q)}")
+        for r in q.get("layers", []):
+            out.append(
+                f"  int4 layer {r['in']}x{r['out']}, {r['rows']:>4} rows: {r['int4_us']:>9.1f} us"
+                f" vs bf16 {r['bf16_us']:>9.1f} us ({r['int4_speedup']:.2f}x)"
+            )
     for key in ("decode_1b", "decode_8b"):
         d = s[key]
         if not d:

@@ -25,6 +25,7 @@ import torch
 
 from engine_core.config import EngineConfig
 from engine_core.model_files import ModelFiles, default_model_path, resolve_model
+from engine_core.models import quant_cuda
 from engine_core.models.gguf_file import GGUFFile, GGUFTensor
 from engine_core.models.gguf_quant import load_gguf_quantized, quantize_model_rtn
 from engine_core.models.hf_quant import HFQuantWeights, load_hf_quantized, read_quant_config
@@ -118,8 +119,13 @@ def load_model(
         source = HFQuantWeights.open(files.directory) or SafetensorsWeights(files.directory)
     with torch.device(device):
         model = LlamaForCausalLM(model_config, max_positions, tp_rank, tp_size).to(compute_dtype)
-    if isinstance(source, GGUFWeights) and _keep_quantized(config, device, tp_size):
-        load_gguf_quantized(model, source.file, compute_dtype)
+    gguf = source if isinstance(source, GGUFWeights) else None
+    if quant_cuda.applies(config.quantization, device, gguf is not None):
+        model.load_weights(source, weight_dtype)  # dense first: norms, embedding, Q8_0, ...
+        model.pack_weights()
+        quant_cuda.quantize_model(model, config.quantization, gguf)
+    elif gguf is not None and _keep_quantized(config, device, tp_size):
+        load_gguf_quantized(model, gguf.file, compute_dtype)
         weight_dtype = torch.float32  # the blocks' values, exact in fp32
     elif isinstance(source, HFQuantWeights) and _keep_quantized(config, device, tp_size):
         load_hf_quantized(model, source, weight_dtype)
@@ -140,7 +146,7 @@ def load_model(
 def _can_quantize(device: torch.device, tp_size: int) -> bool:
     """Whether quantized layers can run here: one CPU process with the kernels built."""
     if device.type != "cpu" or tp_size != 1:
-        logger.info("weights dequantized: quantized layers run on one CPU process only")
+        logger.info("weights dequantized: the CPU's quantized layers run in one process only")
         return False
     return kernels_cpu_ops.available()  # logs why not (no compiler, build failure)
 
