@@ -105,6 +105,15 @@ def test_mixed_block_types_and_rtn_int8_are_bit_identical(make_tiny_llama, tmp_p
         check_steps(model, steps_over(np.random.default_rng(1), model.config.vocab_size))
 
 
+def test_awq_q4_z_layers_are_bit_identical(tmp_path):
+    from hf_quant_checkpoints import write_checkpoints
+
+    quant_dir, _, _ = write_checkpoints(str(tmp_path), "awq", 64)
+    model = load(quant_dir)
+    assert model.layers[0].mlp.down_proj.wtype == ops.Q4_Z
+    check_steps(model, steps_over(np.random.default_rng(2), model.config.vocab_size))
+
+
 def test_not_taken_where_a_layer_is_not_quantized(make_tiny_llama, tmp_path, monkeypatch):
     hf_dir = make_tiny_llama("plain-tied")
     assert fused_step.build(load(hf_dir, quantization="none")) is None  # fp32 Linear layers
