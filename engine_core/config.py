@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
-_QUANTIZATIONS = (None, "none", "int8", "int4")
+_QUANTIZATIONS = (None, "none", "int8", "int4", "awq", "gptq", "gguf")
 
 # The step's token budget when max_num_batched_tokens is None (chunked prefill splits longer
 # prompts).
@@ -21,7 +21,8 @@ class EngineConfig:
     tokenizer: str | None = None
     dtype: str = "bfloat16"
     # None: a quantized checkpoint (GGUF Q4_0/Q4_1/Q8_0) runs quantized; "none": dequantized;
-    # "int8" / "int4": a plain checkpoint quantized at load (RTN into Q8_0 / Q4_1 blocks)
+    # "int8" / "int4": a plain checkpoint quantized at load (RTN into Q8_0 / Q4_1 blocks);
+    # "awq" / "gptq" / "gguf" (vLLM's names): the checkpoint's own, which must be that one
     quantization: str | None = None
     tensor_parallel_size: int = 1
     max_num_seqs: int = 256

@@ -132,9 +132,10 @@ def make_parser() -> argparse.ArgumentParser:
         "--quantization",
         "-q",
         default=None,
-        choices=["none", "int8", "int4"],
+        choices=["none", "int8", "int4", "awq", "gptq", "gguf"],
         help="weight-only quantization at load (RTN: int8 = Q8_0, int4 = Q4_1 blocks of 32); "
-        "none: dequantize a quantized GGUF (default: keep a checkpoint's own quantization)",
+        "none: dequantize a quantized checkpoint; awq/gptq/gguf: the checkpoint's own, checked "
+        "(default: keep a checkpoint's own quantization)",
     )
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
     e.add_argument("--max-num-seqs", type=int, default=None)

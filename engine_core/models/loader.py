@@ -117,6 +117,9 @@ def load_model(
         source = GGUFWeights(GGUFFile.open(files.gguf_path), model_config)
     else:
         source = HFQuantWeights.open(files.directory) or SafetensorsWeights(files.directory)
+    if config.quantization in ("awq", "gptq", "gguf"):
+        _check_named_quantization(config.quantization, source, config.model)
+        config = dataclasses.replace(config, quantization=None)  # the checkpoint's own
     with torch.device(device):
         model = LlamaForCausalLM(model_config, max_positions, tp_rank, tp_size).to(compute_dtype)
     gguf = source if isinstance(source, GGUFWeights) else None
@@ -141,6 +144,21 @@ def load_model(
         model.pack_weights()
     model.eval()
     return LoadedModel(model, model_config, weight_dtype, compute_dtype)
+
+
+def _check_named_quantization(named: str, source: object, model: str | None) -> None:
+    """vLLM's `--quantization awq|gptq|gguf` names the checkpoint's method: check it is."""
+    if isinstance(source, GGUFWeights):
+        actual = "gguf"
+    elif isinstance(source, HFQuantWeights):
+        actual = source.quant.method
+    else:
+        actual = "none (a plain checkpoint)"
+    if actual != named:
+        raise ValueError(
+            f"--quantization {named}: the checkpoint {model or 'embedded default'!r} is "
+            f"quantized with {actual}."
+        )
 
 
 def _can_quantize(device: torch.device, tp_size: int) -> bool:

@@ -244,3 +244,15 @@ def test_rtn_flags_leave_the_checkpoints_own_quantization(tmp_path, caplog):
     assert "a quantized one keeps its own types" in caplog.text
     assert model.layers[0].mlp.down_proj.wtype == ops.Q4_Z
     check_layers(model, refs, rows=(1,))
+
+
+def test_vllm_quantization_names_check_the_checkpoints_method(tmp_path):
+    quant_dir, _, _ = write_checkpoints(str(tmp_path), "awq", 64)
+    model = load(quant_dir, quantization="awq")  # vLLM's --quantization awq: the checkpoint's own
+    assert isinstance(model.layers[0].mlp.down_proj, QuantizedLinear)
+    with pytest.raises(ValueError, match="--quantization gptq: .* quantized with awq"):
+        load(quant_dir, quantization="gptq")
+    with pytest.raises(ValueError, match="--quantization awq: .* quantized with gguf"):
+        load_model(EngineConfig(dtype="float32", quantization="awq"), torch.device("cpu"))
+    default = load_model(EngineConfig(dtype="float32", quantization="gguf"), torch.device("cpu"))
+    assert isinstance(default.model.layers[0].mlp.down_proj, QuantizedLinear)
