@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     starting.signals = early
     from frontend.serve import serve  # the HTTP stack, imported while the engine starts
 
+    starting.done_at["HTTP stack imported"] = startup.seconds_since_process_start()
+
     try:
         import uvloop
     except ImportError:

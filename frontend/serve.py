@@ -108,6 +108,7 @@ async def serve(
             r.num_blocks,
             r.block_size,
         )
+        logger.info("start-up: %s", starting.summary())
 
     uv_config = uvicorn.Config(
         app,

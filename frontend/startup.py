@@ -32,6 +32,19 @@ class Starting:
     client: concurrent.futures.Future
     tokenizer: concurrent.futures.Future
     signals: list[int] = field(default_factory=list)
+    # Seconds since the process started at which each part was done (the ready line's).
+    done_at: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, f in (("engine ready", self.client), ("tokenizer", self.tokenizer)):
+            f.add_done_callback(lambda _, name=name: self._done(name))
+
+    def _done(self, name: str) -> None:
+        self.done_at[name] = seconds_since_process_start()
+
+    def summary(self) -> str:
+        """'engine ready at 2.9 s, tokenizer at 1.8 s' (for the log)."""
+        return ", ".join(f"{k} at {v:.2f} s" for k, v in sorted(self.done_at.items()))
 
 
 def start(config: EngineConfig) -> Starting:
