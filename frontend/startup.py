@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -37,9 +38,9 @@ class Starting:
 
     def __post_init__(self) -> None:
         for name, f in (("engine ready", self.client), ("tokenizer", self.tokenizer)):
-            f.add_done_callback(lambda _, name=name: self._done(name))
+            f.add_done_callback(functools.partial(self._done, name))
 
-    def _done(self, name: str) -> None:
+    def _done(self, name: str, _: concurrent.futures.Future) -> None:
         self.done_at[name] = seconds_since_process_start()
 
     def summary(self) -> str:
