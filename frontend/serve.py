@@ -25,6 +25,11 @@ from frontend.startup import Starting, seconds_since_process_start
 logger = logging.getLogger("ringserve.frontend")
 
 _DEAD_LINGER_S = 1.0
+_HTTP = "httptools" if importlib.util.find_spec("httptools") else "h11"
+# What uvicorn would import as it starts serving, after the engine is ready: imported now,
+# while the engine loads.
+importlib.import_module(f"uvicorn.protocols.http.{_HTTP}_impl")
+importlib.import_module("uvicorn.lifespan.off")
 
 
 class _Server(uvicorn.Server):
@@ -112,7 +117,7 @@ async def serve(
 
     uv_config = uvicorn.Config(
         app,
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=_HTTP,
         ws="none",
         lifespan="off",
         access_log=False,  # AccessLog logs each request, with its tokens
