@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -64,20 +65,38 @@ class AsyncLLM:
         self._watch(client.process_sentinel_fd(), self._on_core_exit)
 
     @classmethod
-    async def start(cls, config: EngineConfig, startup_timeout: float = 300.0) -> AsyncLLM:
-        """Start the EngineCore process and load the tokenizer side by side, off the loop."""
+    async def start(
+        cls,
+        config: EngineConfig,
+        startup_timeout: float = 300.0,
+        *,
+        client: concurrent.futures.Future | None = None,
+        tokenizer: concurrent.futures.Future | None = None,
+    ) -> AsyncLLM:
+        """Start the EngineCore process and load the tokenizer side by side, off the loop.
+
+        client, tokenizer: that work already under way on threads (frontend/startup.py), as
+        futures of a ready EngineCoreClient and of the tokenizer; awaited instead.
+        """
         loop = asyncio.get_running_loop()
-        client_f = loop.run_in_executor(None, EngineCoreClient, config, startup_timeout)
-        tok_f = loop.run_in_executor(None, load_tokenizer, config.model, config.tokenizer)
-        client: Any
-        tokenizer: Any
-        client, tokenizer = await asyncio.gather(client_f, tok_f, return_exceptions=True)
-        for result in (client, tokenizer):
+        client_f = (
+            asyncio.wrap_future(client)
+            if client is not None
+            else loop.run_in_executor(None, EngineCoreClient, config, startup_timeout)
+        )
+        tok_f = (
+            asyncio.wrap_future(tokenizer)
+            if tokenizer is not None
+            else loop.run_in_executor(None, load_tokenizer, config.model, config.tokenizer)
+        )
+        results: Any = await asyncio.gather(client_f, tok_f, return_exceptions=True)
+        started, tok = results
+        for result in (started, tok):
             if isinstance(result, BaseException):
-                if isinstance(client, EngineCoreClient):
-                    client.shutdown()
+                if isinstance(started, EngineCoreClient):
+                    started.shutdown()
                 raise result
-        return cls(config, client, tokenizer)
+        return cls(config, started, tok)
 
     # ---------------------------------------------------------------- requests
 

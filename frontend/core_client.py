@@ -43,7 +43,15 @@ class EngineStartupError(RuntimeError):
 class EngineCoreClient:
     """The frontend's handle on one EngineCore process (sync; the async layer wraps it)."""
 
-    def __init__(self, config: EngineConfig, startup_timeout: float = 300.0) -> None:
+    def __init__(
+        self, config: EngineConfig, startup_timeout: float = 300.0, *, wait: bool = True
+    ) -> None:
+        """Spawn the EngineCore and, unless wait=False, finish its start (wait_ready()).
+
+        Spawn on a thread that outlives the core: its parent-death signal follows the
+        thread that started it (frontend/startup.py spawns on the main thread, then waits
+        for the handshake on another).
+        """
         self.config = config
         self._lock = threading.Lock()  # enqueue from several threads (the loop, executors)
         self._closed = False
@@ -66,13 +74,25 @@ class EngineCoreClient:
         self._pidfd: int | None = None
         self._finalizer = weakref.finalize(self, _cleanup, self.proc, self._tmpdir)
         atexit.register(self.shutdown)
+        self._handshake_sock: zmq.Socket | None = sock
+        self._startup_timeout = startup_timeout
+        self.ready: EngineReady
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> EngineCoreClient:
+        """Send the core its configuration and wait for it to be ready (EngineStartupError if
+        it fails or times out, after shutting it down); returns self."""
+        sock, self._handshake_sock = self._handshake_sock, None
+        assert sock is not None, "wait_ready() runs once"
         try:
-            self.ready = self._handshake(sock, startup_timeout)
+            self.ready = self._handshake(sock, self._startup_timeout)
         except BaseException:
             sock.close()
             self.shutdown()
             raise
         sock.close()
+        return self
 
     def _handshake(self, sock: zmq.Socket, timeout: float) -> EngineReady:
         hello = EngineHandshake(

@@ -84,23 +84,38 @@ def profile_run(runner: ModelRunner, query_lens: np.ndarray, block_table: np.nda
     runner.sampler(logits, md)
 
 
+# The CPU warm-up's prompt: a short prefill still takes the paths a real one does (the
+# tiled quantized GEMM above its few-row kernel, the prefill attention) at a fraction of the
+# cost of a longer one; every forward reads all the weights whatever its length.
+_CPU_WARMUP_TOKENS = 16
+
+
 @torch.inference_mode()
 def warmup(runner: ModelRunner) -> None:
-    """Run a prefill, a mixed and a decode forward once so the first request is not slow,
-    then capture the decode CUDA graphs (once) if the runner uses them.
+    """Run the forwards a first request runs, once, so that it does not pay their one-time
+    costs; then capture the decode CUDA graphs (once) if the runner uses them.
 
-    It writes into the first blocks of the KV cache, which hold no request yet.
+    On a CPU, a short prefill then a decode step (the first request's two step kinds; a
+    mixed step adds no first-use cost there but the time of a forward). On a GPU, also a
+    mixed step (prefill with context beside a decode row): each kernel variant compiles at
+    first use. It writes into the first blocks of the KV cache, which hold no request yet.
     """
-    n = min(2 * runner.block_size, runner.max_model_len, runner.num_blocks * runner.block_size) - 1
+    cap = runner.num_blocks * runner.block_size
+    if runner.device.type == "cpu":
+        n = min(_CPU_WARMUP_TOKENS, runner.max_model_len, cap) - 1
+        steps = [([n], [0]), ([1], [n])]
+    else:
+        n = min(2 * runner.block_size, runner.max_model_len, cap) - 1
+        steps = [([n], [0]), ([1, n - 1], [n, 1]), ([1], [n])]
     if n >= 1:
-        _warmup_steps(runner, n)
+        _warmup_steps(runner, n, steps)
     if runner.cuda_graphs is not None and not runner.cuda_graphs.captured:
         runner.cuda_graphs.capture()
 
 
-def _warmup_steps(runner: ModelRunner, n: int) -> None:
+def _warmup_steps(runner: ModelRunner, n: int, steps: list[tuple[list[int], list[int]]]) -> None:
     table = np.arange(-(-(n + 1) // runner.block_size), dtype=np.int64)[None, :].repeat(2, 0)
-    for query_lens, computed in (([n], [0]), ([1, n - 1], [n, 1]), ([1], [n])):
+    for query_lens, computed in steps:
         hidden = dummy_forward(runner, np.array(query_lens), np.array(computed), table)
         logits = runner.model.compute_logits(hidden[-1:])
         if logits is None:  # a tensor-parallel rank other than 0: no sampling
