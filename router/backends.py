@@ -56,13 +56,23 @@ class Backend:
     _oks: int = 0
     _sent: deque = field(default_factory=deque)  # dispatch times, for current_qps
 
-    def score(self, now: float, stale_after: float) -> float:
-        """Load counted at dispatch (in-flight) plus the replica's own queue and KV use, the
-        scraped part only while fresh."""
-        s = float(self.in_flight)
+    def requests(self, now: float, stale_after: float) -> float:
+        """Requests on the replica, per unit of weight: the router's own in-flight count (counted
+        at dispatch, so a burst is seen before the next scrape) or, while the last scrape is
+        fresh, the replica's running + waiting if more (other routers' requests). Not their
+        sum: a request this router sent that waits in the replica is in both."""
+        n = float(self.in_flight)
         if now - self.scraped_at <= stale_after:
-            s += self.load.get("waiting", 0.0) + self.load.get("kv_usage", 0.0)
-        return s / max(self.weight, 1e-9)
+            n = max(n, self.load.get("running", 0.0) + self.load.get("waiting", 0.0))
+        return n / max(self.weight, 1e-9)
+
+    def score(self, now: float, stale_after: float) -> float:
+        """requests() plus the replica's KV use (0 to 1, while fresh): among replicas with as
+        many requests, the one with the fuller cache scores higher."""
+        s = self.requests(now, stale_after)
+        if now - self.scraped_at <= stale_after:
+            s += self.load.get("kv_usage", 0.0) / max(self.weight, 1e-9)
+        return s
 
     def qps(self, now: float, window: float = 10.0) -> float:
         while self._sent and self._sent[0] < now - window:

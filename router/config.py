@@ -64,6 +64,7 @@ class RouterConfig:
     prefix_max_blocks: int = 100_000
     balance_abs_threshold: int = 8
     balance_rel_threshold: float = 1.5
+    cache_threshold: float = 0.5
     # load signals and health
     scrape_interval: float = 0.1
     stale_after: float = 2.0
@@ -123,6 +124,13 @@ class RouterConfig:
             raise ValueError(f"max_tries must be at least 1, got {self.max_tries}.")
         if self.prefix_block_chars < 1 or self.prefix_max_blocks < 1:
             raise ValueError("prefix_block_chars and prefix_max_blocks must be at least 1.")
+        if not 0 <= self.cache_threshold <= 1:
+            raise ValueError(f"cache_threshold must be in [0, 1], got {self.cache_threshold}.")
+        if self.balance_abs_threshold < 0 or self.balance_rel_threshold < 1:
+            raise ValueError(
+                "balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1, got "
+                f"{self.balance_abs_threshold} and {self.balance_rel_threshold}."
+            )
         if self.rate_limit < 0 or self.rate_burst < 1 or self.max_queue < 0:
             raise ValueError("rate_limit must be >= 0, rate_burst >= 1, max_queue >= 0.")
 
@@ -151,6 +159,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-max-blocks", type=int, default=100_000)
     p.add_argument("--balance-abs-threshold", type=int, default=8)
     p.add_argument("--balance-rel-threshold", type=float, default=1.5)
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=0.5,
+        help="prefix-aware: a prompt whose cached prefix is at most this share of it goes to "
+        "the backend with the most cache to spare",
+    )
     p.add_argument("--scrape-interval", type=float, default=0.1)
     p.add_argument("--health-interval", type=float, default=1.0)
     p.add_argument("--max-tries", type=int, default=3)
