@@ -69,6 +69,9 @@ class RouterConfig:
     scrape_interval: float = 0.1
     stale_after: float = 2.0
     health_interval: float = 1.0
+    # A replica in a long prefill step answers /health when the step ends (our frontend asks
+    # its engine core, which answers between steps): seconds on one core under load.
+    health_timeout: float = 10.0
     health_fail_threshold: int = 2
     health_ok_threshold: int = 1
     # retries
@@ -117,7 +120,8 @@ class RouterConfig:
         for name in ("api_key", "admin_key", "backend_api_key"):
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must not be empty (leave it out to disable it).")
-        for name in ("dns_interval", "scrape_interval", "health_interval", "backoff_base"):
+        for name in ("dns_interval", "scrape_interval", "health_interval", "health_timeout",
+                     "backoff_base"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.max_tries < 1:
@@ -168,6 +172,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scrape-interval", type=float, default=0.1)
     p.add_argument("--health-interval", type=float, default=1.0)
+    p.add_argument(
+        "--health-timeout",
+        type=float,
+        default=10.0,
+        help="a /health probe answered later than this is a failure",
+    )
     p.add_argument("--max-tries", type=int, default=3)
     p.add_argument("--backoff-base", type=float, default=1.0)
     p.add_argument("--backoff-cap", type=float, default=8.0)
