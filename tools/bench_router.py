@@ -217,7 +217,7 @@ def main() -> None:
     p.add_argument("--shared-system-prompt", type=int, default=100, help="words")
     p.add_argument("--user-history-prompt", type=int, default=200, help="words")
     p.add_argument("--answer-len", type=int, default=16, help="tokens")
-    p.add_argument("--qps", type=float, default=0.6)
+    p.add_argument("--qps", type=float, default=0.5)
     p.add_argument("--routing-logics", default=",".join(LOGICS))
     p.add_argument("--kill-one-halfway", action="store_true")
     p.add_argument("--two-routers", action="store_true", help="also prefix-aware behind 2 routers")
