@@ -56,13 +56,23 @@ class Backend:
     _oks: int = 0
     _sent: deque = field(default_factory=deque)  # dispatch times, for current_qps
 
-    def score(self, now: float, stale_after: float) -> float:
-        """Load counted at dispatch (in-flight) plus the replica's own queue and KV use, the
-        scraped part only while fresh."""
-        s = float(self.in_flight)
+    def requests(self, now: float, stale_after: float) -> float:
+        """Requests on the replica, per unit of weight: the router's own in-flight count (counted
+        at dispatch, so a burst is seen before the next scrape) or, while the last scrape is
+        fresh, the replica's running + waiting if more (other routers' requests). Not their
+        sum: a request this router sent that waits in the replica is in both."""
+        n = float(self.in_flight)
         if now - self.scraped_at <= stale_after:
-            s += self.load.get("waiting", 0.0) + self.load.get("kv_usage", 0.0)
-        return s / max(self.weight, 1e-9)
+            n = max(n, self.load.get("running", 0.0) + self.load.get("waiting", 0.0))
+        return n / max(self.weight, 1e-9)
+
+    def score(self, now: float, stale_after: float) -> float:
+        """requests() plus the replica's KV use (0 to 1, while fresh): among replicas with as
+        many requests, the one with the fuller cache scores higher."""
+        s = self.requests(now, stale_after)
+        if now - self.scraped_at <= stale_after:
+            s += self.load.get("kv_usage", 0.0) / max(self.weight, 1e-9)
+        return s
 
     def qps(self, now: float, window: float = 10.0) -> float:
         while self._sent and self._sent[0] < now - window:
@@ -86,6 +96,7 @@ class BackendPool:
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task] = []
         self._probing: set[str] = set()
+        self._probes: set[asyncio.Task] = set()
         self._warned: set[str] = set()  # backends whose 401 on /metrics was logged
         self.probe_headers = config.backend_headers()  # backends behind an API key
         for spec in config.backends:
@@ -174,9 +185,10 @@ class BackendPool:
         self._tasks.append(asyncio.create_task(self._scrape_loop()))
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = self._tasks + list(self._probes)
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
 
@@ -211,25 +223,28 @@ class BackendPool:
             await self.resolve_once()
 
     async def _health_loop(self) -> None:
+        """A probe per backend every interval, each on its own: a backend slow to answer (up
+        to --health-timeout) delays nobody else's probes; it gets no second probe meanwhile."""
         while True:
-            await asyncio.gather(
-                *(
-                    self._probe(b)
-                    for b in list(self.backends.values())
-                    if b.url not in self._probing
-                ),
-                return_exceptions=True,
-            )
+            for b in list(self.backends.values()):
+                if b.url not in self._probing:
+                    self._probing.add(b.url)
+                    task = asyncio.create_task(self._probe(b))
+                    self._probes.add(task)
+                    task.add_done_callback(self._probes.discard)
             self.update_gauges()
             await asyncio.sleep(self.config.health_interval)
 
     async def _probe(self, b: Backend) -> None:
         self._probing.add(b.url)
         try:
-            try:
-                r = await self._client.get(f"{b.url}/health", headers=self.probe_headers)
+            try:  # a deadline on the whole answer, not httpx's per-read timeout
+                r = await asyncio.wait_for(
+                    self._client.get(f"{b.url}/health", headers=self.probe_headers, timeout=None),
+                    self.config.health_timeout,
+                )
                 ok = r.status_code == 200
-            except httpx.HTTPError:
+            except (httpx.HTTPError, asyncio.TimeoutError):
                 ok = False
             if ok and not b.ringserve:
                 b.ringserve = await self._is_ringserve(b)

@@ -64,10 +64,14 @@ class RouterConfig:
     prefix_max_blocks: int = 100_000
     balance_abs_threshold: int = 8
     balance_rel_threshold: float = 1.5
+    cache_threshold: float = 0.5
     # load signals and health
     scrape_interval: float = 0.1
     stale_after: float = 2.0
     health_interval: float = 1.0
+    # A replica in a long prefill step answers /health when the step ends (our frontend asks
+    # its engine core, which answers between steps): seconds on one core under load.
+    health_timeout: float = 10.0
     health_fail_threshold: int = 2
     health_ok_threshold: int = 1
     # retries
@@ -116,13 +120,21 @@ class RouterConfig:
         for name in ("api_key", "admin_key", "backend_api_key"):
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must not be empty (leave it out to disable it).")
-        for name in ("dns_interval", "scrape_interval", "health_interval", "backoff_base"):
+        for name in ("dns_interval", "scrape_interval", "health_interval", "health_timeout",
+                     "backoff_base"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.max_tries < 1:
             raise ValueError(f"max_tries must be at least 1, got {self.max_tries}.")
         if self.prefix_block_chars < 1 or self.prefix_max_blocks < 1:
             raise ValueError("prefix_block_chars and prefix_max_blocks must be at least 1.")
+        if not 0 <= self.cache_threshold <= 1:
+            raise ValueError(f"cache_threshold must be in [0, 1], got {self.cache_threshold}.")
+        if self.balance_abs_threshold < 0 or self.balance_rel_threshold < 1:
+            raise ValueError(
+                "balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1, got "
+                f"{self.balance_abs_threshold} and {self.balance_rel_threshold}."
+            )
         if self.rate_limit < 0 or self.rate_burst < 1 or self.max_queue < 0:
             raise ValueError("rate_limit must be >= 0, rate_burst >= 1, max_queue >= 0.")
 
@@ -151,8 +163,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-max-blocks", type=int, default=100_000)
     p.add_argument("--balance-abs-threshold", type=int, default=8)
     p.add_argument("--balance-rel-threshold", type=float, default=1.5)
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=0.5,
+        help="prefix-aware: a prompt whose cached prefix is at most this share of it goes to "
+        "the backend with the most cache to spare",
+    )
     p.add_argument("--scrape-interval", type=float, default=0.1)
     p.add_argument("--health-interval", type=float, default=1.0)
+    p.add_argument(
+        "--health-timeout",
+        type=float,
+        default=10.0,
+        help="a /health probe answered later than this is a failure",
+    )
     p.add_argument("--max-tries", type=int, default=3)
     p.add_argument("--backoff-base", type=float, default=1.0)
     p.add_argument("--backoff-cap", type=float, default=8.0)

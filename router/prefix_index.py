@@ -4,7 +4,9 @@ routing history (SGLang's cache-aware router, without a tokenizer).
 A prompt is cut into blocks of a fixed number of characters; block i is keyed by a hash chained
 over blocks 0..i, so one key names a whole prefix. Each key maps to the backends that were sent
 that prefix, and keys live in one LRU of bounded size: memory is O(max_blocks), never the
-unbounded growth of production-stack's index (production-stack#687).
+unbounded growth of production-stack's index (production-stack#687). Per backend, the number of
+keys it holds (SGLang's tree size): where a prompt matches little, the backend holding the
+least has the most cache to spare.
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ class PrefixIndex:
         self.block_chars = block_chars
         self.max_blocks = max_blocks
         self._lru: OrderedDict[int, set[str]] = OrderedDict()
+        self._sizes: dict[str, int] = {}  # backend -> keys that name it
         self.lookups = 0
         self.hit_blocks = 0
         self.total_blocks = 0
 
     def __len__(self) -> int:
         return len(self._lru)
+
+    def size(self, backend: str) -> int:
+        """How many prefix blocks the index believes `backend` holds."""
+        return self._sizes.get(backend, 0)
 
     def keys(self, text: str) -> list[int]:
         return block_keys(text, self.block_chars)
@@ -61,16 +68,22 @@ class PrefixIndex:
         self.lookups += 1
         self.total_blocks += len(keys)
         self.hit_blocks += matched
-        lru = self._lru
+        lru, sizes = self._lru, self._sizes
+        added = 0
         for key in keys:
             holders = lru.get(key)
             if holders is None:
                 lru[key] = {backend}
+                added += 1
             else:
-                holders.add(backend)
+                if backend not in holders:
+                    holders.add(backend)
+                    added += 1
                 lru.move_to_end(key)
+        sizes[backend] = sizes.get(backend, 0) + added
         while len(lru) > self.max_blocks:
-            lru.popitem(last=False)
+            for b in lru.popitem(last=False)[1]:
+                sizes[b] -= 1
 
     def forget(self, backend: str) -> None:
         """Drop a backend that left (its cache is gone)."""
@@ -79,6 +92,7 @@ class PrefixIndex:
             holders.discard(backend)
             if not holders:
                 del self._lru[key]
+        self._sizes.pop(backend, None)
 
     @property
     def hit_ratio(self) -> float:

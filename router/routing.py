@@ -111,10 +111,16 @@ class Session(Policy):
 
 
 class PrefixAware(Policy):
-    """SGLang's cache-aware policy on a char-block index: the backend with the longest cached
-    prefix, unless the load is imbalanced (max - min > abs and max > rel * min) or the best
-    match is overloaded against the least-loaded by both gaps; then the least-loaded. Load is
-    counted at dispatch, so a burst of cold prompts spreads instead of piling on one backend."""
+    """SGLang's cache-aware policy on a char-block index. A prompt whose cached prefix is more
+    than `cache_threshold` of it goes to the backend holding that prefix, unless that backend
+    is overloaded against the least-loaded one (its load above the lowest by both
+    `abs_threshold` requests and `rel_threshold` times); then to the least-loaded. A prompt
+    matching less (a new conversation that shares only a system prompt, say) goes, while the
+    pool is balanced by the same test, to the backend whose index holds the least (the most
+    cache to spare), so new conversations spread over the pool instead of piling onto the
+    backend that saw the shared prefix first (sglang#14305); imbalanced, to the least-loaded.
+    Load is requests (Backend.requests), counted at dispatch, so equal overload on every
+    backend keeps every conversation at home."""
 
     name = "prefix-aware"
 
@@ -124,12 +130,14 @@ class PrefixAware(Policy):
         abs_threshold: float = 8,
         rel_threshold: float = 1.5,
         *a,
+        cache_threshold: float = 0.5,
         **kw,
     ) -> None:
         super().__init__(*a, **kw)
         self.index = index
         self.abs_threshold = abs_threshold
         self.rel_threshold = rel_threshold
+        self.cache_threshold = cache_threshold
 
     def _overloaded(self, x: float, low: float) -> bool:
         return x - low > self.abs_threshold and x > self.rel_threshold * low
@@ -139,19 +147,23 @@ class PrefixAware(Policy):
             info.keys = self.index.keys(info.prefix_text)
         keys = info.keys
         now = time.monotonic()
-        score = {b.url: b.score(now, self.stale_after) for b in candidates}
-        low, high = min(score.values()), max(score.values())
-        if self._overloaded(high, low):
-            return self.least_loaded(candidates), "imbalanced"
+        load = {b.url: b.requests(now, self.stale_after) for b in candidates}
+        low, high = min(load.values()), max(load.values())
         match = self.index.match(keys, [b.url for b in candidates])
         best_len = max(match.values(), default=0)
-        if best_len == 0:
-            return self.least_loaded(candidates), "cold"
-        best = [b for b in candidates if match[b.url] == best_len]
-        pick = min(best, key=lambda b: score[b.url])
-        if self._overloaded(score[pick.url], low):
-            return self.least_loaded(candidates), "overloaded"
-        return pick, "prefix-hit"
+        if best_len > self.cache_threshold * len(keys):
+            best = [b for b in candidates if match[b.url] == best_len]
+            pick = min(best, key=lambda b: load[b.url])
+            if self._overloaded(load[pick.url], low):
+                return self.least_loaded(candidates), "overloaded"
+            return pick, "prefix-hit"
+        if self._overloaded(high, low):
+            return self.least_loaded(candidates), "imbalanced"
+        # the most cache to spare; equal, the least loaded; equal, at random
+        sizes = {b.url: self.index.size(b.url) for b in candidates}
+        least = min(sizes.values())
+        spare = [b for b in candidates if sizes[b.url] == least]
+        return self.least_loaded(spare), "cold" if best_len == 0 else "low-match"
 
     def record(self, backend: Backend, info: RouteInfo) -> None:
         keys = info.keys if info.keys is not None else self.index.keys(info.prefix_text)
@@ -172,5 +184,11 @@ def make_policy(name: str, config) -> Policy:
         return Session(**kw)
     if name == "prefix-aware":
         index = PrefixIndex(config.prefix_block_chars, config.prefix_max_blocks)
-        return PrefixAware(index, config.balance_abs_threshold, config.balance_rel_threshold, **kw)
+        return PrefixAware(
+            index,
+            config.balance_abs_threshold,
+            config.balance_rel_threshold,
+            cache_threshold=config.cache_threshold,
+            **kw,
+        )
     raise ValueError(f"unknown routing logic {name!r}")

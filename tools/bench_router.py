@@ -1,19 +1,22 @@
-"""The router against 2 replicas: production-stack's multi-round QA workload, once per routing
-logic in the same run (fresh prompts each, so no logic inherits another's cache).
+"""The router against 2 replicas: production-stack's multi-round QA workload
+(tools/router_workload.py), once per routing logic in the same run (fresh prompts each, so no
+logic inherits another's cache).
 
 Users share a system prompt and keep growing histories (their questions and the answers); a
-round is one chat request, streamed, with a fixed answer length, issued at a global rate. Per
+round is one chat request, streamed, with a fixed answer length; user k starts at k / qps and
+sends a round every num_users / qps seconds (or when its previous answer is in, if later). Per
 logic: the replicas' prefix cache hit rate (vllm:prefix_cache_hits_total / queries_total),
-TTFT p50/p99, output tokens/s, errors. --two-routers adds prefix-aware behind two independent
-routers (each request to either, as behind a Service: each router's index sees half the
-history); --overhead, TTFT through a router over TTFT direct on one replica; and
---kill-one-halfway, a prefix-aware run in which one replica is SIGKILLed when half the
-requests are sent (the target: 0 failed requests).
+TTFT p50/p99, output tokens/s, errors, the routers' decisions by reason. --two-routers adds
+prefix-aware behind two independent routers (each request to either, as behind a Service: each
+router's index sees half the history); --overhead, TTFT through a router over TTFT direct on
+one replica; and --kill-one-halfway, a prefix-aware run in which one replica is SIGKILLed when
+half the requests are sent (the target: 0 failed requests).
 
-The default sizes (9 users, 4 rounds, 200 + 400 words of prompt, 24-token answers, 0.25 GiB
-of KV a replica) put all users' conversations at about 1.3x one replica's KV cache: spread
-over both replicas (round-robin, least-loaded), each replica must hold them all and evicts;
-kept to one replica each (prefix-aware, session), each holds about half.
+The default sizes (README, Router) make one replica's KV cache hold about 60% of the users'
+conversations: kept to one replica each (prefix-aware, session), each replica holds its half;
+sent to either (round-robin: with an odd number of users, a user's rounds alternate between
+the replicas), each replica must hold every user and LRU evicts a history before its user
+comes back.
 
     python tools/bench_router.py --kill-one-halfway --two-routers --overhead --json router.json
     python tools/bench_router.py --quick --kill-one-halfway --two-routers --overhead  # a check
@@ -25,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -37,9 +39,11 @@ import time
 import httpx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tools.router_workload import cache_counters, hit_rate, router_counters, workload  # noqa: E402
+
 LOGICS = ["round-robin", "least-loaded", "session", "prefix-aware"]
-_WORDS = ("alpha bravo cedar delta ember falcon grove harbor island jasper kettle lumen meadow "
-          "nectar orbit prairie quartz river summit timber umber valley willow xenon yonder zephyr").split()  # fmt: skip
 
 
 def free_port() -> int:
@@ -94,143 +98,6 @@ def kv_tokens(proc: subprocess.Popen) -> int | None:
     with open(proc.log_path, errors="replace") as f:  # type: ignore[attr-defined]
         m = re.search(r"KV cache: \d+ blocks of \d+ tokens = (\d+) tokens", f.read())
     return int(m.group(1)) if m else None
-
-
-def cache_counters(urls: list[str]) -> dict[str, tuple[float, float]]:
-    """Per replica that answers: (prefix cache hits, queries), in tokens."""
-    out = {}
-    for u in urls:
-        try:
-            text = httpx.get(u + "/metrics", timeout=5).text
-        except httpx.HTTPError:
-            continue  # a killed replica
-        hits = queries = 0.0
-        pat = r"^(vllm:prefix_cache_(?:hits|queries)_total)\{[^}]*\} (\S+)"
-        for name, value in re.findall(pat, text, re.M):
-            if name.endswith("hits_total"):
-                hits += float(value)
-            else:
-                queries += float(value)
-        out[u] = (hits, queries)
-    return out
-
-
-def hit_rate(before: dict, after: dict) -> float:
-    """Over the replicas read both times (a killed one's counters die with it)."""
-    hits = sum(after[u][0] - before[u][0] for u in after if u in before)
-    queries = sum(after[u][1] - before[u][1] for u in after if u in before)
-    return hits / queries if queries > 0 else 0.0
-
-
-def _count(url: str, text: str) -> int:
-    """Tokens of `text`, from a replica's /tokenize (the router does not route it)."""
-    try:
-        r = httpx.post(url + "/tokenize", json={"prompt": text}, timeout=30)
-        return int(r.json()["count"])
-    except (httpx.HTTPError, ValueError, KeyError):
-        return 0
-
-
-def words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(n))
-
-
-async def one_round(client, url, msgs, answer_len, user_id) -> dict:
-    body = {"messages": msgs, "max_tokens": answer_len, "ignore_eos": True, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "user": user_id}  # fmt: skip
-    t0 = time.monotonic()
-    ttft, text, tokens, prompt_tokens = None, "", 0, 0
-    try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body,
-                                 headers={"x-session-id": user_id}) as r:  # fmt: skip
-            if r.status_code != 200:
-                return {"ok": False, "error": f"HTTP {r.status_code}"}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    return {"ok": False, "error": str(obj["error"])[:200]}
-                for c in obj.get("choices", []):
-                    piece = (c.get("delta") or {}).get("content") or ""
-                    if piece and ttft is None:
-                        ttft = time.monotonic() - t0
-                    text += piece
-                if obj.get("usage"):
-                    tokens = obj["usage"]["completion_tokens"]
-                    prompt_tokens = obj["usage"]["prompt_tokens"]
-    except httpx.HTTPError as e:
-        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    return {"ok": tokens == answer_len, "ttft": ttft, "tokens": tokens, "text": text,
-            "prompt_tokens": prompt_tokens, "user": user_id,
-            "error": None if tokens == answer_len else f"{tokens} tokens"}  # fmt: skip
-
-
-async def workload(
-    args, router_urls: list[str], tokenize_url: str, seed: int, on_half=None
-) -> dict:
-    rng = random.Random(seed)
-    system = f"[run {seed}] " + words(rng, args.shared_system_prompt)
-    users = []
-    for k in range(args.num_users):
-        hist = [{"role": "system", "content": system},
-                {"role": "user", "content": f"I am user {k}. " + words(rng, args.user_history_prompt)},
-                {"role": "assistant", "content": "Noted."}]  # fmt: skip
-        users.append(
-            {"id": f"user-{seed}-{k}", "msgs": hist, "left": args.num_rounds, "busy": False}
-        )
-    total = args.num_users * args.num_rounds
-    results, tasks, sent = [], [], 0
-    limits = httpx.Limits(max_connections=None)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-
-        async def run_user(u: dict) -> None:
-            u["msgs"].append({"role": "user", "content": "Question: " + words(rng, 8) + "?"})
-            url = rng.choice(router_urls)  # two routers behind a Service: either, per request
-            res = await one_round(client, url, u["msgs"], args.answer_len, u["id"])
-            u["msgs"].append({"role": "assistant", "content": res.get("text", "")})
-            results.append(res)
-            u["busy"] = False
-
-        t0 = time.monotonic()
-        i = 0
-        while sent < total:
-            idle = [u for u in users if not u["busy"] and u["left"] > 0]
-            if not idle:
-                await asyncio.sleep(0.01)
-                continue
-            u = idle[i % len(idle)]
-            i += 1
-            u["busy"], u["left"] = True, u["left"] - 1
-            tasks.append(asyncio.create_task(run_user(u)))
-            sent += 1
-            if on_half is not None and sent == total // 2:
-                on_half()
-            await asyncio.sleep(1.0 / args.qps)
-        await asyncio.gather(*tasks)
-        wall = time.monotonic() - t0
-    ttfts = sorted(r["ttft"] for r in results if r.get("ttft") is not None)
-
-    def pct(p: float) -> float | None:
-        return ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))] if ttfts else None
-
-    errors = [r["error"] for r in results if not r["ok"]]
-    # every user's whole conversation, the shared system prompt counted once
-    last: dict[str, int] = {}
-    for r in results:
-        if r.get("prompt_tokens"):
-            last[r["user"]] = max(last.get(r["user"], 0), r["prompt_tokens"] + r["tokens"])
-    shared = _count(tokenize_url, system) if last else 0
-    return {
-        "requests": len(results),
-        "errors": len(errors),
-        "error_samples": errors[:3],
-        "ttft_p50_s": pct(0.5),
-        "ttft_p99_s": pct(0.99),
-        "output_tok_s": sum(r.get("tokens", 0) for r in results) / wall,
-        "wall_s": wall,
-        "working_set_tokens": sum(last.values()) - max(0, len(last) - 1) * shared,
-    }
 
 
 async def _ttfts(url: str, n: int, seed: int) -> list[float]:
@@ -292,16 +159,12 @@ def run_logic(
         before = cache_counters(replicas)
         out = asyncio.run(workload(args, urls, replicas[0], seed, kill))
         out["prefix_cache_hit_rate"] = hit_rate(before, cache_counters(replicas))
-        out["failovers"] = 0.0
-        for u in urls:
-            m = httpx.get(u + "/metrics", timeout=5).text
-            out["failovers"] += sum(
-                float(v) for v in re.findall(r"^router_failovers_total (\S+)", m, re.M)
-            )
+        out.update(router_counters(urls))
     finally:
         for proc, _ in routers:
             stop(proc)
     out["logic"] = logic
+    out["load_avg_1min"] = os.getloadavg()[0]
     return out
 
 
@@ -309,21 +172,24 @@ def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def print_summary(results: list[dict], kv: int | None) -> None:
+def print_summary(results: list[dict], kv: int | None, config: dict) -> None:
     runs = [r for r in results if "prefix_cache_hit_rate" in r]
     print(f"{'logic':32} {'hit rate':>8} {'ttft p50':>9} {'ttft p99':>9} {'tok/s':>7} "
-          f"{'errors':>6} {'failovers':>9}")  # fmt: skip
+          f"{'errors':>6} {'failovers':>9} {'late':>4}  decisions")  # fmt: skip
     for r in runs:
         print(f"{r['logic']:32} {r['prefix_cache_hit_rate']:8.3f} {_f(r['ttft_p50_s']):>9} "
               f"{_f(r['ttft_p99_s']):>9} {r['output_tok_s']:7.1f} {r['errors']:6d} "
-              f"{r['failovers']:9.0f}")  # fmt: skip
+              f"{r['failovers']:9.0f} {r['late_rounds']:4d}  {r['decisions']}")  # fmt: skip
     by = {r["logic"]: r for r in runs}
     if kv and runs:
         ws = max(r["working_set_tokens"] for r in runs)
-        print(f"all users' conversations: {ws} tokens, {ws / kv:.2f}x one replica's KV cache "
-              f"({kv} tokens): round-robin and least-loaded spread every user over both "
-              f"replicas (evicting when above 1x), prefix-aware and session keep about half "
-              f"on each")  # fmt: skip
+        shared = max(r["shared_prompt_tokens"] for r in runs)
+        users = config["num_users"]
+        per_user = (ws - shared) / max(users, 1)
+        held = (kv - shared) / per_user if per_user > 0 else 0.0
+        print(f"all users' conversations: {ws} tokens ({shared} shared, {per_user:.0f} a user), "
+              f"{ws / kv:.2f}x one replica's KV cache ({kv} tokens), which holds {held:.1f} of "
+              f"the {users} users' conversations")  # fmt: skip
     rr, pa = by.get("round-robin"), by.get("prefix-aware")
     if rr and pa:
         ratio = pa["prefix_cache_hit_rate"] / max(rr["prefix_cache_hit_rate"], 1e-9)
@@ -348,15 +214,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-users", type=int, default=9)
     p.add_argument("--num-rounds", type=int, default=4)
-    p.add_argument("--shared-system-prompt", type=int, default=200, help="words")
-    p.add_argument("--user-history-prompt", type=int, default=400, help="words")
-    p.add_argument("--answer-len", type=int, default=24, help="tokens")
-    p.add_argument("--qps", type=float, default=1.0)
+    p.add_argument("--shared-system-prompt", type=int, default=100, help="words")
+    p.add_argument("--user-history-prompt", type=int, default=200, help="words")
+    p.add_argument("--answer-len", type=int, default=16, help="tokens")
+    p.add_argument("--qps", type=float, default=0.5)
     p.add_argument("--routing-logics", default=",".join(LOGICS))
     p.add_argument("--kill-one-halfway", action="store_true")
     p.add_argument("--two-routers", action="store_true", help="also prefix-aware behind 2 routers")
     p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--kv-gib", type=float, default=0.25, help="KV cache per replica")
+    p.add_argument("--kv-gib", type=float, default=0.11, help="KV cache per replica")
     p.add_argument("--overhead", action="store_true",
                    help="also: TTFT through the router / direct, one replica")  # fmt: skip
     p.add_argument("--overhead-rounds", type=int, default=6, help="5 requests each way a round")
@@ -369,6 +235,7 @@ def main() -> None:
         args.shared_system_prompt = args.user_history_prompt = 40
         args.overhead_rounds = 2
     t_start = time.monotonic()
+    load_start = os.getloadavg()
     procs = [start_replica(args) for _ in range(2)]
     replicas = [u for _, u in procs]
     kv = kv_tokens(procs[0][0])
@@ -398,9 +265,12 @@ def main() -> None:
         for proc, _ in procs:
             stop(proc)
     config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
-    summary = {"config": {**config, "kv_cache_tokens_per_replica": kv}, "results": results}
-    print_summary(results, kv)
-    print(f"total wall time: {time.monotonic() - t_start:.0f} s")
+    loads = {"load_avg_start": load_start, "load_avg_end": os.getloadavg()}
+    summary = {"config": {**config, "kv_cache_tokens_per_replica": kv, **loads}, "results": results}
+    print_summary(results, kv, config)
+    print(f"total wall time: {time.monotonic() - t_start:.0f} s; load average (1, 5, 15 min) "
+          f"{' '.join(f'{x:.1f}' for x in load_start)} at the start, "
+          f"{' '.join(f'{x:.1f}' for x in loads['load_avg_end'])} at the end")  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=2)

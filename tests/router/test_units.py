@@ -224,7 +224,7 @@ def test_prefix_aware_keeps_a_conversation_and_spreads_cold_traffic():
     # the home replica overloaded by both gaps: the least-loaded one instead
     home.in_flight = 10
     b, reason = p.choose(bs, RouteInfo(prefix_text({"messages": conv})))
-    assert b is not home and reason == "imbalanced"
+    assert b is not home and reason == "overloaded"
     assert p.index.hit_ratio > 0
 
 
