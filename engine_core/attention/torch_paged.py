@@ -34,12 +34,16 @@ DECODE_GROUP_SIZE = 8
 # verify row of 1 + up to 32 drafts, a short chunk) and at most SHORT_ROW_MAX_PAIRS (query,
 # key) pairs is attended as that many single-query rows, query i over the context's first
 # num_computed + i + 1 keys: the paged decode kernel reads the blocks in place, where the
-# prefill path gathers the whole context into a copy and runs SDPA. Measured per layer (one
-# thread, 9 heads of 64): 6 queries over 128 keys 280 vs 439 us, over 512 keys 857 vs 1008;
-# 33 over 128: 1268 vs 1009, 12 over 512: 1557 vs 1316, so past ~4096 pairs SDPA's blocking
-# wins. Such a step then stays a pure single-query step (models/fused_step.py's one call).
+# prefill path gathers the whole context into a copy and runs SDPA, and the step stays a
+# pure single-query step, which runs its decoder layers in one call (models/fused_step.py).
+# Attention alone, per layer (one thread, 9 heads of 64): 6 queries over 128 keys 280 vs 439
+# us, over 512 keys 857 vs 1008; 33 over 128 1268 vs 1009, 12 over 512 1557 vs 1316. End to
+# end the one-call step outweighs that: suffix decoding's 33-token rows over ~300 keys ran
+# the agent loop of tools/bench_spec_decode.py at 1.73x no speculation with a 4096-pair
+# bound and 1.93x-2.00x with 16384 or none. Past 16384 pairs the attention's extra cost
+# grows with the context while the call's saving does not.
 SHORT_ROW_MAX_QUERIES = 33
-SHORT_ROW_MAX_PAIRS = 4096
+SHORT_ROW_MAX_PAIRS = 16384
 
 
 @dataclass(slots=True)

@@ -63,9 +63,10 @@ def test_paged_attention_matches_dense_attention_for_mixed_rows():
     heads, kv_heads, dim, num_blocks = 6, 2, 8, 200
     # 11 decode rows of mixed lengths (two decode groups), two short rows over a cached
     # prefix (a verify row of 1 + 5 drafts, a short chunk: each attended as single-query
-    # rows), a long prefill over a cached prefix, and a fresh prefill: (num_computed, query_len)
+    # rows), a long prefill over a cached prefix, a short one over a context too long for
+    # per-token attention (SHORT_ROW_MAX_PAIRS), and a fresh prefill: (num_computed, query_len)
     specs = [(int(c), 1) for c in torch.randint(0, 90, (11,), generator=gen)]
-    specs += [(50, 6), (37, 20), (33, 40), (0, 25)]
+    specs += [(50, 6), (37, 20), (33, 40), (600, 30), (0, 25)]
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     k_cache = torch.zeros(num_blocks, BLOCK, kv_heads, dim)
     v_cache = torch.zeros_like(k_cache)
@@ -91,7 +92,7 @@ def test_paged_attention_matches_dense_attention_for_mixed_rows():
         np.array([t + [0] * (width - len(t)) for t in tables]),
         BLOCK,
     )
-    assert len(meta.decode_groups) == 2 + 2 and len(meta.prefills) == 2
+    assert len(meta.decode_groups) == 2 + 2 and len(meta.prefills) == 3
     out = paged_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta)
     expected = torch.cat(
         [
