@@ -42,6 +42,17 @@ def blocks(first: int, num_tokens: int) -> list[int]:
     return list(range(first, first + -(-num_tokens // BLOCK)))
 
 
+def greedy_tokens(model, ids: list[int], n_new: int) -> list[int]:
+    """n_new greedy tokens after ids: one prefill step, then single-row decode steps."""
+    kv, table = new_kv_cache(model), blocks(0, len(ids) + n_new)
+    logits = step_logits(model, kv, [(ids, 0, table)])[0][-1]
+    out: list[int] = []
+    for i in range(n_new):
+        out.append(int(logits.argmax()))
+        logits = step_logits(model, kv, [([out[-1]], len(ids) + i, table)])[0][-1]
+    return out
+
+
 def load(path: str, dtype: str = "float32"):
     return load_model(EngineConfig(model=path, dtype=dtype), torch.device("cpu"))
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import blocks, new_kv_cache, step_logits, write_gguf
+from test_model import blocks, greedy_tokens, new_kv_cache, step_logits, write_gguf
 from torch import nn
 
 from engine_core.config import EngineConfig
@@ -293,13 +293,4 @@ def test_default_gguf_through_the_cuda_hook_greedy_tokens_equal_its_dequantized_
     n_new = 8
     for prompt in ["The capital of France is", "Write a short poem about the sea and the"]:
         ids = smollm2_tokenizer.encode(prompt)
-        outs = []
-        for m in (model, ref):
-            kv, table = new_kv_cache(m), blocks(0, len(ids) + n_new)
-            logits = step_logits(m, kv, [(ids, 0, table)])[0][-1]
-            out = []
-            for i in range(n_new):
-                out.append(int(logits.argmax()))
-                logits = step_logits(m, kv, [([out[-1]], len(ids) + i, table)])[0][-1]
-            outs.append(out)
-        assert outs[0] == outs[1], prompt
+        assert greedy_tokens(model, ids, n_new) == greedy_tokens(ref, ids, n_new), prompt

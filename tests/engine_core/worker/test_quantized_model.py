@@ -8,7 +8,7 @@ import os
 import gguf
 import pytest
 import torch
-from test_model import blocks, new_kv_cache, step_logits, write_gguf
+from test_model import blocks, greedy_tokens, new_kv_cache, step_logits, write_gguf
 
 from engine_core.config import EngineConfig
 from engine_core.models import quant_layers
@@ -114,16 +114,7 @@ def test_default_model_greedy_tokens_equal_the_dequantized_fp32_model(
     n_new = 16
     for prompt in prompts:
         ids = smollm2_tokenizer.encode(prompt)
-        outs = []
-        for model in (quant, ref):
-            kv, table = new_kv_cache(model), blocks(0, len(ids) + n_new)
-            logits = step_logits(model, kv, [(ids, 0, table)])[0][-1]
-            out = []
-            for i in range(n_new):
-                out.append(int(logits.argmax()))
-                logits = step_logits(model, kv, [([out[-1]], len(ids) + i, table)])[0][-1]
-            outs.append(out)
-        assert outs[0] == outs[1], prompt
+        assert greedy_tokens(quant, ids, n_new) == greedy_tokens(ref, ids, n_new), prompt
 
 
 def test_quantization_none_dequantizes_the_gguf():
