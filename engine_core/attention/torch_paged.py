@@ -192,10 +192,7 @@ def _decode_group(
 ) -> DecodeGroup:
     width = int(num_blocks[start:end].max())
     ids = np.ascontiguousarray(block_tables[start:end, :width], dtype=np.int64).reshape(-1)
-    pad = np.arange(width * block_size)[None, :] >= context_lens[start:end, None]
-    bias = torch.from_numpy(np.where(pad, -np.inf, 0.0)[:, None, None, :]).to(device, dtype)
-    ids_t = torch.from_numpy(ids).to(device)
-    return DecodeGroup(start, end, ids_t, bias, bias.view(end - start, -1))
+    return _group(start, ids, context_lens[start:end], width, block_size, device, dtype)
 
 
 def _short_row_group(
@@ -208,13 +205,28 @@ def _short_row_group(
     dtype: torch.dtype,
 ) -> DecodeGroup:
     """A short row's queries as single-query rows sharing its block table (see above)."""
-    width = len(block_ids)
     ids = np.tile(block_ids.astype(np.int64), query_len)
     ends = num_computed + 1 + np.arange(query_len)
+    return _group(start, ids, ends, len(block_ids), block_size, device, dtype)
+
+
+def _group(
+    start: int,
+    ids: np.ndarray,
+    ends: np.ndarray,
+    width: int,
+    block_size: int,
+    device,
+    dtype: torch.dtype,
+) -> DecodeGroup:
+    """Rows [start, start + len(ends)): flattened block tables `ids` of `width` blocks each,
+    row r attending to its first ends[r] keys."""
     pad = np.arange(width * block_size)[None, :] >= ends[:, None]
     bias = torch.from_numpy(np.where(pad, -np.inf, 0.0)[:, None, None, :]).to(device, dtype)
-    ids_t = torch.from_numpy(ids).to(device)
-    return DecodeGroup(start, start + query_len, ids_t, bias, bias.view(query_len, -1))
+    rows = len(ends)
+    return DecodeGroup(
+        start, start + rows, torch.from_numpy(ids).to(device), bias, bias.view(rows, -1)
+    )
 
 
 def _prefill_row(
