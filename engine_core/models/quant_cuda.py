@@ -29,6 +29,7 @@ from torch import nn
 
 from engine_core.models.gguf_file import GGUFTensor
 from engine_core.models.llama import LlamaForCausalLM, Shard
+from kernels_cpu.ops import BLOCK_BYTES, Q4_0, Q4_1, Q8_0
 
 if TYPE_CHECKING:
     from engine_core.models.loader import GGUFWeights  # loader imports this module
@@ -36,8 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 32  # GGUF's block length, one of the op's group sizes (32, 64, 128, 256)
-Q4_0, Q4_1, Q8_0 = 2, 3, 8  # ggml type ids
-_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
+_DECODED = (Q4_0, Q4_1, Q8_0)  # the GGUF types decode_blocks takes (kernels_cpu's ids)
 INT4_TYPES = (Q4_0, Q4_1)
 
 
@@ -49,12 +49,12 @@ def decode_blocks(
     q is int32 [rows, in] (0..15 for Q4_0/Q4_1, -128..127 for Q8_0), d and m fp32 [rows, in/32]
     (m is None for Q4_0 and Q8_0). The weight is d*q + m (Q4_1), d*(q - 8) (Q4_0), d*q (Q8_0).
     """
-    if wtype not in _BLOCK_BYTES:
+    if wtype not in _DECODED:
         raise ValueError(f"ggml type {wtype} has no block decoder here.")
     if in_features % GROUP_SIZE:
         raise ValueError(f"in_features must be a multiple of {GROUP_SIZE}, got {in_features}.")
     nb = in_features // GROUP_SIZE
-    blocks = raw.reshape(raw.shape[0], nb, _BLOCK_BYTES[wtype])
+    blocks = raw.reshape(raw.shape[0], nb, BLOCK_BYTES[wtype])
 
     def f16(col: int) -> torch.Tensor:
         return blocks[..., col : col + 2].contiguous().view(torch.float16)[..., 0].float()
@@ -277,7 +277,7 @@ def _shard_blocks(tensor: GGUFTensor, num_heads: int | None, shard: Shard) -> np
         return raw[start:stop]
     if start % GROUP_SIZE or stop % GROUP_SIZE:
         return None
-    bb = _BLOCK_BYTES[tensor.tensor_type]
+    bb = BLOCK_BYTES[tensor.tensor_type]
     return raw[:, start // GROUP_SIZE * bb : stop // GROUP_SIZE * bb]
 
 
