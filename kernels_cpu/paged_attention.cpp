@@ -3,10 +3,15 @@
 // One query token a row; K/V pools [num_blocks, block_size, kv_heads, head_dim] fp32; a row's
 // token t lives at block_table[row][t / block_size], slot t % block_size. The mask is the
 // caller's additive bias [rows, width * block_size] (0 or -inf), the same one torch's masked
-// SDPA takes, so both paths attend to exactly the same keys. Two passes per (row, KV head):
-// scores for the head's query heads (each key read once for all of them), then a
-// softmax-weighted sum of the values. Slots are walked block by block (no division per key)
-// and exp runs 8 lanes at a time. Threads split the (row, KV head) pairs.
+// SDPA takes, so both paths attend to exactly the same keys. Threads split the (row, KV head)
+// pairs; each pair runs over the row's keys up to its last unmasked one, in two passes:
+// scores for the head's query heads, then a softmax-weighted sum of the values.
+// With AVX2 and head_dim % 8 == 0 (attend_group): scores eight keys at a time (independent
+// FMA chains, reduced together), every query head of the group on each value row, and the
+// keys and values a few rows ahead prefetched: a pair's part of a token's row is a 256-byte
+// stretch every kv_heads * head_dim floats, which the hardware prefetchers follow poorly
+// (32 rows x 320 keys, 9 heads over 3: 1.49 -> 0.65 ms on one thread). Otherwise the plain
+// loops below.
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -94,6 +99,122 @@ inline void weighted_values(const float* p, const float* v_cache, const int64_t*
   for (int64_t d = d0; d < head_dim; ++d) o[d] *= inv;
 }
 
+#if defined(__AVX2__)
+// Eight 8-lane partial sums -> one vector of their eight totals (lane i: a[i]'s total).
+inline __m256 reduce8(const __m256* a) {
+  const __m256 h0 = _mm256_hadd_ps(a[0], a[1]), h1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h2 = _mm256_hadd_ps(a[4], a[5]), h3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 h01 = _mm256_hadd_ps(h0, h1), h23 = _mm256_hadd_ps(h2, h3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20),
+                       _mm256_permute2f128_ps(h01, h23, 0x31));
+}
+
+// One (row, KV head) task for G query heads of head_dim % 8 == 0, over the row's first n keys
+// (those past its last unmasked one are left out). Scores: eight keys at a time for one query
+// head (eight independent FMA chains, their sums reduced together); values: every query head
+// of the group on each value row, CW vectors of head_dim at a time (G * CW accumulators).
+template <int G>
+void attend_group(const float* qh, const float* k_cache, const float* v_cache, const int64_t* bt,
+                  const float* brow, int64_t n, int64_t block_size, int64_t slot_stride,
+                  int64_t head_offset, int64_t head_dim, float scale, float* s, int64_t ctx,
+                  float* o) {
+  constexpr int CW = G <= 3 ? 4 : (G <= 6 ? 2 : 1);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  auto key = [&](const float* cache, int64_t t) {
+    return cache + (bt[t / block_size] * block_size + t % block_size) * slot_stride + head_offset;
+  };
+  for (int64_t t0 = 0; t0 < n; t0 += 8) {
+    const int valid = (int)(n - t0 < 8 ? n - t0 : 8);
+    const float* kp[8];
+    for (int i = 0; i < 8; ++i) kp[i] = key(k_cache, t0 + (i < valid ? i : valid - 1));
+    // The keys two rounds ahead: blocks sit anywhere in the pool, and a head's part of a
+    // token's K row is a 256-byte stretch of every slot_stride, which the hardware
+    // prefetchers follow poorly.
+    for (int64_t i = t0 + 16; i < t0 + 24 && i < n; ++i) {
+      const char* p = (const char*)key(k_cache, i);
+      for (int64_t off = 0; off < head_dim * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+    }
+    for (int j = 0; j < G; ++j) {
+      const float* qj = qh + j * head_dim;
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < head_dim; d += 8) {
+        const __m256 qd = _mm256_loadu_ps(qj + d);
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kp[i] + d), acc[i]);
+      }
+      float* sj = s + j * ctx + t0;
+      if (valid == 8) {
+        _mm256_storeu_ps(sj, _mm256_fmadd_ps(reduce8(acc), vscale, _mm256_loadu_ps(brow + t0)));
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, reduce8(acc));
+        for (int i = 0; i < valid; ++i) sj[i] = tmp[i] * scale + brow[t0 + i];
+      }
+    }
+  }
+  float inv[G];
+  for (int j = 0; j < G; ++j) {
+    float* sj = s + j * ctx;
+    int64_t t = 0;
+    __m256 vmx = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= n; t += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(sj + t));
+    alignas(32) float m8[8];
+    _mm256_store_ps(m8, vmx);
+    float mx = -INFINITY;
+    for (int i = 0; i < 8; ++i) mx = m8[i] > mx ? m8[i] : mx;
+    for (; t < n; ++t) mx = sj[t] > mx ? sj[t] : mx;
+    const float sum = exp_and_sum(sj, n, mx);
+    inv[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
+  }
+  for (int64_t d0 = 0; d0 < head_dim; d0 += 8 * CW) {
+    const int cw = (int)((head_dim - d0) / 8 < CW ? (head_dim - d0) / 8 : CW);
+    __m256 acc[G][CW];
+    for (int j = 0; j < G; ++j)
+      for (int c = 0; c < CW; ++c) acc[j][c] = _mm256_setzero_ps();
+    for (int64_t b = 0; b * block_size < n; ++b) {
+      const float* vb = v_cache + bt[b] * block_size * slot_stride + head_offset + d0;
+      const int64_t end = n - b * block_size < block_size ? n - b * block_size : block_size;
+      for (int64_t i = 0; i < end; ++i) {
+        const float* vt = vb + i * slot_stride;
+        const int64_t t = b * block_size + i;
+        if (t + 8 < n) {
+          const char* p = (const char*)(key(v_cache, t + 8) + d0);
+          for (int64_t off = 0; off < 8 * CW * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+        }
+        __m256 vv[CW];
+        for (int c = 0; c < CW; ++c) vv[c] = c < cw ? _mm256_loadu_ps(vt + 8 * c) : _mm256_setzero_ps();
+        for (int j = 0; j < G; ++j) {
+          const __m256 p = _mm256_broadcast_ss(s + j * ctx + t);
+          for (int c = 0; c < CW; ++c) acc[j][c] = _mm256_fmadd_ps(p, vv[c], acc[j][c]);
+        }
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      const __m256 vinv = _mm256_set1_ps(inv[j]);
+      for (int c = 0; c < cw; ++c) _mm256_storeu_ps(o + j * head_dim + d0 + 8 * c, _mm256_mul_ps(acc[j][c], vinv));
+    }
+  }
+}
+
+using GroupFn = void (*)(const float*, const float*, const float*, const int64_t*, const float*,
+                         int64_t, int64_t, int64_t, int64_t, int64_t, float, float*, int64_t, float*);
+
+GroupFn group_fn(int64_t group, int64_t head_dim) {
+  if (head_dim % 8 != 0) return nullptr;
+  switch (group) {
+    case 1: return attend_group<1>;
+    case 2: return attend_group<2>;
+    case 3: return attend_group<3>;
+    case 4: return attend_group<4>;
+    case 5: return attend_group<5>;
+    case 6: return attend_group<6>;
+    case 7: return attend_group<7>;
+    case 8: return attend_group<8>;
+    default: return nullptr;
+  }
+}
+#endif
+
 }  // namespace
 
 extern "C" int rs_paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
@@ -104,6 +225,9 @@ extern "C" int rs_paged_decode_attention(const float* q, const float* k_cache, c
   if (kv_heads < 1 || heads % kv_heads != 0 || nthreads < 1) return 1;
   const int64_t group = heads / kv_heads, ctx = width * block_size;
   const int64_t slot_stride = kv_heads * head_dim;  // floats from one token's K row to the next
+#if defined(__AVX2__)
+  const GroupFn fast = group_fn(group, head_dim);
+#endif
 #pragma omp parallel num_threads(nthreads) if (rows * kv_heads > 1 && rows * ctx >= 512)
   {
     std::vector<float> scores(group * ctx);
@@ -114,6 +238,15 @@ extern "C" int rs_paged_decode_attention(const float* q, const float* k_cache, c
       const int64_t* bt = block_ids + r * width;
       const float* qh = q + (r * heads + g * group) * head_dim;
       float* s = scores.data();
+#if defined(__AVX2__)
+      if (fast != nullptr) {
+        int64_t n = ctx;  // keys up to the row's last unmasked one
+        while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
+        fast(qh, k_cache, v_cache, bt, brow, n, block_size, slot_stride, g * head_dim, head_dim,
+             scale, s, ctx, out + (r * heads + g * group) * head_dim);
+        continue;
+      }
+#endif
       // Scores: each key once, for every query head of the group.
       for (int64_t b = 0; b < width; ++b) {
         const float* kb = k_cache + (bt[b] * block_size * kv_heads + g) * head_dim;

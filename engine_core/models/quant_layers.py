@@ -1,11 +1,18 @@
 """Weight-only quantized layers: GGUF blocks (Q4_0, Q4_1, Q8_0) kept as they are in memory.
 
-A step of up to GEMM_MAX_ROWS rows (decode, a batch of decodes, a short prefill) runs
+A step of up to GEMM_MAX_ROWS rows (decode, a batch of a few decodes, a verify row) runs
 kernels_cpu's GEMM on the blocks (fp32 activations: the blocks widened in registers for a
-few rows, dequantized a cache-sized tile at a time for more); a longer prefill chunk
-dequantizes the weight tile by tile into one shared fp32 scratch buffer and runs torch's
-fp32 matmul. Both give the fp32 product of the dequantized weights, without a resident fp32
-copy (the model stays at the file's ~5 bits a weight).
+few rows, dequantized a cache-sized tile at a time for more); more rows dequantize the weight
+tile by tile into one shared fp32 scratch buffer and run an fp32 matmul on it: oneDNN's
+(torch.ops.mkldnn), which uses AVX-512 where the CPU has it, else torch's own. Both give the
+fp32 product of the dequantized weights, without a resident fp32 copy (the model stays at the
+file's ~5 bits a weight).
+
+Where the rows cross over (tools/bench_quant.py): kernels_cpu's kernels are AVX2. On an
+AVX2-only CPU they beat dequantize + sgemm up to ~256 rows; on an AVX-512 CPU oneDNN's
+matmul runs at twice their rate and the dequantization of a layer's tile (0.1 ms for 3072 x
+576, out of L2) is paid back from ~12 rows (2 threads: 16 rows 0.54 vs 0.29 ms, 32 rows 1.01
+vs 0.44 ms for 3072 x 576).
 """
 
 from __future__ import annotations
@@ -16,9 +23,29 @@ from torch import nn
 
 from kernels_cpu import ops
 
-# Rows up to which the block GEMM beats dequantize + sgemm (see tools/bench_quant.py: at 512
-# rows sgemm's own blocking wins by a few percent).
-GEMM_MAX_ROWS = 256
+
+
+def _onednn_linear_works() -> bool:
+    try:
+        x, w = torch.ones(2, 32), torch.ones(3, 32)
+        y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return bool(torch.equal(y, torch.full((2, 3), 32.0)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# fp32 matmul of the dequantized tiles: oneDNN's where torch has it (on AVX-512 CPUs twice
+# torch's default sgemm here: 2048 x 576 x 1536 on one thread 16.1 vs 37.0 ms).
+_ONEDNN = torch.backends.mkldnn.is_available() and _onednn_linear_works()
+# Rows up to which the block GEMM beats dequantize + matmul (the module's docstring).
+GEMM_MAX_ROWS = 12 if _ONEDNN and torch.backends.cpu.get_cpu_capability() == "AVX512" else 256
+
+
+def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [m, k] @ w [n, k].T in fp32 (a new tensor), by oneDNN where it is available."""
+    if _ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
 # fp32 elements of the dequantization scratch (16 MiB): the LM head goes through in tiles.
 _SCRATCH_ELEMS = 1 << 22
 _scratch: torch.Tensor | None = None
@@ -76,11 +103,11 @@ class QuantizedLinear(nn.Module):
         k, n = self.in_features, self.out_features
         tile = max(1, min(n, _SCRATCH_ELEMS // k))
         if tile == n:
-            return F.linear(x, self._dequantize_rows(0, n))
+            return fp32_linear(x, self._dequantize_rows(0, n))
         out = torch.empty(x.shape[0], n, dtype=torch.float32)
         for r0 in range(0, n, tile):
             r1 = min(n, r0 + tile)
-            torch.matmul(x, self._dequantize_rows(r0, r1).t(), out=out[:, r0:r1])
+            out[:, r0:r1] = fp32_linear(x, self._dequantize_rows(r0, r1))
         return out
 
     def _dequantize_rows(self, r0: int, r1: int) -> torch.Tensor:

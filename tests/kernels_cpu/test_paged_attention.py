@@ -26,7 +26,12 @@ def reference(q, k_cache, v_cache, block_ids, bias):
     return o.reshape(rows, heads, hd)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 20)])
+# Group sizes 3, 1, 6 and 8 (the AVX2 kernel's value tiles of 4, 2 and 1 vectors), a head_dim
+# that leaves a part tile (40), and one that is not a multiple of 8 (the scalar path).
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim",
+    [(9, 3, 64), (4, 4, 32), (12, 2, 64), (8, 1, 64), (4, 4, 40), (8, 2, 20)],
+)
 @pytest.mark.parametrize("block_size", [16, 4])
 def test_decode_attention_reads_the_cache_in_place_like_gather_then_sdpa(
     library, heads, kv_heads, head_dim, block_size
