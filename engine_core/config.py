@@ -19,7 +19,7 @@ class EngineConfig:
 
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
     tokenizer: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # the checkpoint's; fp32 compute on a CPU (models/loader.py)
     # None: a quantized checkpoint (GGUF Q4_0/Q4_1/Q8_0) runs quantized; "none": dequantized;
     # "int8" / "int4": a plain checkpoint quantized at load (RTN into Q8_0 / Q4_1 blocks);
     # "awq" / "gptq" / "gguf" (vLLM's names): the checkpoint's own, which must be that one

@@ -27,7 +27,7 @@ class LLM:
         self,
         model: str | None = None,
         tokenizer: str | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         tensor_parallel_size: int = 1,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,

@@ -179,7 +179,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny workloads (a smoke run)")
     p.add_argument("--configs", default="none,ngram,suffix")
     p.add_argument("--workloads", default=None, help="a comma-separated subset (default: all)")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--json", default=None, help="write the results here")

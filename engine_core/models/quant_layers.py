@@ -21,22 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine_core.models.layers import onednn_linear_available
 from kernels_cpu import ops
-
-
-
-def _onednn_linear_works() -> bool:
-    try:
-        x, w = torch.ones(2, 32), torch.ones(3, 32)
-        y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        return bool(torch.equal(y, torch.full((2, 3), 32.0)))
-    except (AttributeError, RuntimeError):
-        return False
-
 
 # fp32 matmul of the dequantized tiles: oneDNN's where torch has it (on AVX-512 CPUs twice
 # torch's default sgemm here: 2048 x 576 x 1536 on one thread 16.1 vs 37.0 ms).
-_ONEDNN = torch.backends.mkldnn.is_available() and _onednn_linear_works()
+_ONEDNN = onednn_linear_available()
 # Rows up to which the block GEMM beats dequantize + matmul (the module's docstring).
 GEMM_MAX_ROWS = 12 if _ONEDNN and torch.backends.cpu.get_cpu_capability() == "AVX512" else 256
 
@@ -46,6 +36,8 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if _ONEDNN:
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
+
+
 # fp32 elements of the dequantization scratch (16 MiB): the LM head goes through in tiles.
 _SCRATCH_ELEMS = 1 << 22
 _scratch: torch.Tensor | None = None

@@ -98,8 +98,11 @@ def test_structured_greedy_outputs_with_drafts_equal_those_without(tokenizer, ba
     assert_follow_their_grammars(tokenizer, baseline)
     tokens, multi = generate(tokenizer, SPEC[method])
     assert tokens == baseline
-    # The JSON and regex requests had drafts verified and kept (a choice ends in few steps).
-    assert multi[0] and multi[1] and multi[3], multi
+    # The JSON-schema and regex requests had drafts verified and kept (a choice ends in few
+    # steps). The json_object request's output is not a copy of its prompt, so whether a
+    # draft of it is kept depends on which steps it shares with the others, which depends on
+    # when its grammar's compile (a child process) finishes: not asserted.
+    assert multi[0] and multi[1], multi
     assert_follow_their_grammars(tokenizer, tokens)
 
 
