@@ -151,6 +151,31 @@ def test_rtn_quantization_of_a_plain_checkpoint_matches_its_dequantized_weights(
     assert 0 < err < (0.02 if quantization == "int8" else 0.5)
 
 
+def test_auto_dtype_is_the_checkpoints_computed_in_fp32_on_any_cpu(monkeypatch):
+    from engine_core.config import EngineConfig
+    from engine_core.models import loader
+    from engine_core.models.model_config import ModelConfig
+
+    base = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128}
+    base |= {"num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 64}
+    bf16 = ModelConfig.from_hf_config(base | {"torch_dtype": "bfloat16"})
+    fp32 = ModelConfig.from_hf_config(base | {"torch_dtype": "float32"})
+    gguf = ModelConfig.from_hf_config(base)  # no torch_dtype, as a GGUF's
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert EngineConfig().dtype == "auto"
+    for native in (True, False):
+        monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda native=native: native)
+        assert loader.resolve_dtypes("auto", bf16, cpu) == (torch.bfloat16, torch.float32)
+        assert loader.resolve_dtypes("auto", gguf, cpu) == (torch.bfloat16, torch.float32)
+        assert loader.resolve_dtypes("auto", fp32, cpu) == (torch.float32, torch.float32)
+    # Asked for by name, bf16 computes in bf16 where the CPU has it (the test below).
+    assert loader.resolve_dtypes("bfloat16", bf16, cpu) == (torch.bfloat16, torch.float32)
+    assert loader.resolve_dtypes("auto", gguf, cuda) == (torch.bfloat16, torch.bfloat16)
+    assert loader.resolve_dtypes("auto", fp32, cuda) == (torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="'int3'"):
+        loader.resolve_dtypes("int3", bf16, cpu)
+
+
 def test_bf16_dispatch_follows_the_cpu_and_quantized_layers_keep_the_activation_dtype(
     monkeypatch,
 ):
