@@ -11,9 +11,29 @@
 // and the final norm. Attention is the paged decode kernel's, row group by row group (each
 // row one query token: decode rows, and the short rows torch_paged.py splits per token); a
 // step with a longer prefill row stays on the Python path.
+//
+// Threads: the whole step is one OpenMP parallel region. Each GEMM's output columns and the
+// attention's (row, KV head) tasks are split between its threads, the small ops run on the
+// first, and the threads meet at a spinning barrier between ops. Opening a region per op,
+// as the kernels' own entry points do, costs a wake-up of the sleeping threads each time
+// (OMP_WAIT_POLICY=PASSIVE, engine_core/__init__.py): 51 us a region on this VM against
+// 0.5 us spinning, ~150 regions a step. The barrier spins a bounded time, then sleeps, so
+// a thread whose partner lost its core gives the core back (SpinBarrier).
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include <omp.h>
+
+#include "quant_blocks.h"
 
 extern "C" {
 int rs_gemm_f32(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
@@ -23,10 +43,13 @@ void rs_add_rms_norm(const float* x, const float* residual, const float* weight,
 void rs_rope(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t ldx,
              const float* cos, const float* sin, int nthreads);
 void rs_silu_and_mul(const float* x, float* out, int64_t tokens, int64_t n, int nthreads);
-int rs_paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
-                              const int64_t* block_ids, const float* bias, int64_t rows,
-                              int64_t width, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                              int64_t block_size, float scale, float* out, int nthreads);
+int rs_gemm_f32_cols(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
+                     int64_t ldx, float* y, int64_t ldy, int64_t r_begin, int64_t r_end);
+int rs_paged_decode_attention_tasks(const float* q, const float* k_cache, const float* v_cache,
+                                    const int64_t* block_ids, const float* bias, int64_t rows,
+                                    int64_t width, int64_t heads, int64_t kv_heads,
+                                    int64_t head_dim, int64_t block_size, float scale, float* out,
+                                    int64_t task_begin, int64_t task_end);
 }
 
 namespace {
@@ -56,6 +79,54 @@ struct Group {
   const float* bias;          // [(end - start), width * block_size]
 };
 
+// All n threads of a region wait until each has arrived (generation counting: reusable).
+// A waiter spins for up to kSpinNs, then sleeps on the generation word (a futex) until the
+// last thread in wakes it: without other load the partner arrives within microseconds and
+// nobody sleeps; with another process on the cores the waiter gives its core away instead
+// of spinning through the partner's lost time slice.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void wait() {
+    if (n_ == 1) return;
+    const int gen = gen_.load();
+    if (count_.fetch_add(1) == n_ - 1) {
+      count_.store(0);
+      gen_.fetch_add(1);
+      if (sleepers_.load() > 0) futex(FUTEX_WAKE_PRIVATE, INT32_MAX);
+      return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    for (int spins = 1; gen_.load() == gen; ++spins) {
+      _mm_pause();
+      if (spins % 256 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+        sleepers_.fetch_add(1);
+        while (gen_.load() == gen) futex(FUTEX_WAIT_PRIVATE, gen);  // returns if gen_ moved
+        sleepers_.fetch_sub(1);
+        return;
+      }
+    }
+  }
+
+ private:
+  static constexpr std::chrono::microseconds kSpin{30};
+  void futex(int op, int val) {
+    syscall(SYS_futex, reinterpret_cast<int*>(&gen_), op, val, nullptr, nullptr, 0);
+  }
+  const int n_;
+  std::atomic<int> count_{0}, gen_{0}, sleepers_{0};
+};
+static_assert(sizeof(std::atomic<int>) == sizeof(int), "the futex word is the atomic's int");
+
+// Thread t of nth's share of [0, n), in whole chunks of `chunk`.
+inline void share(int64_t n, int64_t chunk, int t, int nth, int64_t& begin, int64_t& end) {
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  begin = chunks * t / nth * chunk;
+  end = chunks * (t + 1) / nth * chunk;
+  if (begin > n) begin = n;
+  if (end > n) end = n;
+}
+
 }  // namespace
 
 extern "C" {
@@ -82,43 +153,84 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, float* kv, int64_t
   float* attn = q + tokens * q_width;
   float* gate_up = attn + tokens * q_width;
   float* act = gate_up + tokens * 2 * inter;
-  int rc = 0;
   for (int64_t l = 0; l < m->num_layers; ++l) {
     const Layer& L = m->layers[l];
-    float* k_cache = kv + (2 * l) * pool;
-    float* v_cache = k_cache + pool;
-    rs_add_rms_norm(h, l ? res : nullptr, L.input_norm, normed, res, tokens, hidden, m->eps,
-                    nthreads);
-    if ((rc = rs_gemm_f32((int)L.wtype_qkv, L.qkv, qkv_width, hidden, normed, tokens, hidden, qkv,
-                          qkv_width, nthreads)))
-      return rc;
-    rs_rope(qkv, tokens, m->heads + m->kv_heads, hd, qkv_width, cos, sin, nthreads);
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float* row = qkv + t * qkv_width;
-      std::memcpy(k_cache + slots[t] * kv_width, row + q_width, kv_width * sizeof(float));
-      std::memcpy(v_cache + slots[t] * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
-      std::memcpy(q + t * q_width, row, q_width * sizeof(float));
+    for (int64_t t : {L.wtype_qkv, L.wtype_o, L.wtype_gate_up, L.wtype_down}) {
+      if (rs::with_wtype((int)t, [](auto) {}) != 0) return 2;  // a type the GEMM does not take
     }
-    for (int64_t g = 0; g < num_groups; ++g) {
-      const Group& G = groups[g];
-      if ((rc = rs_paged_decode_attention(q + G.start * q_width, k_cache, v_cache, G.block_ids,
-                                          G.bias, G.end - G.start, G.width, m->heads, m->kv_heads,
-                                          hd, m->block_size, m->scale, attn + G.start * q_width,
-                                          nthreads)))
-        return rc;
-    }
-    if ((rc = rs_gemm_f32((int)L.wtype_o, L.o, hidden, q_width, attn, tokens, q_width, h, hidden,
-                          nthreads)))
-      return rc;
-    rs_add_rms_norm(h, res, L.post_norm, normed, res, tokens, hidden, m->eps, nthreads);
-    if ((rc = rs_gemm_f32((int)L.wtype_gate_up, L.gate_up, 2 * inter, hidden, normed, tokens, hidden,
-                          gate_up, 2 * inter, nthreads)))
-      return rc;
-    rs_silu_and_mul(gate_up, act, tokens, inter, nthreads);
-    if ((rc = rs_gemm_f32((int)L.wtype_down, L.down, hidden, inter, act, tokens, inter, h, hidden,
-                          nthreads)))
-      return rc;
   }
+  int64_t tasks = 0;  // attention tasks of all groups: (row, KV head) pairs
+  for (int64_t g = 0; g < num_groups; ++g) tasks += (groups[g].end - groups[g].start) * m->kv_heads;
+  SpinBarrier barrier(nthreads);
+  std::atomic<int> failed{0};
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+    // Every thread reaches every barrier: a team smaller than asked (nested, limits) still
+    // splits the work among the threads it has, and one thread alone never waits.
+    SpinBarrier* bar = nth == nthreads ? &barrier : nullptr;
+    auto sync = [&] {
+      if (bar != nullptr) bar->wait();
+    };
+    const int my = bar != nullptr ? t : 0, all = bar != nullptr ? nth : 1;
+    auto gemm = [&](int64_t wtype, const uint8_t* w, int64_t n, int64_t k, const float* x,
+                    float* y) {
+      int64_t b, e;
+      share(n, 16, my, all, b, e);
+      if ((bar != nullptr || t == 0) && b < e &&
+          rs_gemm_f32_cols((int)wtype, w, n, k, x, tokens, k, y, n, b, e)) {
+        failed.store(1);
+      }
+      sync();
+    };
+    auto first = [&](auto&& fn) {  // a small op on the first thread
+      if (t == 0) fn();
+      sync();
+    };
+    for (int64_t l = 0; l < m->num_layers; ++l) {
+      const Layer& L = m->layers[l];
+      float* k_cache = kv + (2 * l) * pool;
+      float* v_cache = k_cache + pool;
+      first([&] {
+        rs_add_rms_norm(h, l ? res : nullptr, L.input_norm, normed, res, tokens, hidden, m->eps, 1);
+      });
+      gemm(L.wtype_qkv, L.qkv, qkv_width, hidden, normed, qkv);
+      first([&] {
+        rs_rope(qkv, tokens, m->heads + m->kv_heads, hd, qkv_width, cos, sin, 1);
+        for (int64_t i = 0; i < tokens; ++i) {
+          const float* row = qkv + i * qkv_width;
+          std::memcpy(k_cache + slots[i] * kv_width, row + q_width, kv_width * sizeof(float));
+          std::memcpy(v_cache + slots[i] * kv_width, row + q_width + kv_width,
+                      kv_width * sizeof(float));
+          std::memcpy(q + i * q_width, row, q_width * sizeof(float));
+        }
+      });
+      if (bar != nullptr || t == 0) {
+        int64_t b, e;
+        share(tasks, 1, my, all, b, e);
+        int64_t base = 0;  // the first task of group g
+        for (int64_t g = 0; g < num_groups && base < e; ++g) {
+          const Group& G = groups[g];
+          const int64_t n = (G.end - G.start) * m->kv_heads;
+          const int64_t lo = b > base ? b - base : 0, hi = e - base < n ? e - base : n;
+          if (lo < hi && rs_paged_decode_attention_tasks(
+                             q + G.start * q_width, k_cache, v_cache, G.block_ids, G.bias,
+                             G.end - G.start, G.width, m->heads, m->kv_heads, hd, m->block_size,
+                             m->scale, attn + G.start * q_width, lo, hi)) {
+            failed.store(1);
+          }
+          base += n;
+        }
+      }
+      sync();
+      gemm(L.wtype_o, L.o, hidden, q_width, attn, h);
+      first([&] { rs_add_rms_norm(h, res, L.post_norm, normed, res, tokens, hidden, m->eps, 1); });
+      gemm(L.wtype_gate_up, L.gate_up, 2 * inter, hidden, normed, gate_up);
+      first([&] { rs_silu_and_mul(gate_up, act, tokens, inter, 1); });
+      gemm(L.wtype_down, L.down, hidden, inter, act, h);
+    }
+  }
+  if (failed.load()) return 1;
   rs_add_rms_norm(h, res, m->final_norm, h, res, tokens, hidden, m->eps, nthreads);
   return 0;
 }

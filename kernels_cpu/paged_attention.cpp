@@ -215,62 +215,99 @@ GroupFn group_fn(int64_t group, int64_t head_dim) {
 }
 #endif
 
-}  // namespace
+struct AttnArgs {
+  const float *q, *k_cache, *v_cache;
+  const int64_t* block_ids;
+  const float* bias;
+  int64_t rows, width, heads, kv_heads, head_dim, block_size;
+  float scale;
+  float* out;
+};
 
-extern "C" int rs_paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
-                                         const int64_t* block_ids, const float* bias, int64_t rows,
-                                         int64_t width, int64_t heads, int64_t kv_heads,
-                                         int64_t head_dim, int64_t block_size, float scale,
-                                         float* out, int nthreads) {
-  if (kv_heads < 1 || heads % kv_heads != 0 || nthreads < 1) return 1;
+// Task r * kv_heads + g: row r's query heads of KV head g. s: group * width * block_size floats.
+void attend_task(const AttnArgs& a, int64_t task, float* s) {
+  const int64_t heads = a.heads, kv_heads = a.kv_heads, head_dim = a.head_dim;
+  const int64_t width = a.width, block_size = a.block_size;
   const int64_t group = heads / kv_heads, ctx = width * block_size;
   const int64_t slot_stride = kv_heads * head_dim;  // floats from one token's K row to the next
+  const float *k_cache = a.k_cache, *v_cache = a.v_cache;
+  const float scale = a.scale;
+  const int64_t r = task / kv_heads, g = task % kv_heads;
+  const float* brow = a.bias + r * ctx;
+  const int64_t* bt = a.block_ids + r * width;
+  const float* qh = a.q + (r * heads + g * group) * head_dim;
+  float* out = a.out;
 #if defined(__AVX2__)
-  const GroupFn fast = group_fn(group, head_dim);
+  if (const GroupFn fast = group_fn(group, head_dim)) {
+    int64_t n = ctx;  // keys up to the row's last unmasked one
+    while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
+    fast(qh, k_cache, v_cache, bt, brow, n, block_size, slot_stride, g * head_dim, head_dim,
+         scale, s, ctx, out + (r * heads + g * group) * head_dim);
+    return;
+  }
 #endif
-#pragma omp parallel num_threads(nthreads) if (rows * kv_heads > 1 && rows * ctx >= 512)
-  {
-    std::vector<float> scores(group * ctx);
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < rows * kv_heads; ++task) {
-      const int64_t r = task / kv_heads, g = task % kv_heads;
-      const float* brow = bias + r * ctx;
-      const int64_t* bt = block_ids + r * width;
-      const float* qh = q + (r * heads + g * group) * head_dim;
-      float* s = scores.data();
-#if defined(__AVX2__)
-      if (fast != nullptr) {
-        int64_t n = ctx;  // keys up to the row's last unmasked one
-        while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
-        fast(qh, k_cache, v_cache, bt, brow, n, block_size, slot_stride, g * head_dim, head_dim,
-             scale, s, ctx, out + (r * heads + g * group) * head_dim);
-        continue;
-      }
-#endif
-      // Scores: each key once, for every query head of the group.
-      for (int64_t b = 0; b < width; ++b) {
-        const float* kb = k_cache + (bt[b] * block_size * kv_heads + g) * head_dim;
-        for (int64_t i = 0; i < block_size; ++i) {
-          const int64_t t = b * block_size + i;
-          const bool masked = std::isinf(brow[t]) && brow[t] < 0;
-          const float* kt = kb + i * slot_stride;
-          for (int64_t j = 0; j < group; ++j) {
-            s[j * ctx + t] = masked ? -INFINITY : dot(qh + j * head_dim, kt, head_dim) * scale + brow[t];
-          }
-        }
-      }
+  // Scores: each key once, for every query head of the group.
+  for (int64_t b = 0; b < width; ++b) {
+    const float* kb = k_cache + (bt[b] * block_size * kv_heads + g) * head_dim;
+    for (int64_t i = 0; i < block_size; ++i) {
+      const int64_t t = b * block_size + i;
+      const bool masked = std::isinf(brow[t]) && brow[t] < 0;
+      const float* kt = kb + i * slot_stride;
       for (int64_t j = 0; j < group; ++j) {
-        float* sj = s + j * ctx;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < ctx; ++t) mx = sj[t] > mx ? sj[t] : mx;
-        const float sum = mx == -INFINITY ? 0.0f : exp_and_sum(sj, ctx, mx);
-        if (mx == -INFINITY) {
-          for (int64_t t = 0; t < ctx; ++t) sj[t] = 0.0f;
-        }
-        weighted_values(sj, v_cache, bt, width, block_size, slot_stride, g * head_dim, head_dim,
-                        sum > 0.0f ? 1.0f / sum : 0.0f, out + (r * heads + g * group + j) * head_dim);
+        s[j * ctx + t] = masked ? -INFINITY : dot(qh + j * head_dim, kt, head_dim) * scale + brow[t];
       }
     }
   }
+  for (int64_t j = 0; j < group; ++j) {
+    float* sj = s + j * ctx;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < ctx; ++t) mx = sj[t] > mx ? sj[t] : mx;
+    const float sum = mx == -INFINITY ? 0.0f : exp_and_sum(sj, ctx, mx);
+    if (mx == -INFINITY) {
+      for (int64_t t = 0; t < ctx; ++t) sj[t] = 0.0f;
+    }
+    weighted_values(sj, v_cache, bt, width, block_size, slot_stride, g * head_dim, head_dim,
+                    sum > 0.0f ? 1.0f / sum : 0.0f, out + (r * heads + g * group + j) * head_dim);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int rs_paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
+                              const int64_t* block_ids, const float* bias, int64_t rows,
+                              int64_t width, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                              int64_t block_size, float scale, float* out, int nthreads) {
+  if (kv_heads < 1 || heads % kv_heads != 0 || nthreads < 1) return 1;
+  const AttnArgs a{q, k_cache, v_cache, block_ids, bias, rows, width, heads, kv_heads, head_dim,
+                   block_size, scale, out};
+  const int64_t ctx = width * block_size;
+#pragma omp parallel num_threads(nthreads) if (rows * kv_heads > 1 && rows * ctx >= 512)
+  {
+    std::vector<float> scores(heads / kv_heads * ctx);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < rows * kv_heads; ++task) attend_task(a, task, scores.data());
+  }
   return 0;
 }
+
+// Tasks [task_begin, task_end) of the same attention (task r * kv_heads + g: row r's query
+// heads of KV head g) on the calling thread, for a caller that splits the tasks over the
+// threads of its own parallel region (model_step.cpp).
+int rs_paged_decode_attention_tasks(const float* q, const float* k_cache, const float* v_cache,
+                                    const int64_t* block_ids, const float* bias, int64_t rows,
+                                    int64_t width, int64_t heads, int64_t kv_heads,
+                                    int64_t head_dim, int64_t block_size, float scale, float* out,
+                                    int64_t task_begin, int64_t task_end) {
+  if (kv_heads < 1 || heads % kv_heads != 0) return 1;
+  const AttnArgs a{q, k_cache, v_cache, block_ids, bias, rows, width, heads, kv_heads, head_dim,
+                   block_size, scale, out};
+  static thread_local std::vector<float> scores;
+  const int64_t need = heads / kv_heads * width * block_size;
+  if ((int64_t)scores.size() < need) scores.resize(need);
+  for (int64_t task = task_begin; task < task_end; ++task) attend_task(a, task, scores.data());
+  return 0;
+}
+
+}  // extern "C"

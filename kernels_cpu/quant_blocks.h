@@ -146,15 +146,16 @@ inline void dequant_row(const uint8_t* w, int64_t k, float* out) {
   }
 }
 
-// Output rows [0, n) in chunks of `chunk`, handed to threads as they come free (dynamic: on a
+// Output rows [begin, end) in chunks of `chunk`, handed to threads as they come free (dynamic: on a
 // shared machine a thread that loses its core for a time slice holds up one chunk, not half
 // the product; a row's result is one thread's work either way, so it does not depend on
 // the thread count); fn(r0, r1) per chunk. Chunks of 16 or more rows keep neighbouring
 // threads off each other's cache lines of y.
 template <class Fn>
-inline void for_row_chunks(int64_t n, int64_t chunk, int nthreads, bool parallel, Fn&& fn) {
+inline void for_row_chunks(int64_t begin, int64_t end, int64_t chunk, int nthreads, bool parallel,
+                           Fn&& fn) {
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic) if (parallel)
-  for (int64_t r0 = 0; r0 < n; r0 += chunk) fn(r0, r0 + chunk < n ? r0 + chunk : n);
+  for (int64_t r0 = begin; r0 < end; r0 += chunk) fn(r0, r0 + chunk < end ? r0 + chunk : end);
 }
 
 // fn(std::integral_constant<int, WType>{}) for a runtime ggml type id: 0, or 2 for a type the

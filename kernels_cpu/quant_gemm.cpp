@@ -195,7 +195,7 @@ void gemm(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int
   if ((int64_t)xq.size() < m * nb) xq.resize(m * nb);
   BlockQ8X* xqp = xq.data();
   for (int64_t i = 0; i < m; ++i) quantize_row(x + i * ldx, k, xqp + i * nb);
-  for_row_chunks(n, 16, nthreads, worth_threads(n, k, m, nthreads), [&](int64_t r0, int64_t r1) {
+  for_row_chunks(0, n, 16, nthreads, worth_threads(n, k, m, nthreads), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* wr = w + r * row_bytes;
       for (int64_t i0 = 0; i0 < m; i0 += kTile) {

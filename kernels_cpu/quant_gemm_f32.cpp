@@ -65,9 +65,10 @@ void dot_row_f32(const uint8_t* w, int64_t nb, const float* const* xs, const flo
 #endif
 }
 
+// Output columns [r_begin, r_end) of y (weight rows); threads split them when nthreads > 1.
 template <int WType>
 void gemm_direct(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
-                 float* y, int64_t ldy, int nthreads) {
+                 float* y, int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
   const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
   static thread_local std::vector<float> block_sums;
   if ((int64_t)block_sums.size() < m * nb) block_sums.resize(m * nb);
@@ -83,7 +84,7 @@ void gemm_direct(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
   const float* xs[kTile];
   const float* ss[kTile];
   for (int t = 0; t < m; ++t) xs[t] = x + t * ldx, ss[t] = sums + t * nb;
-  for_row_chunks(n, 16, nthreads, worth_threads(n, k, m, nthreads), [&](int64_t r0, int64_t r1) {
+  for_row_chunks(r_begin, r_end, 16, nthreads, worth_threads(n, k, m, nthreads), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* wr = w + r * row_bytes;
       float out[kTile];
@@ -142,9 +143,9 @@ inline void micro_kernel_cols(int nt, const float* x, int64_t ldx, const float* 
 
 template <int WType>
 void gemm_tiled(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
-                float* y, int64_t ldy, int nthreads) {
+                float* y, int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
   const int64_t row_bytes = k / QK * block_bytes(WType);
-  for_row_chunks(n, kTileRows, nthreads, worth_threads(n, k, m, nthreads),
+  for_row_chunks(r_begin, r_end, kTileRows, nthreads, worth_threads(n, k, m, nthreads),
                  [&](int64_t r0, int64_t r1) {
     static thread_local std::vector<float> tile;
     if ((int64_t)tile.size() < kTileRows * k) tile.resize(kTileRows * k);
@@ -169,11 +170,11 @@ void gemm_tiled(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t 
 
 template <int WType>
 void gemm_f32(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
-              float* y, int64_t ldy, int nthreads) {
+              float* y, int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
   if (m <= kDirectRows) {
-    gemm_direct<WType>(w, n, k, x, m, ldx, y, ldy, nthreads);
+    gemm_direct<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
   } else {
-    gemm_tiled<WType>(w, n, k, x, m, ldx, y, ldy, nthreads);
+    gemm_tiled<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
   }
 }
 
@@ -185,7 +186,17 @@ extern "C" {
 int rs_gemm_f32(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
                 int64_t ldx, float* y, int64_t ldy, int nthreads) {
   if (k % QK != 0 || nthreads < 1) return 1;
-  return with_wtype(wtype, [&](auto t) { gemm_f32<decltype(t)::value>(w, n, k, x, m, ldx, y, ldy, nthreads); });
+  return with_wtype(wtype, [&](auto t) { gemm_f32<decltype(t)::value>(w, n, k, x, m, ldx, y, ldy, nthreads, 0, n); });
+}
+
+// The same product's output columns [r_begin, r_end) only, on the calling thread: for a
+// caller that splits the columns over the threads of its own parallel region (model_step.cpp).
+int rs_gemm_f32_cols(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
+                     int64_t ldx, float* y, int64_t ldy, int64_t r_begin, int64_t r_end) {
+  if (k % QK != 0 || r_begin < 0 || r_end > n) return 1;
+  return with_wtype(wtype, [&](auto t) {
+    gemm_f32<decltype(t)::value>(w, n, k, x, m, ldx, y, ldy, 1, r_begin, r_end);
+  });
 }
 
 }  // extern "C"

@@ -208,7 +208,7 @@ def main() -> None:
         help="ringserve's --quantization (default: the checkpoint's own: Q4_1 for the GGUF)",
     )
     parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
