@@ -133,8 +133,9 @@ extern "C" {
 
 // h [tokens, hidden]: the step's embeddings in, the final norm's output out (in place).
 // kv: [layers, 2, blocks, block_size, kv_heads, head_dim] fp32; slots [tokens]; cos/sin
-// [tokens, head_dim / 2]; groups cover every token. 0 on success, else the failing kernel's
-// code (negative: a bad argument).
+// [tokens, head_dim / 2]; groups cover every token. 0 on success; -1 a bad shape, 2 a weight
+// type the GEMM does not take (both checked before any work), 1 a kernel that refused its
+// arguments.
 int rs_llama_layers(const Model* m, float* h, int64_t tokens, float* kv, int64_t kv_blocks,
                     const int64_t* slots, const float* cos, const float* sin, const Group* groups,
                     int64_t num_groups, int nthreads) {
@@ -166,8 +167,8 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, float* kv, int64_t
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-    // Every thread reaches every barrier: a team smaller than asked (nested, limits) still
-    // splits the work among the threads it has, and one thread alone never waits.
+    // Every thread of the team reaches every barrier. A team smaller than asked (nested,
+    // thread limits) runs the step on its first thread alone, with no barrier.
     SpinBarrier* bar = nth == nthreads ? &barrier : nullptr;
     auto sync = [&] {
       if (bar != nullptr) bar->wait();
