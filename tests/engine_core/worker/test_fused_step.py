@@ -123,3 +123,29 @@ def test_not_taken_where_a_layer_is_not_quantized(make_tiny_llama, tmp_path, mon
     assert fused_step.build(load(hf_dir, quantization="int8")) is not None
     monkeypatch.setenv("RINGSERVE_FUSED_STEP", "0")
     assert fused_step.build(load(hf_dir, quantization="int8")) is None
+
+
+def test_the_one_call_step_does_not_depend_on_the_thread_count():
+    # Its threads split each GEMM's output columns and the attention's (row, KV head) pairs
+    # and meet at barriers: every value is one thread's work, whichever thread.
+    model = load()
+    steps = steps_over(np.random.default_rng(1), model.config.vocab_size)
+    prefills = [rows for rows, fused in steps if not fused][:3]
+    decodes = [rows for rows, fused in steps if fused]
+    kv = new_kv_cache(model, 96)
+    for rows in prefills:
+        hidden(model, kv, rows, fused=True)
+    threads = torch.get_num_threads()
+    results = []
+    for n in (1, max(2, threads)):
+        torch.set_num_threads(n)
+        try:
+            kv_n = kv.clone()
+            outs = [hidden(model, kv_n, rows, fused=True) for rows in decodes]
+        finally:
+            torch.set_num_threads(threads)
+        assert all(ran for _, ran in outs)
+        results.append(([h for h, _ in outs], kv_n))
+    (one, kv_one), (many, kv_many) = results
+    assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
+    assert torch.equal(kv_one, kv_many)
