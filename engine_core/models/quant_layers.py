@@ -8,11 +8,11 @@ tile by tile into one shared fp32 scratch buffer and run an fp32 matmul on it: o
 fp32 product of the dequantized weights, without a resident fp32 copy (the model stays at the
 file's ~5 bits a weight).
 
-Where the rows cross over (tools/bench_quant.py): kernels_cpu's kernels are AVX2. On an
-AVX2-only CPU they beat dequantize + sgemm up to ~256 rows; on an AVX-512 CPU oneDNN's
-matmul runs at twice their rate and the dequantization of a layer's tile (0.1 ms for 3072 x
-576, out of L2) is paid back from ~12 rows (2 threads: 16 rows 0.54 vs 0.29 ms, 32 rows 1.01
-vs 0.44 ms for 3072 x 576).
+Where the rows cross over (tools/bench_quant.py). On an AVX2-only CPU kernels_cpu's kernels
+beat dequantize + sgemm up to ~256 rows. On an AVX-512 CPU oneDNN's matmul is faster past
+~12 rows even with the dequantization of a layer's tile (0.05-0.1 ms for 3072 x 576): 2
+threads, 3072 x 576, kernels_cpu's AVX-512 paths against dequantize + oneDNN, 8 rows 0.17 vs
+0.23 ms, 16 rows 0.40 vs 0.28 ms, 32 rows 0.72 vs 0.42 ms.
 """
 
 from __future__ import annotations
