@@ -173,12 +173,13 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, float* kv, int64_t
     auto sync = [&] {
       if (bar != nullptr) bar->wait();
     };
+    const bool works = bar != nullptr || t == 0;  // takes a share of the split ops
     const int my = bar != nullptr ? t : 0, all = bar != nullptr ? nth : 1;
     auto gemm = [&](int64_t wtype, const uint8_t* w, int64_t n, int64_t k, const float* x,
                     float* y) {
       int64_t b, e;
       share(n, 16, my, all, b, e);
-      if ((bar != nullptr || t == 0) && b < e &&
+      if (works && b < e &&
           rs_gemm_f32_cols((int)wtype, w, n, k, x, tokens, k, y, n, b, e)) {
         failed.store(1);
       }
@@ -206,7 +207,7 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, float* kv, int64_t
           std::memcpy(q + i * q_width, row, q_width * sizeof(float));
         }
       });
-      if (bar != nullptr || t == 0) {
+      if (works) {
         int64_t b, e;
         share(tasks, 1, my, all, b, e);
         int64_t base = 0;  // the first task of group g
