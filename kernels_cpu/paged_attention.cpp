@@ -14,6 +14,7 @@
 // loops below.
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -110,29 +111,28 @@ inline __m256 reduce8(const __m256* a) {
 }
 
 // One (row, KV head) task for G query heads of head_dim % 8 == 0, over the row's first n keys
-// (those past its last unmasked one are left out). Scores: eight keys at a time for one query
-// head (eight independent FMA chains, their sums reduced together); values: every query head
-// of the group on each value row, CW vectors of head_dim at a time (G * CW accumulators).
+// (those past its last unmasked one are left out); off[t]: where key t's part of this head
+// starts in either pool (floats), worked out once a task by the caller instead of a division
+// by block_size at every key (64-bit divisions were most of this kernel's time). Scores:
+// eight keys at a time for one query head (eight independent FMA chains, their sums reduced
+// together); values: every query head of the group on each value row, CW vectors of head_dim
+// at a time (G * CW accumulators).
 template <int G>
-void attend_group(const float* qh, const float* k_cache, const float* v_cache, const int64_t* bt,
-                  const float* brow, int64_t n, int64_t block_size, int64_t slot_stride,
-                  int64_t head_offset, int64_t head_dim, float scale, float* s, int64_t ctx,
-                  float* o) {
-  constexpr int CW = G <= 3 ? 4 : (G <= 6 ? 2 : 1);
+void attend_group(const float* qh, const float* k_cache, const float* v_cache, const int64_t* off,
+                  const float* brow, int64_t n, int64_t head_dim, float scale, float* s,
+                  int64_t ctx, float* o) {
+  constexpr int CW = G <= 3 ? 4 : (G <= 5 ? 2 : 1);  // G * CW + G + 1 <= 16 registers
   const __m256 vscale = _mm256_set1_ps(scale);
-  auto key = [&](const float* cache, int64_t t) {
-    return cache + (bt[t / block_size] * block_size + t % block_size) * slot_stride + head_offset;
-  };
   for (int64_t t0 = 0; t0 < n; t0 += 8) {
     const int valid = (int)(n - t0 < 8 ? n - t0 : 8);
     const float* kp[8];
-    for (int i = 0; i < 8; ++i) kp[i] = key(k_cache, t0 + (i < valid ? i : valid - 1));
+    for (int i = 0; i < 8; ++i) kp[i] = k_cache + off[t0 + (i < valid ? i : valid - 1)];
     // The keys two rounds ahead: blocks sit anywhere in the pool, and a head's part of a
     // token's K row is a 256-byte stretch of every slot_stride, which the hardware
     // prefetchers follow poorly.
     for (int64_t i = t0 + 16; i < t0 + 24 && i < n; ++i) {
-      const char* p = (const char*)key(k_cache, i);
-      for (int64_t off = 0; off < head_dim * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+      const char* p = (const char*)(k_cache + off[i]);
+      for (int64_t b = 0; b < head_dim * 4; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
     }
     for (int j = 0; j < G; ++j) {
       const float* qj = qh + j * head_dim;
@@ -166,38 +166,38 @@ void attend_group(const float* qh, const float* k_cache, const float* v_cache, c
     const float sum = exp_and_sum(sj, n, mx);
     inv[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
   }
-  for (int64_t d0 = 0; d0 < head_dim; d0 += 8 * CW) {
-    const int cw = (int)((head_dim - d0) / 8 < CW ? (head_dim - d0) / 8 : CW);
-    __m256 acc[G][CW];
+  // Values, CW vectors of head_dim a pass over the keys (then single vectors for a rest):
+  // the accumulators' count a compile-time constant, so they stay in registers.
+  auto values = [&](auto cw_tag, int64_t d0) {
+    constexpr int W = decltype(cw_tag)::value;
+    __m256 acc[G][W];
     for (int j = 0; j < G; ++j)
-      for (int c = 0; c < CW; ++c) acc[j][c] = _mm256_setzero_ps();
-    for (int64_t b = 0; b * block_size < n; ++b) {
-      const float* vb = v_cache + bt[b] * block_size * slot_stride + head_offset + d0;
-      const int64_t end = n - b * block_size < block_size ? n - b * block_size : block_size;
-      for (int64_t i = 0; i < end; ++i) {
-        const float* vt = vb + i * slot_stride;
-        const int64_t t = b * block_size + i;
-        if (t + 8 < n) {
-          const char* p = (const char*)(key(v_cache, t + 8) + d0);
-          for (int64_t off = 0; off < 8 * CW * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-        }
-        __m256 vv[CW];
-        for (int c = 0; c < CW; ++c) vv[c] = c < cw ? _mm256_loadu_ps(vt + 8 * c) : _mm256_setzero_ps();
-        for (int j = 0; j < G; ++j) {
-          const __m256 p = _mm256_broadcast_ss(s + j * ctx + t);
-          for (int c = 0; c < CW; ++c) acc[j][c] = _mm256_fmadd_ps(p, vv[c], acc[j][c]);
-        }
+      for (int c = 0; c < W; ++c) acc[j][c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const float* vt = v_cache + off[t] + d0;
+      if (t + 8 < n) {
+        const char* p = (const char*)(v_cache + off[t + 8] + d0);
+        for (int64_t b = 0; b < W * 32; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+      }
+      __m256 p[G];
+      for (int j = 0; j < G; ++j) p[j] = _mm256_broadcast_ss(s + j * ctx + t);
+      for (int c = 0; c < W; ++c) {
+        const __m256 vv = _mm256_loadu_ps(vt + 8 * c);
+        for (int j = 0; j < G; ++j) acc[j][c] = _mm256_fmadd_ps(p[j], vv, acc[j][c]);
       }
     }
     for (int j = 0; j < G; ++j) {
       const __m256 vinv = _mm256_set1_ps(inv[j]);
-      for (int c = 0; c < cw; ++c) _mm256_storeu_ps(o + j * head_dim + d0 + 8 * c, _mm256_mul_ps(acc[j][c], vinv));
+      for (int c = 0; c < W; ++c) _mm256_storeu_ps(o + j * head_dim + d0 + 8 * c, _mm256_mul_ps(acc[j][c], vinv));
     }
-  }
+  };
+  int64_t d0 = 0;
+  for (; d0 + 8 * CW <= head_dim; d0 += 8 * CW) values(std::integral_constant<int, CW>{}, d0);
+  for (; d0 < head_dim; d0 += 8) values(std::integral_constant<int, 1>{}, d0);
 }
 
 using GroupFn = void (*)(const float*, const float*, const float*, const int64_t*, const float*,
-                         int64_t, int64_t, int64_t, int64_t, int64_t, float, float*, int64_t, float*);
+                         int64_t, int64_t, float, float*, int64_t, float*);
 
 GroupFn group_fn(int64_t group, int64_t head_dim) {
   if (head_dim % 8 != 0) return nullptr;
@@ -241,8 +241,15 @@ void attend_task(const AttnArgs& a, int64_t task, float* s) {
   if (const GroupFn fast = group_fn(group, head_dim)) {
     int64_t n = ctx;  // keys up to the row's last unmasked one
     while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
-    fast(qh, k_cache, v_cache, bt, brow, n, block_size, slot_stride, g * head_dim, head_dim,
-         scale, s, ctx, out + (r * heads + g * group) * head_dim);
+    static thread_local std::vector<int64_t> offsets;
+    if ((int64_t)offsets.size() < n) offsets.resize(n);
+    int64_t* off = offsets.data();
+    for (int64_t b = 0, t = 0; t < n; ++b) {
+      const int64_t base = bt[b] * block_size * slot_stride + g * head_dim;
+      for (int64_t i = 0; i < block_size && t < n; ++i, ++t) off[t] = base + i * slot_stride;
+    }
+    fast(qh, k_cache, v_cache, off, brow, n, head_dim, scale, s, ctx,
+         out + (r * heads + g * group) * head_dim);
     return;
   }
 #endif

@@ -17,8 +17,9 @@ from engine_core.sched.scheduler import Scheduler
 from engine_core.spec_decode.config import SpeculativeConfig
 from engine_core.spec_decode.switch import (
     EngineAcceptance,
+    PositionAcceptance,
     StepCostModel,
-    choose_drafts,
+    choose_from_gains,
     request_alpha,
 )
 
@@ -41,6 +42,7 @@ class Drafter:
         self.proposer = proposer
         self.cost = StepCostModel()
         self.acceptance = EngineAcceptance()
+        self.positions = PositionAcceptance()
         self._tracked: dict[str, Request] = {}
         self._log_totals = [0, 0, 0]  # drafts, draft tokens, accepted tokens
         self._log_per_pos: list[int] = []
@@ -69,6 +71,7 @@ class Drafter:
         else:
             self.acceptance.relax()
         self._seen = (acc, trials)
+        self.positions.observe(counter.position_trials, counter.position_accepted)
         running = scheduler.running
         # Structured requests draft too: the EngineCore cuts their drafts where the grammar
         # refuses one, and their bitmask has a row per draft position.
@@ -95,12 +98,33 @@ class Drafter:
         num_tokens += sum(r.num_tokens - r.num_computed_tokens for r in scheduler.waiting)
         budget = scheduler.max_num_batched_tokens
         num_tokens = min(num_tokens, budget)
-        chosen = choose_drafts(
-            alphas, max_drafts, num_tokens, budget - num_tokens, self.cost.slope_ratio()
-        )
-        for r, n in zip(decoding, chosen, strict=True):
-            if n > 0:
-                r.spec_token_ids = self.proposer.propose(r, n)
+        slope = self.cost.slope_ratio()
+        first = [
+            self.positions.gains(a, m, engine_alpha) if a > 0 else []
+            for a, m in zip(alphas, max_drafts, strict=True)
+        ]
+        chosen = choose_from_gains(first, num_tokens, budget - num_tokens, slope)
+        scored = getattr(self.proposer, "propose_with_probs", None)
+        if scored is None:
+            for r, n in zip(decoding, chosen, strict=True):
+                if n > 0:
+                    r.spec_token_ids = self.proposer.propose(r, n)
+        else:
+            # A proposer that knows each draft's probability (suffix: the tree's path
+            # frequency) gets a second pass: the geometric estimate alone sees a request whose
+            # drafts are right up to a branch (an agent's JSON up to the argument that
+            # changes) as accepting ~all drafts, and verifies long drafts past the branch that
+            # are then thrown away. Its gains times the tree's p_j, the same choice on those.
+            drafts: list[list[int]] = []
+            gains: list[list[float]] = []
+            for r, n, g in zip(decoding, chosen, first, strict=True):
+                tokens, probs = scored(r, n) if n > 0 else ([], [])
+                drafts.append(tokens)
+                gains.append([gj * p for gj, p in zip(g, probs, strict=False)])
+            kept = choose_from_gains(gains, num_tokens, budget - num_tokens, slope)
+            for r, tokens, n in zip(decoding, drafts, kept, strict=True):
+                r.spec_token_ids = tokens[:n]
+        for r in decoding:
             if not r.spec_token_ids:
                 # Not verified this step: its estimate drifts back to the engine's, so that
                 # a request whose drafts failed once gets another chance later.

@@ -25,6 +25,9 @@ class SpecDecodingCounter:
         # Never reset: the drafter's engine-wide acceptance reads their growth.
         self.total_accepted = 0
         self.total_trials = 0
+        # Per draft position j (0-based): verifications that reached it, and that accepted it.
+        self.position_trials: list[int] = []
+        self.position_accepted: list[int] = []
 
     def observe(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         """One request's verification: num_accepted of its num_drafts drafts were accepted."""
@@ -41,6 +44,14 @@ class SpecDecodingCounter:
         trials = num_accepted + (1 if num_accepted < num_drafts else 0)
         self.total_accepted += num_accepted
         self.total_trials += trials
+        if len(self.position_trials) < trials:
+            grow = trials - len(self.position_trials)
+            self.position_trials.extend([0] * grow)
+            self.position_accepted.extend([0] * grow)
+        for j in range(trials):
+            self.position_trials[j] += 1
+        for j in range(num_accepted):
+            self.position_accepted[j] += 1
         request.spec_accepted = request.spec_accepted * self.DECAY + num_accepted
         request.spec_trials = request.spec_trials * self.DECAY + trials
 

@@ -117,20 +117,22 @@ class _RequestTree(SuffixTree):
 
 def _speculate(
     node: _Node, match_len: int, max_drafts: int, factor: float, min_prob: float
-) -> tuple[list[int], float]:
-    """Walk the most frequent children: (draft tokens, expected number accepted)."""
+) -> tuple[list[int], list[float]]:
+    """Walk the most frequent children: the draft tokens and each one's path probability
+    (the product of the children's frequencies up to it: its estimated acceptance)."""
     limit = min(max_drafts, int(match_len * factor))
     drafts: list[int] = []
-    prob, score = 1.0, 0.0
+    probs: list[float] = []
+    prob = 1.0
     while len(drafts) < limit and node.children:
         token, child = max(node.children.items(), key=lambda kv: kv[1].count)
         prob *= child.count / sum(c.count for c in node.children.values())
         if prob < min_prob:
             break
         drafts.append(token)
-        score += prob
+        probs.append(prob)
         node = child
-    return drafts, score
+    return drafts, probs
 
 
 def _candidates(matches: list[tuple[_Node, int]], depth: int) -> list[tuple[_Node, int]]:
@@ -156,20 +158,28 @@ class SuffixProposer:
         self._trees: dict[str, _RequestTree] = {}
 
     def propose(self, request: Request, max_drafts: int) -> list[int]:
+        return self.propose_with_probs(request, max_drafts)[0]
+
+    def propose_with_probs(
+        self, request: Request, max_drafts: int
+    ) -> tuple[list[int], list[float]]:
+        """The draft and each token's path probability in its tree (non-increasing)."""
         tree = self._trees.get(request.request_id)
         if tree is None:
             tree = self._trees[request.request_id] = _RequestTree(self.depth)
         tokens = request.all_token_ids
         tree.sync(tokens)
         max_drafts = min(max_drafts, self.k)
-        best: tuple[list[int], float] = ([], 0.0)
+        best: tuple[list[int], list[float]] = ([], [])
+        best_score = 0.0  # expected accepted length: the sum of the path probabilities
         context = tokens[-self.depth :]
         for matches in (tree.own_matches(), self.global_tree.match(context)):
             for node, m in _candidates(matches, self.depth):
-                drafts, score = _speculate(node, m, max_drafts, self.factor, self.min_prob)
-                if score > best[1]:
-                    best = (drafts, score)
-        return best[0]
+                drafts, probs = _speculate(node, m, max_drafts, self.factor, self.min_prob)
+                score = sum(probs)
+                if score > best_score:
+                    best, best_score = (drafts, probs), score
+        return best
 
     def finish(self, request: Request, completed: bool) -> None:
         """Drop the request's tree; a completed request's output joins the global tree."""

@@ -66,28 +66,83 @@ def choose_drafts(
     step's tokens without drafts; budget: how many draft tokens the step can still take.
     """
     gains = [
-        (alpha**j, i)
-        for i, (alpha, k) in enumerate(zip(alphas, max_drafts, strict=True))
-        for j in range(1, k + 1)
-        if alpha > 0
+        [alpha**j for j in range(1, k + 1)] if alpha > 0 else []
+        for alpha, k in zip(alphas, max_drafts, strict=True)
     ]
-    gains.sort(key=lambda g: -g[0])
-    chosen = [0] * len(alphas)
-    emitted = float(len(alphas))
+    return choose_from_gains(gains, num_tokens, budget, slope_ratio)
+
+
+def choose_from_gains(
+    gains: list[list[float]], num_tokens: int, budget: int, slope_ratio: float
+) -> list[int]:
+    """choose_drafts on explicit expected gains: gains[i][j], the probability that request
+    i's draft j + 1 is accepted (non-increasing in j); returns how many of each to keep."""
+    ranked = [(g, i) for i, row in enumerate(gains) for g in row if g > 0]
+    ranked.sort(key=lambda g: -g[0])  # stable: a request's drafts stay in their order
+    chosen = [0] * len(gains)
+    emitted = float(len(gains))
     best = emitted / (1.0 + slope_ratio * num_tokens)
     best_len = 0
-    for m, (gain, _) in enumerate(gains[: max(budget, 0)], start=1):
+    for m, (gain, _) in enumerate(ranked[: max(budget, 0)], start=1):
         emitted += gain
         rate = emitted / (1.0 + slope_ratio * (num_tokens + m))
         if rate > best:
             best, best_len = rate, m
-    for _, i in gains[:best_len]:
+    for _, i in ranked[:best_len]:
         chosen[i] += 1
     return chosen
 
 
 def request_alpha(accepted: float, trials: float, engine_alpha: float) -> float:
     return (accepted + _PRIOR_WEIGHT * engine_alpha) / (trials + _PRIOR_WEIGHT)
+
+
+class PositionAcceptance:
+    """The engine-wide acceptance of the j-th draft given the ones before it were accepted.
+
+    The geometric model assumes one rate at every position; drafts copied from earlier text
+    are instead right up to where the text changes (an agent's JSON up to the argument that
+    differs) and a run of verifications that all accepted their 3 drafts says little about
+    the 12th. Measured per position (decayed counts, each with a prior of the engine's
+    alpha), a draft's gain is the product over its positions of min(request alpha, rate).
+    """
+
+    DECAY = 0.99
+
+    def __init__(self) -> None:
+        self._trials: list[float] = []
+        self._accepted: list[float] = []
+        self._seen: tuple[list[int], list[int]] = ([], [])
+
+    def observe(self, trials: list[int], accepted: list[int]) -> None:
+        """The counter's never-reset per-position totals; the growth since last is new."""
+        old_t, old_a = self._seen
+        if len(self._trials) < len(trials):
+            self._trials.extend([0.0] * (len(trials) - len(self._trials)))
+            self._accepted.extend([0.0] * (len(trials) - len(self._accepted)))
+        if trials == old_t:
+            return
+        for j, (t, a) in enumerate(zip(trials, accepted, strict=True)):
+            dt = t - (old_t[j] if j < len(old_t) else 0)
+            da = a - (old_a[j] if j < len(old_a) else 0)
+            self._trials[j] = self._trials[j] * self.DECAY + dt
+            self._accepted[j] = self._accepted[j] * self.DECAY + da
+        self._seen = (list(trials), list(accepted))
+
+    def gains(self, alpha: float, k: int, engine_alpha: float) -> list[float]:
+        """Expected acceptance of drafts 1..k of a request whose own estimate is alpha."""
+        out: list[float] = []
+        g = 1.0
+        for j in range(k):
+            if j < len(self._trials):
+                rate = (self._accepted[j] + _PRIOR_WEIGHT * engine_alpha) / (
+                    self._trials[j] + _PRIOR_WEIGHT
+                )
+            else:
+                rate = engine_alpha
+            g *= min(alpha, rate)
+            out.append(g)
+        return out
 
 
 class EngineAcceptance:

@@ -1,5 +1,7 @@
 """The suffix proposer: frequency-weighted continuations from the request and past outputs."""
 
+import pytest
+
 from engine_core.protocol import FinishReason, SamplingParams
 from engine_core.sched.request import Request
 from engine_core.spec_decode.config import SpeculativeConfig
@@ -22,6 +24,9 @@ def test_the_most_frequent_continuation_of_the_longest_match_is_proposed():
     # After [5, 6]: 7 8 twice, 9 once; the draft follows the majority.
     r = make_request("a", [5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6, 7, 8, 3, 5, 6])
     assert p.propose(r, 2) == [7, 8]
+    # Each draft's path probability: 7 follows [5, 6] in 2 of 3 cases, then 8 always.
+    drafts, probs = p.propose_with_probs(r, 2)
+    assert drafts == [7, 8] and probs == pytest.approx([2 / 3, 2 / 3])
 
 
 def test_min_token_prob_stops_an_unlikely_draft_and_length_adapts_to_the_match():

@@ -2,7 +2,16 @@
 
 import pytest
 
-from engine_core.spec_decode.switch import StepCostModel, choose_drafts, request_alpha
+from engine_core.protocol import SamplingParams
+from engine_core.sched.request import Request
+from engine_core.spec_decode.stats import SpecDecodingCounter
+from engine_core.spec_decode.switch import (
+    PositionAcceptance,
+    StepCostModel,
+    choose_drafts,
+    choose_from_gains,
+    request_alpha,
+)
 
 
 def test_a_single_stream_drafts_even_at_modest_acceptance():
@@ -26,6 +35,32 @@ def test_no_acceptance_or_no_budget_means_no_drafts():
 def test_drafts_go_to_the_requests_that_accept_more():
     chosen = choose_drafts([0.9, 0.2], [4, 4], 2, 100, 1 / 8)
     assert chosen[0] > chosen[1]
+
+
+def test_explicit_gains_keep_a_prefix_and_stop_at_a_branch():
+    # Drafts sure up to a branch (p 0.3 past it): the ones past it do not pay at slope 1/4.
+    gains = [[0.95, 0.9, 0.86, 0.3, 0.28, 0.27]]
+    assert choose_from_gains(gains, 1, 100, 1 / 4) == [3]
+    assert choose_from_gains(gains, 1, 100, 1 / 1000) == [6]  # nearly free: all
+    assert choose_from_gains([[], [0.9]], 2, 100, 1 / 64) == [0, 1]
+
+
+def test_per_position_rates_come_from_what_the_counter_saw():
+    counter = SpecDecodingCounter()
+    request = Request("a", [1, 2, 3], SamplingParams(), [0], 0.0, 16)
+    for _ in range(30):  # always right for 3 drafts, always wrong at the 4th
+        counter.observe(request, num_drafts=6, num_accepted=3)
+    positions = PositionAcceptance()
+    positions.observe(counter.position_trials, counter.position_accepted)
+    assert counter.position_trials == [30] * 4 and counter.position_accepted == [30] * 3 + [0]
+    gains = positions.gains(alpha=0.9, k=6, engine_alpha=0.5)
+    # min(alpha, rate) at the first three (rate ~0.97), then the 4th's rate ~0.03, then the
+    # unseen positions at the engine's alpha.
+    assert gains[:3] == pytest.approx([0.9, 0.81, 0.729])
+    assert gains[3] < 0.03 and gains[4] == pytest.approx(gains[3] * 0.5)
+    # The same totals again are no new data.
+    positions.observe(counter.position_trials, counter.position_accepted)
+    assert positions.gains(alpha=0.9, k=6, engine_alpha=0.5) == pytest.approx(gains)
 
 
 def test_the_cost_model_recovers_a_linear_step_time():
