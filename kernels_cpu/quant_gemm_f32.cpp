@@ -270,12 +270,16 @@ void gemm_panels(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
       transpose8(wt + 8 * k + c, k, pn + c * 16 + 8, 16);
     }
     const int nv = (int)(r1 - r0);
-    // Passes of at most kPanelRows rows, as even as they go (8 rows: 4 + 4, not 6 + 2).
-    const int64_t passes = (m + kPanelRows - 1) / kPanelRows, per = (m + passes - 1) / passes;
-    for (int64_t i = 0; i < m; i += per) {
+    // Passes of at most kPanelRows rows, as even as they go (32 rows: 6 6 5 5 5 5, not five
+    // of 6 and a 2-row pass at a third of the FMA rate).
+    const int64_t passes = (m + kPanelRows - 1) / kPanelRows;
+    const int64_t base = m / passes, extra = m % passes;
+    for (int64_t p = 0, i = 0; p < passes; ++p) {
+      const int64_t rows = base + (p < extra ? 1 : 0);
       const float* xi = x + i * ldx;
       float* yi = y + i * ldy + r0;
-      switch (m - i < per ? m - i : per) {
+      i += rows;
+      switch (rows) {
         case 1: panel_kernel<1>(xi, ldx, pn, k, yi, ldy, nv); break;
         case 2: panel_kernel<2>(xi, ldx, pn, k, yi, ldy, nv); break;
         case 3: panel_kernel<3>(xi, ldx, pn, k, yi, ldy, nv); break;
