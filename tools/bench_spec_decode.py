@@ -1,6 +1,6 @@
 """Speculative decoding benchmark: no speculation, ngram and suffix on three workloads.
 
-Each configuration runs alone (one engine at a time, in this process, greedy), on the
+Each configuration runs alone (one engine stepping at a time, in this process, greedy), on the
 default model:
   (a) quote-edit: single streams whose output repeats text of their prompt: a proofreading
       edit of a news text (a_proofread) and a code edit (a_code_edit; the default 135M model
@@ -8,7 +8,12 @@ default model:
   (b) agent-loop: 20 requests one after another whose outputs repeat earlier outputs
       (a tool-call JSON, the city changing; two example calls in the prompt);
   (c) batch32: bench_throughput.py's random batch32 workload (the off-switch's case).
-It reports new tokens/s, mean acceptance length and the ratio to no speculation.
+It reports new tokens/s, mean acceptance length and the ratio to no speculation, and the CPU
+time other processes took meanwhile. The configurations take turns: every round runs each
+workload under each configuration back to back (the order rotating by round), each run from a
+cold drafter and an empty prefix cache, and the ratio reported is the median over rounds of
+the ratio within a round. A 2-core VM's speed drifts by 20% and more within minutes; runs of
+a configuration minutes apart measured that drift as much as the configuration.
 
     python tools/bench_spec_decode.py --json out.json
     python tools/bench_spec_decode.py --quick      # a smoke run: tiny workloads
@@ -20,12 +25,14 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.bench_throughput import make_workload  # noqa: E402
+from tools.cpu_noise import CpuNoise  # noqa: E402
 
 CONFIGS = {
     "none": None,
@@ -131,12 +138,11 @@ def workloads(tokenizer, vocab_size: int, quick: bool) -> dict[str, list[list[tu
     return {"a_proofread": a1, "a_code_edit": a2, "b_agent_loop": b, "c_batch32": c}
 
 
-def run_config(name: str, spec, loads, args) -> dict:
+def make_core(spec, args):
     from engine_core.config import EngineConfig
     from engine_core.core import EngineCore
-    from engine_core.protocol import EngineCoreRequest, SamplingParams
 
-    core = EngineCore(
+    return EngineCore(
         EngineConfig(
             dtype=args.dtype,
             speculative_config=spec,
@@ -144,34 +150,50 @@ def run_config(name: str, spec, loads, args) -> dict:
             num_threads=args.num_threads,
         )
     )
-    results = {}
-    ids = iter(range(1 << 30))
-    for wname, waves in loads.items():
-        core.scheduler.reset_prefix_cache()
-        new_tokens = drafts = accepted = 0
-        elapsed = 0.0
-        for wave in waves:
-            for prompt, n in wave:
-                params = SamplingParams(temperature=0.0, max_tokens=n)
-                core.add_request(EngineCoreRequest(str(next(ids)), prompt, params))
-            t0 = time.perf_counter()
-            while core.has_work():
-                out = core.step()
-                new_tokens += sum(len(o.new_token_ids) for o in out.outputs)
-                drafts += out.scheduler_stats.spec_num_drafts
-                accepted += out.scheduler_stats.spec_num_accepted_tokens
-            elapsed += time.perf_counter() - t0
-        results[wname] = {
-            "new_tokens": new_tokens,
-            "elapsed_s": round(elapsed, 3),
-            "new_tok_per_s": round(new_tokens / elapsed, 2),
-            "mean_acceptance_length": round(1 + accepted / drafts, 3) if drafts else None,
-        }
-        print(f"{name:7s} {wname:14s} {results[wname]}", flush=True)
-    core.shutdown()
-    del core
-    gc.collect()
-    return results
+
+
+def run_workload(core, waves, ids) -> dict:
+    """One workload on one engine, from a cold drafter and an empty prefix cache."""
+    from engine_core.protocol import EngineCoreRequest, SamplingParams
+    from engine_core.spec_decode import make_drafter
+    from engine_core.spec_decode.stats import SpecDecodingCounter
+
+    core.scheduler.reset_prefix_cache()
+    core.scheduler.spec.counter = SpecDecodingCounter()
+    core.drafter = make_drafter(core.config)  # an empty suffix tree: no earlier round's outputs
+    new_tokens = drafts = accepted = 0
+    elapsed = 0.0
+    for wave in waves:
+        for prompt, n in wave:
+            params = SamplingParams(temperature=0.0, max_tokens=n)
+            core.add_request(EngineCoreRequest(str(next(ids)), prompt, params))
+        t0 = time.perf_counter()
+        while core.has_work():
+            out = core.step()
+            new_tokens += sum(len(o.new_token_ids) for o in out.outputs)
+            drafts += out.scheduler_stats.spec_num_drafts
+            accepted += out.scheduler_stats.spec_num_accepted_tokens
+        elapsed += time.perf_counter() - t0
+    return {"new_tokens": new_tokens, "elapsed_s": elapsed, "drafts": drafts, "accepted": accepted}
+
+
+def summarize(runs: list[dict], base: list[dict] | None) -> dict:
+    rates = [r["new_tokens"] / r["elapsed_s"] for r in runs]
+    drafts = sum(r["drafts"] for r in runs)
+    out = {
+        "new_tokens": runs[0]["new_tokens"],
+        "elapsed_s": round(statistics.median(r["elapsed_s"] for r in runs), 3),
+        "new_tok_per_s": round(statistics.median(rates), 2),
+        "rounds_tok_per_s": [round(x, 2) for x in rates],
+        "mean_acceptance_length": (
+            round(1 + sum(r["accepted"] for r in runs) / drafts, 3) if drafts else None
+        ),
+    }
+    if base is not None:
+        ratios = [x / (b["new_tokens"] / b["elapsed_s"]) for x, b in zip(rates, base, strict=True)]
+        out["ratio_to_none"] = round(statistics.median(ratios), 3)
+        out["rounds_ratio"] = [round(x, 3) for x in ratios]
+    return out
 
 
 def main() -> None:
@@ -182,8 +204,11 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of turns (--quick: 1)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     from frontend.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(None)
@@ -197,22 +222,49 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown config {unknown[0]!r} (known: {', '.join(CONFIGS)})")
-    results = {n: run_config(n, CONFIGS[n], loads, args) for n in names}
-    if "none" in results:
-        base = results["none"]
-        for res in results.values():
-            for w, r in res.items():
-                r["ratio_to_none"] = round(r["new_tok_per_s"] / base[w]["new_tok_per_s"], 3)
-    print("\nconfig  workload        tok/s    accept_len  ratio")
+    rounds = 1 if args.quick else args.rounds
+    cores = {n: make_core(CONFIGS[n], args) for n in names}
+    runs: dict[str, dict[str, list[dict]]] = {n: {w: [] for w in loads} for n in names}
+    ids = iter(range(1 << 30))
+    with CpuNoise() as noise:
+        for r in range(rounds):
+            for w, waves in loads.items():
+                for i in range(len(names)):
+                    n = names[(i + r) % len(names)]
+                    res = run_workload(cores[n], waves, ids)
+                    runs[n][w].append(res)
+                    rate = res["new_tokens"] / res["elapsed_s"]
+                    print(f"round {r + 1}/{rounds} {n:7s} {w:14s} {rate:8.2f} tok/s", flush=True)
+    for core in cores.values():
+        core.shutdown()
+    del cores
+    gc.collect()
+    results = {
+        n: {w: summarize(runs[n][w], runs["none"][w] if "none" in runs else None) for w in loads}
+        for n in names
+    }
+    print("\nconfig  workload        tok/s    accept_len  ratio (median of the rounds' ratios)")
     for n, res in results.items():
         for w, r in res.items():
             print(
                 f"{n:7s} {w:14s} {r['new_tok_per_s']:8.2f} {str(r['mean_acceptance_length']):>10s}"
-                f"  {r.get('ratio_to_none', '-')}"
+                f"  {r.get('ratio_to_none', '-')}  rounds {r.get('rounds_ratio', '-')}"
             )
+    print(noise.summary())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"quick": args.quick, "dtype": args.dtype, "results": results}, f, indent=2)
+            json.dump(
+                {
+                    "quick": args.quick,
+                    "dtype": args.dtype,
+                    "rounds": rounds,
+                    "other_cpu_s": round(noise.other_cpu_s, 2),
+                    "wall_s": round(noise.wall_s, 1),
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":
