@@ -5,7 +5,10 @@ a + b * N for N scheduled tokens, fitted online to the engine's own decode steps
 (exponentially weighted least squares; until the steps seen spread enough in N, b / a = 1 /
 64; prefill steps are left out, see Drafter.observe_step). A request with running acceptance
 alpha (the per-draft acceptance of its recent verifications, geometric model, with a prior
-of the engine-wide average) gains alpha**j expected tokens from its j-th draft. Starting
+of the engine-wide average) gains prod_{i<=j} min(alpha, rate_i) expected tokens from its
+j-th draft, rate_i the engine-wide acceptance of position i given the ones before it
+(PositionAcceptance); a proposer that knows its drafts' probabilities (suffix: the tree's
+path frequencies) has each gain multiplied by that and the choice made again. Starting
 from the step without drafts (B decoding requests, N0 tokens: B emitted tokens in t(N0)),
 drafts are added in order of decreasing gain, and the step takes the prefix that maximises
 expected tokens per second, (B + sum of gains) / t(N0 + drafts), within the token budget. A
