@@ -209,6 +209,22 @@ inline void micro_kernel_cols(int nt, const float* x, int64_t ldx, const float* 
   }
 }
 
+// Weight rows [r0, r1) (at most kTileRows) dequantized into this thread's kTileRows x k tile,
+// which stays in its L2 cache; the tile's rows past r1 - r0 zeroed when zero_rest.
+template <int WType>
+float* dequant_tile(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, bool zero_rest) {
+  static thread_local std::vector<float> tile;
+  if ((int64_t)tile.size() < kTileRows * k) tile.resize(kTileRows * k);
+  float* wt = tile.data();
+  const int64_t row_bytes = k / QK * block_bytes(WType);
+  for (int64_t r = r0; r < r1; ++r) dequant_row<WType>(w + r * row_bytes, k, wt + (r - r0) * k);
+  if (zero_rest) {
+    for (int64_t r = r1 - r0; r < kTileRows; ++r)
+      for (int64_t c = 0; c < k; ++c) wt[r * k + c] = 0.0f;
+  }
+  return wt;
+}
+
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // AVX2: the tile's 16 weight rows transposed into a panel [k][16], and an outer-product
 // micro-kernel of MT activation rows x those 16 output columns (2 vectors): MT * 2
@@ -271,15 +287,11 @@ void panel_kernel(const float* x, int64_t ldx, const float* panel, int64_t k, fl
 template <int WType>
 void gemm_panels(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
                  float* y, int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
-  const int64_t row_bytes = k / QK * block_bytes(WType);
   for_row_chunks(r_begin, r_end, kTileRows, nthreads, worth_threads(n, k, m, nthreads),
                  [&](int64_t r0, int64_t r1) {
-    static thread_local std::vector<float> tile, panel;
-    if ((int64_t)tile.size() < kTileRows * k) tile.resize(kTileRows * k), panel.resize(kTileRows * k);
-    float* wt = tile.data();
-    for (int64_t r = r0; r < r1; ++r) dequant_row<WType>(w + r * row_bytes, k, wt + (r - r0) * k);
-    for (int64_t r = r1 - r0; r < kTileRows; ++r)
-      for (int64_t c = 0; c < k; ++c) wt[r * k + c] = 0.0f;
+    const float* wt = dequant_tile<WType>(w, k, r0, r1, true);
+    static thread_local std::vector<float> panel;
+    if ((int64_t)panel.size() < kTileRows * k) panel.resize(kTileRows * k);
     float* pn = panel.data();
     for (int64_t c = 0; c < k; c += 8) {  // k: whole blocks of 32
       transpose8(wt + c, k, pn + c * 16, 16);
@@ -311,13 +323,9 @@ void gemm_panels(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
 template <int WType>
 void gemm_tiled(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
                 float* y, int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
-  const int64_t row_bytes = k / QK * block_bytes(WType);
   for_row_chunks(r_begin, r_end, kTileRows, nthreads, worth_threads(n, k, m, nthreads),
                  [&](int64_t r0, int64_t r1) {
-    static thread_local std::vector<float> tile;
-    if ((int64_t)tile.size() < kTileRows * k) tile.resize(kTileRows * k);
-    float* wt = tile.data();
-    for (int64_t r = r0; r < r1; ++r) dequant_row<WType>(w + r * row_bytes, k, wt + (r - r0) * k);
+    const float* wt = dequant_tile<WType>(w, k, r0, r1, false);
     for (int64_t i = 0; i < m; i += 3) {
       const int mt = (int)(m - i < 3 ? m - i : 3);
       for (int64_t j = r0; j < r1; j += 4) {
