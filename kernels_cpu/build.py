@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 SOURCES = (
     "quant_gemm.cpp",
     "quant_gemm_f32.cpp",
+    "quant_gemm_bf16.cpp",
     "paged_attention.cpp",
     "small_ops.cpp",
     "model_step.cpp",

@@ -36,8 +36,10 @@ def load_library(path: str) -> ctypes.CDLL:
     """Open a built kernels_cpu library and declare its functions' argument types."""
     lib = ctypes.CDLL(path)
     args = [ctypes.c_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, ctypes.c_int]
-    lib.rs_gemm.argtypes = lib.rs_gemm_f32.argtypes = args
+    lib.rs_gemm.argtypes = lib.rs_gemm_f32.argtypes = lib.rs_gemm_bf16.argtypes = args
+    lib.rs_has_bf16_gemm.restype = ctypes.c_int
     lib.rs_dequant_rows.argtypes = [ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
+    lib.rs_dequant_rows_bf16.argtypes = lib.rs_dequant_rows.argtypes
     lib.rs_simd_level.restype = ctypes.c_int
     lib.rs_add_rms_norm.argtypes = [_ptr] * 5 + [_i64, _i64, ctypes.c_float, ctypes.c_int]
     lib.rs_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, ctypes.c_int]
@@ -129,6 +131,42 @@ def gemm(
     return out
 
 
+def has_bf16_gemm() -> bool:
+    """Whether gemm_bf16 runs here: the kernels are built for a CPU with AVX512-BF16."""
+    lib = _load()
+    return lib is not None and bool(lib.rs_has_bf16_gemm())
+
+
+def gemm_bf16(
+    x: torch.Tensor, w: torch.Tensor, wtype: int, n: int, k: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, k] float32 @ W.T in bf16: x and the dequantized W rounded to bf16 (nearest even),
+    products summed in fp32 (vdpbf16ps); [M, n] float32. Needs has_bf16_gemm()."""
+    lib = _lib_or_raise()
+    assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.rs_gemm_bf16(
+        wtype,
+        w.data_ptr(),
+        n,
+        k,
+        x.data_ptr(),
+        m,
+        x.stride(0),
+        out.data_ptr(),
+        out.stride(0),
+        torch.get_num_threads(),
+    )
+    if rc == 3:
+        raise RuntimeError("gemm_bf16 needs a CPU with AVX512-BF16 (see has_bf16_gemm()).")
+    if rc:
+        _check(w, wtype, n, k)
+        raise RuntimeError(f"gemm_bf16 failed ({rc}) for type {wtype}, n={n}, k={k}.")
+    return out
+
+
 def dequantize(
     w: torch.Tensor,
     wtype: int,
@@ -136,8 +174,10 @@ def dequantize(
     k: int,
     rows: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """float32 values of W [n, k] (or of its rows `rows`, int64) from `w`'s blocks."""
+    """Values of W [n, k] (or of its rows `rows`, int64) from `w`'s blocks, in `dtype`:
+    float32, or bfloat16 (the float32 values rounded to nearest even, as `.bfloat16()`)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"kernels_cpu is not available: {_load_error}")
@@ -147,9 +187,14 @@ def dequantize(
         rows = rows.to(torch.int64).contiguous()
         if count and (int(rows.min()) < 0 or int(rows.max()) >= n):
             raise IndexError(f"row index out of range for a weight of {n} rows.")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dequantize gives float32 or bfloat16, not {dtype}.")
     if out is None:
-        out = torch.empty(count, k, dtype=torch.float32)
-    rc = lib.rs_dequant_rows(
+        out = torch.empty(count, k, dtype=dtype)
+    elif out.dtype != dtype or not out.is_contiguous() or out.numel() != count * k:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {count}x{k}.")
+    fn = lib.rs_dequant_rows if dtype == torch.float32 else lib.rs_dequant_rows_bf16
+    rc = fn(
         wtype,
         w.data_ptr(),
         k,

@@ -146,6 +146,22 @@ inline void dequant_row(const uint8_t* w, int64_t k, float* out) {
   }
 }
 
+// n floats rounded to bf16, to nearest even (torch's float -> bfloat16 for finite values).
+inline void fp32_to_bf16(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
+    _mm256_storeu_si256((__m256i*)(out + i), (__m256i)v);
+  }
+#endif
+  for (; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    out[i] = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
 // Output rows [begin, end) in chunks of `chunk`, handed to threads as they come free (dynamic: on a
 // shared machine a thread that loses its core for a time slice holds up one chunk, not half
 // the product; a row's result is one thread's work either way, so it does not depend on

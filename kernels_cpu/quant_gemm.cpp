@@ -246,4 +246,25 @@ int rs_dequant_rows(int wtype, const uint8_t* w, int64_t k, const int64_t* rows,
   });
 }
 
+// The same rows rounded to bf16 (round to nearest even, as torch's float -> bfloat16): the
+// weight tiles of a bf16 matmul (quant_layers.py), half the bytes of fp32 ones.
+int rs_dequant_rows_bf16(int wtype, const uint8_t* w, int64_t k, const int64_t* rows,
+                         int64_t n_rows, uint16_t* out, int nthreads) {
+  const int64_t bb = block_bytes(wtype);
+  if (bb == 0) return 2;
+  if (k % QK != 0 || nthreads < 1) return 1;
+  const int64_t row_bytes = k / QK * bb;
+  return with_wtype(wtype, [&](auto t) {
+#pragma omp parallel num_threads(nthreads) if (n_rows > 64)
+    {
+      std::vector<float> row(k);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n_rows; ++i) {
+        dequant_row<decltype(t)::value>(w + (rows ? rows[i] : i) * row_bytes, k, row.data());
+        fp32_to_bf16(row.data(), k, out + i * k);
+      }
+    }
+  });
+}
+
 }  // extern "C"

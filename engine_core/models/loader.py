@@ -36,6 +36,7 @@ from engine_core.models.gguf_quant import load_gguf_quantized, quantize_model_rt
 from engine_core.models.hf_quant import HFQuantWeights, load_hf_quantized, read_quant_config
 from engine_core.models.llama import LlamaForCausalLM, Shard
 from engine_core.models.model_config import ModelConfig
+from engine_core.models.quant_layers import GEMM_MAX_ROWS, QuantizedLinear
 from kernels_cpu import ops as kernels_cpu_ops
 
 __all__ = [
@@ -62,6 +63,8 @@ class LoadedModel:
     config: ModelConfig
     weight_dtype: torch.dtype  # the numerics of the weights
     compute_dtype: torch.dtype  # what activations, weights and the KV cache are stored in
+    # What the CPU's quantized layers multiply large steps in (QuantizedLinear.matmul_dtype)
+    matmul_dtype: torch.dtype | None = None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -131,21 +134,36 @@ def load_model(
     if config.quantization in ("awq", "gptq", "gguf"):
         _check_named_quantization(config.quantization, source, config.model)
         config = dataclasses.replace(config, quantization=None)  # the checkpoint's own
-    with torch.device(device):
-        model = LlamaForCausalLM(model_config, max_positions, tp_rank, tp_size).to(compute_dtype)
     gguf = source if isinstance(source, GGUFWeights) else None
     if quant_cuda.applies(config.quantization, device, gguf is not None):
+        path = "cuda-int4"
+    elif gguf is not None and _keep_quantized(config, device, tp_size):
+        path = "gguf"
+    elif isinstance(source, HFQuantWeights) and _keep_quantized(config, device, tp_size):
+        path = "hf-quantized"
+    elif config.quantization in ("int8", "int4") and _can_quantize(device, tp_size):
+        path = "rtn"
+    else:
+        path = "dense"
+    matmul_dtype = compute_dtype
+    if path in ("gguf", "hf-quantized", "rtn") and device.type == "cpu":
+        # The CPU's quantized layers (and the kernels around them) take fp32 activations;
+        # bf16 where it is native is their large steps' matmul dtype (module docstring).
+        compute_dtype = torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(model_config, max_positions, tp_rank, tp_size).to(compute_dtype)
+    if path == "cuda-int4":
         model.load_weights(source, weight_dtype)  # dense first: norms, embedding, Q8_0, ...
         model.pack_weights()
         quant_cuda.quantize_model(model, config.quantization, gguf)
-    elif gguf is not None and _keep_quantized(config, device, tp_size):
+    elif path == "gguf":
         load_gguf_quantized(model, gguf.file, compute_dtype)
         weight_dtype = torch.float32  # the blocks' values, exact in fp32
-    elif isinstance(source, HFQuantWeights) and _keep_quantized(config, device, tp_size):
+    elif path == "hf-quantized":
         load_hf_quantized(model, source, weight_dtype)
         model.to(compute_dtype)
         weight_dtype = torch.float32  # (q - z) * s, exact in fp32
-    elif config.quantization in ("int8", "int4") and _can_quantize(device, tp_size):
+    elif path == "rtn":
         model.load_weights(source, torch.float32)
         quantize_model_rtn(model, config.quantization)
         model.to(compute_dtype)
@@ -153,8 +171,16 @@ def load_model(
     else:
         model.load_weights(source, weight_dtype)
         model.pack_weights()
+    if matmul_dtype != compute_dtype:
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear):
+                module.matmul_dtype = matmul_dtype
+        logger.info(
+            "bf16 matmuls for steps of more than %d rows; fp32 activations and KV cache",
+            GEMM_MAX_ROWS,
+        )
     model.eval()
-    return LoadedModel(model, model_config, weight_dtype, compute_dtype)
+    return LoadedModel(model, model_config, weight_dtype, compute_dtype, matmul_dtype)
 
 
 def _check_named_quantization(named: str, source: object, model: str | None) -> None:

@@ -115,3 +115,53 @@ def test_scalar_fallback_matches_the_same_references(scalar_library, monkeypatch
     y8 = ops.gemm(x, w, wtype, n, k, int8_activations=True).numpy()
     assert np.abs(y8 - ref_q8).max() / scale < 2e-5
     assert np.array_equal(ops.dequantize(w, wtype, n, k).numpy(), deq)
+
+
+@pytest.mark.parametrize("wtype", sorted(TYPES))
+def test_dequantize_to_bf16_rounds_as_torch_does(wtype: int) -> None:
+    w, deq = quantized_weight(wtype, 70, 96, seed=4)
+    expected = torch.from_numpy(deq).bfloat16()
+    assert torch.equal(ops.dequantize(w, wtype, 70, 96, dtype=torch.bfloat16), expected)
+    rows = torch.tensor([69, 3])
+    got = ops.dequantize(w, wtype, 70, 96, rows=rows, dtype=torch.bfloat16)
+    assert torch.equal(got, expected[[69, 3]])
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        ops.dequantize(w, wtype, 70, 96, dtype=torch.float16)
+    with pytest.raises(ValueError, match="contiguous torch.bfloat16"):
+        ops.dequantize(w, wtype, 70, 96, out=torch.empty(70, 96), dtype=torch.bfloat16)
+
+
+needs_bf16_gemm = pytest.mark.skipif(
+    not ops.has_bf16_gemm(), reason="this CPU has no AVX512-BF16 (the oneDNN path is tested)"
+)
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("wtype", sorted(TYPES))
+@pytest.mark.parametrize("n,k", [(64, 32), (100, 576), (576, 1536), (70, 96)])
+@pytest.mark.parametrize("m", [1, 11, 12, 13, 33, 64])
+def test_bf16_gemm_is_the_product_of_the_bf16_rounded_operands(wtype, n, k, m) -> None:
+    w, deq = quantized_weight(wtype, n, k, seed=n + k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    xb = x.bfloat16().double().numpy()
+    wb = torch.from_numpy(deq).bfloat16().double().numpy()
+    ref = xb @ wb.T  # exact products; only the fp32 sums differ
+    y = ops.gemm_bf16(x, w, wtype, n, k).numpy()
+    assert np.abs(y - ref).max() / (np.abs(ref).max() + 1e-6) < 2e-6
+
+
+@needs_bf16_gemm
+def test_bf16_gemm_writes_strided_rows_and_keeps_results_across_thread_counts() -> None:
+    w, _ = quantized_weight(ops.Q4_1, 100, 128, seed=2)
+    x = torch.randn(40, 256)[:, :128]
+    out = torch.zeros(40, 160)[:, :100]
+    ops.gemm_bf16(x, w, ops.Q4_1, 100, 128, out=out)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.gemm_bf16(x.contiguous(), w, ops.Q4_1, 100, 128)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, single)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.gemm_bf16(torch.randn(3, 48), w, ops.Q4_1, 100, 48)

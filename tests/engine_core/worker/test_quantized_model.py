@@ -208,3 +208,47 @@ def quantize_rtn_for_test(w: torch.Tensor) -> QuantizedLinear:
     from engine_core.models.quant_layers import quantize_rtn
 
     return quantize_rtn(w, ops.Q8_0)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["avx512bf16-kernel", "onednn"])
+def test_bf16_matmuls_are_the_product_of_bf16_operands_past_the_small_step_rows(
+    monkeypatch, kernel
+):
+    if kernel and not ops.has_bf16_gemm():
+        pytest.skip("this CPU has no AVX512-BF16: its kernel cannot run (oneDNN's path can)")
+    monkeypatch.setattr(ops, "has_bf16_gemm", lambda: kernel)
+    monkeypatch.setattr(quant_layers, "GEMM_MAX_ROWS", 12)
+    from engine_core.models.quant_layers import quantize_rtn
+
+    layer = quantize_rtn(torch.randn(200, 64) * 0.1, ops.Q4_1)
+    layer.matmul_dtype = torch.bfloat16
+    assert "matmul_dtype=torch.bfloat16" in repr(layer)
+    x = torch.randn(17, 64)
+    ref = x.bfloat16().double() @ layer.dequantized().bfloat16().double().T
+    y = layer(x)
+    assert y.dtype == torch.float32
+    # The kernel sums in fp32; oneDNN's result is rounded to bf16 (8 bits) before widening.
+    tol = 2e-6 if kernel else 8e-3
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol
+    # A small step (a decode) stays the fp32 product.
+    few = x[:3]
+    assert torch.equal(layer(few), ops.gemm(few, layer.qweight, layer.wtype, 200, 64))
+
+
+def test_bf16_on_a_native_bf16_cpu_is_the_quantized_layers_matmul_dtype_only(monkeypatch):
+    from engine_core.models import loader
+
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    cpu = torch.device("cpu")
+    loaded = load_model(EngineConfig(dtype="bfloat16"), cpu)
+    # Activations, norms, embedding rows and the KV cache stay fp32 (kernels_cpu's kernels).
+    assert (loaded.compute_dtype, loaded.matmul_dtype) == (torch.float32, torch.bfloat16)
+    linears = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(linears) > 4 * loaded.config.num_layers  # the tied LM head's table too
+    assert {m.matmul_dtype for m in linears} == {torch.bfloat16}
+    assert loaded.model.norm.weight.dtype == torch.float32
+    auto = load_model(EngineConfig(), cpu)
+    assert (auto.compute_dtype, auto.matmul_dtype) == (torch.float32, torch.float32)
+    assert {m.matmul_dtype for m in auto.model.modules() if isinstance(m, QuantizedLinear)} == {
+        torch.float32
+    }
