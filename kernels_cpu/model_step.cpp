@@ -45,6 +45,9 @@ void rs_rope(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t 
 void rs_silu_and_mul(const float* x, float* out, int64_t tokens, int64_t n, int nthreads);
 int rs_gemm_f32_cols(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
                      int64_t ldx, float* y, int64_t ldy, int64_t r_begin, int64_t r_end);
+int rs_gemm_bf16_cols(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x,
+                      int64_t m, int64_t ldx, float* y, int64_t ldy, int64_t r_begin,
+                      int64_t r_end);
 int rs_paged_decode_attention_tasks(const float* q, const float* k_cache, const float* v_cache,
                                     const int64_t* block_ids, const float* bias, int64_t rows,
                                     int64_t width, int64_t heads, int64_t kv_heads,
@@ -70,6 +73,9 @@ struct Model {
   float eps, scale;  // RMSNorm's epsilon; attention's 1/sqrt(head_dim), as Python rounds it
   const Layer* layers;
   const float* final_norm;
+  // Steps of this many rows or more run the GEMMs in bf16 (QuantizedLinear.matmul_dtype);
+  // 0: never.
+  int64_t bf16_min_rows;
 };
 
 // Consecutive single-query rows attended together (torch_paged.py's DecodeGroup).
@@ -175,12 +181,14 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, float* kv, int64_t
     };
     const bool works = bar != nullptr || t == 0;  // takes a share of the split ops
     const int my = bar != nullptr ? t : 0, all = bar != nullptr ? nth : 1;
+    const bool bf16 = m->bf16_min_rows > 0 && tokens >= m->bf16_min_rows;
     auto gemm = [&](int64_t wtype, const uint8_t* w, int64_t n, int64_t k, const float* x,
                     float* y) {
       int64_t b, e;
-      share(n, 16, my, all, b, e);
+      share(n, bf16 ? 32 : 16, my, all, b, e);  // bf16: whole panels, as rs_gemm_bf16's
       if (works && b < e &&
-          rs_gemm_f32_cols((int)wtype, w, n, k, x, tokens, k, y, n, b, e)) {
+          (bf16 ? rs_gemm_bf16_cols((int)wtype, w, n, k, x, tokens, k, y, n, b, e)
+                : rs_gemm_f32_cols((int)wtype, w, n, k, x, tokens, k, y, n, b, e))) {
         failed.store(1);
       }
       sync();

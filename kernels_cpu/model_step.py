@@ -47,6 +47,7 @@ class _Model(ctypes.Structure):
         ("scale", ctypes.c_float),
         ("layers", ctypes.POINTER(_Layer)),
         ("final_norm", _ptr),
+        ("bf16_min_rows", _i64),
     ]
 
 
@@ -81,7 +82,10 @@ class LlamaLayers:
         head_dim: int,
         intermediate: int,
         eps: float,
+        bf16_min_rows: int = 0,
     ) -> None:
+        """bf16_min_rows: steps of this many rows or more multiply in bf16 (ops.gemm_bf16,
+        which needs ops.has_bf16_gemm()); 0, never."""
         lib = ops._load()
         if lib is None:
             raise RuntimeError(f"kernels_cpu is not available: {ops._load_error}")
@@ -101,6 +105,8 @@ class LlamaLayers:
             ]
             lib._rs_llama_layers_declared = True
         self._lib = lib
+        if bf16_min_rows and not ops.has_bf16_gemm():
+            raise ValueError("bf16_min_rows needs a CPU with AVX512-BF16 (ops.has_bf16_gemm()).")
         floats = [final_norm] + [t for w in layers for t in (w.input_norm, w.post_norm)]
         for t in floats:
             if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != hidden:
@@ -133,8 +139,11 @@ class LlamaLayers:
             head_dim**-0.5,
             table,
             final_norm.data_ptr(),
+            bf16_min_rows,
         )
         self.hidden, self.kv_width = hidden, kv_heads * head_dim
+        # Steps of more rows run op by op (engine_core/models/fused_step.py sets it).
+        self.max_rows = 1 << 30
         self.head_dim, self.num_layers = head_dim, len(layers)
 
     def run(

@@ -162,6 +162,57 @@ inline void fp32_to_bf16(const float* x, int64_t n, uint16_t* out) {
   }
 }
 
+#if defined(__AVX512F__)
+// Two 8-lane halves as one 16-lane vector (AVX512F's insert works on doubles).
+inline __m512 join256(__m256 lo, __m256 hi) {
+  return _mm512_castpd_ps(
+      _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+}
+
+// Block b of a weight row dequantized as dequant_row does (the same fp32 values): values
+// 0-15 in lo, 16-31 in hi.
+template <int WType>
+inline void dequant_block16x2(const uint8_t* w, int64_t b, __m512& lo, __m512& hi) {
+  __m256 q[4];
+  float dw, offset;
+  widen_block<WType>(w, b, q, dw, offset);
+  const __m256 vd = _mm256_set1_ps(dw), voff = _mm256_set1_ps(offset);
+  __m256 v[4];
+  for (int i = 0; i < 4; ++i) {
+    v[i] = WType == kQ4_0 ? _mm256_mul_ps(_mm256_sub_ps(q[i], _mm256_set1_ps(8.0f)), vd)
+                          : _mm256_add_ps(_mm256_mul_ps(q[i], vd), voff);
+  }
+  lo = join256(v[0], v[1]);
+  hi = join256(v[2], v[3]);
+}
+
+// r[i] lane j -> r[j] lane i, 32-bit lanes.
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+#endif
+
 // Output rows [begin, end) in chunks of `chunk`, handed to threads as they come free (dynamic: on a
 // shared machine a thread that loses its core for a time slice holds up one chunk, not half
 // the product; a row's result is one thread's work either way, so it does not depend on

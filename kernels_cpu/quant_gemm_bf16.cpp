@@ -26,51 +26,14 @@ namespace {
 constexpr int kPanelCols = 32;
 constexpr int kMaxRows = 12;  // rows a pass: 24 accumulators, 2 panel vectors, 1 broadcast
 
-inline __m512 join(__m256 lo, __m256 hi) {
-  return _mm512_castpd_ps(
-      _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
-}
-
 // Block b of a weight row as 16 pairs of bf16 (values 2p, 2p + 1 in pair p), each value
 // dequant_row's fp32 rounded to nearest even.
 template <int WType>
 inline __m512i block_pairs(const uint8_t* w, int64_t b) {
-  __m256 q[4];
-  float dw, offset;
-  widen_block<WType>(w, b, q, dw, offset);
-  const __m256 vd = _mm256_set1_ps(dw), voff = _mm256_set1_ps(offset);
-  __m256 v[4];
-  for (int i = 0; i < 4; ++i) {
-    v[i] = WType == kQ4_0 ? _mm256_mul_ps(_mm256_sub_ps(q[i], _mm256_set1_ps(8.0f)), vd)
-                          : _mm256_add_ps(_mm256_mul_ps(q[i], vd), voff);
-  }
+  __m512 lo, hi;
+  dequant_block16x2<WType>(w, b, lo, hi);
   // cvtne2ps: the second operand's 16 values are the low half of the result, in order.
-  return (__m512i)_mm512_cvtne2ps_pbh(join(v[2], v[3]), join(v[0], v[1]));
-}
-
-// r[i] lane j -> r[j] lane i, 32-bit lanes.
-inline void transpose16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 16; i += 8) {
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
-    }
-  }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
-  }
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
 // Weight rows [r0, r1) (at most 32) into panel [k / 2][32] pairs; columns past r1 zero.
@@ -122,8 +85,8 @@ void panel_kernel(const uint16_t* xb, int64_t ldxb, const uint32_t* panel, int64
 
 template <int WType>
 void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64_t m, float* y,
-               int64_t ldy, int nthreads) {
-  for_row_chunks(0, n, kPanelCols, nthreads, worth_threads(n, k, m, nthreads),
+               int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
+  for_row_chunks(r_begin, r_end, kPanelCols, nthreads, worth_threads(n, k, m, nthreads),
                  [&](int64_t r0, int64_t r1) {
     static thread_local std::vector<uint32_t> panel;
     if ((int64_t)panel.size() < k / 2 * kPanelCols) panel.resize(k / 2 * kPanelCols);
@@ -155,6 +118,16 @@ void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64
   });
 }
 
+// x [m, k] (row stride ldx) rounded to bf16 into this thread's buffer, rows of k.
+uint16_t* bf16_rows(const float* x, int64_t m, int64_t k, int64_t ldx, int nthreads) {
+  static thread_local std::vector<uint16_t> xbuf;
+  if ((int64_t)xbuf.size() < m * k) xbuf.resize(m * k);
+  uint16_t* xb = xbuf.data();
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && m * k >= (1 << 16))
+  for (int64_t i = 0; i < m; ++i) fp32_to_bf16(x + i * ldx, k, xb + i * k);
+  return xb;
+}
+
 }  // namespace
 #endif
 
@@ -176,15 +149,34 @@ int rs_gemm_bf16(int wtype, const uint8_t* w, int64_t n, int64_t k, const float*
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
   if (k % QK != 0 || nthreads < 1) return 1;
   if (block_bytes(wtype) == 0) return 2;
-  static thread_local std::vector<uint16_t> xbuf;
-  if ((int64_t)xbuf.size() < m * k) xbuf.resize(m * k);
-  uint16_t* xb = xbuf.data();
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && m * k >= (1 << 16))
-  for (int64_t i = 0; i < m; ++i) fp32_to_bf16(x + i * ldx, k, xb + i * k);
-  return with_wtype(wtype, [&](auto t) { gemm_bf16<decltype(t)::value>(w, n, k, xb, m, y, ldy, nthreads); });
+  uint16_t* xb = bf16_rows(x, m, k, ldx, nthreads);
+  return with_wtype(wtype, [&](auto t) {
+    gemm_bf16<decltype(t)::value>(w, n, k, xb, m, y, ldy, nthreads, 0, n);
+  });
 #else
   (void)wtype, (void)w, (void)n, (void)k, (void)x, (void)m, (void)ldx, (void)y, (void)ldy,
       (void)nthreads;
+  return 3;
+#endif
+}
+
+// The same product's output columns [r_begin, r_end) only, on the calling thread (which
+// rounds all of x for itself): for model_step.cpp's threads, each with its own columns.
+// Columns split in multiples of 32 give each thread whole panels, and the results of
+// rs_gemm_bf16 bit for bit.
+int rs_gemm_bf16_cols(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x,
+                      int64_t m, int64_t ldx, float* y, int64_t ldy, int64_t r_begin,
+                      int64_t r_end) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  if (k % QK != 0 || r_begin < 0 || r_end > n) return 1;
+  if (block_bytes(wtype) == 0) return 2;
+  uint16_t* xb = bf16_rows(x, m, k, ldx, 1);
+  return with_wtype(wtype, [&](auto t) {
+    gemm_bf16<decltype(t)::value>(w, n, k, xb, m, y, ldy, 1, r_begin, r_end);
+  });
+#else
+  (void)wtype, (void)w, (void)n, (void)k, (void)x, (void)m, (void)ldx, (void)y, (void)ldy,
+      (void)r_begin, (void)r_end;
   return 3;
 #endif
 }

@@ -29,6 +29,10 @@ constexpr int64_t kDirectRows = 8;
 constexpr int64_t kDirectRows = 6;
 #endif
 constexpr int64_t kTileRows = 16;   // weight rows dequantized at a time by a thread
+#if defined(__AVX512F__)
+// From here the AVX-512 panel kernel beats the dot-product tiles (gemm_panels_512).
+constexpr int64_t kPanelMinRows512 = 9;
+#endif
 
 // ------------------------------------------------------------------ few rows: blocks in registers
 
@@ -40,15 +44,11 @@ void dot_row_f32(const uint8_t* w, int64_t nb, const float* const* xs, const flo
 #if defined(__AVX512F__)
   __m512 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
-  auto join = [](__m256 lo, __m256 hi) {  // AVX512F's insert works on doubles
-    return _mm512_castpd_ps(
-        _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
-  };
   for (int64_t b = 0; b < nb; ++b) {
     __m256 q8[4];
     float dw, offset;
     widen_block<WType>(w, b, q8, dw, offset);
-    const __m512 q0 = join(q8[0], q8[1]), q1 = join(q8[2], q8[3]);  // values 0-15, 16-31
+    const __m512 q0 = join256(q8[0], q8[1]), q1 = join256(q8[2], q8[3]);  // values 0-15, 16-31
     const __m512 vd = _mm512_set1_ps(dw);
     for (int t = 0; t < MT; ++t) {
       const float* x = xs[t] + b * QK;
@@ -320,6 +320,101 @@ void gemm_panels(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
 }
 #endif
 
+#if defined(__AVX512F__)
+// AVX-512: 32 weight rows dequantized straight into a panel [k][32] (16 x 16 transposes of
+// each block's two halves), and an outer-product micro-kernel of up to 12 activation rows x
+// those 32 columns: 24 accumulators, two panel loads and one broadcast per row a k step (the
+// layout of quant_gemm_bf16.cpp's kernel, with fp32 FMAs). Against the dot-product tiles'
+// horizontal sums and dequantize + oneDNN's reordered weight (quant_layers.py), 3072 x 576
+// on 2 threads: see kPanelMinRows512.
+constexpr int kPanelCols512 = 32;
+constexpr int kPanelRows512 = 12;
+
+template <int WType>
+void pack_panel_f32(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, float* panel) {
+  const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
+  for (int half = 0; half < 2; ++half) {
+    const int64_t first = r0 + 16 * half;
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512i lo[16], hi[16];
+      for (int j = 0; j < 16; ++j) {
+        __m512 l = _mm512_setzero_ps(), h = _mm512_setzero_ps();
+        if (first + j < r1) dequant_block16x2<WType>(w + (first + j) * row_bytes, b, l, h);
+        lo[j] = _mm512_castps_si512(l), hi[j] = _mm512_castps_si512(h);
+      }
+      transpose16x16(lo);
+      transpose16x16(hi);
+      float* dst = panel + b * QK * kPanelCols512 + 16 * half;
+      for (int i = 0; i < 16; ++i) {
+        _mm512_storeu_si512(dst + i * kPanelCols512, lo[i]);
+        _mm512_storeu_si512(dst + (16 + i) * kPanelCols512, hi[i]);
+      }
+    }
+  }
+}
+
+template <int MT>
+void panel_kernel_512(const float* x, int64_t ldx, const float* panel, int64_t k, float* y,
+                      int64_t ldy, int nv) {
+  __m512 a0[MT], a1[MT];
+#pragma GCC unroll 12
+  for (int t = 0; t < MT; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < k; ++c) {
+    const __m512 w0 = _mm512_loadu_ps(panel + c * kPanelCols512);
+    const __m512 w1 = _mm512_loadu_ps(panel + c * kPanelCols512 + 16);
+#pragma GCC unroll 12
+    for (int t = 0; t < MT; ++t) {
+      const __m512 xb = _mm512_set1_ps(x[t * ldx + c]);
+      a0[t] = _mm512_fmadd_ps(xb, w0, a0[t]);
+      a1[t] = _mm512_fmadd_ps(xb, w1, a1[t]);
+    }
+  }
+  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nv) - 1);
+  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xffff : nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1) : 0;
+#pragma GCC unroll 12
+  for (int t = 0; t < MT; ++t) {
+    _mm512_mask_storeu_ps(y + t * ldy, m0, a0[t]);
+    _mm512_mask_storeu_ps(y + t * ldy + 16, m1, a1[t]);
+  }
+}
+
+template <int WType>
+void gemm_panels_512(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
+                     int64_t ldx, float* y, int64_t ldy, int nthreads, int64_t r_begin,
+                     int64_t r_end) {
+  for_row_chunks(r_begin, r_end, kPanelCols512, nthreads, worth_threads(n, k, m, nthreads),
+                 [&](int64_t r0, int64_t r1) {
+    static thread_local std::vector<float> panel;
+    if ((int64_t)panel.size() < k * kPanelCols512) panel.resize(k * kPanelCols512);
+    float* pn = panel.data();
+    pack_panel_f32<WType>(w, k, r0, r1, pn);
+    const int nv = (int)(r1 - r0);
+    const int64_t passes = (m + kPanelRows512 - 1) / kPanelRows512;
+    const int64_t base = m / passes, extra = m % passes;
+    for (int64_t p = 0, i = 0; p < passes; ++p) {
+      const int64_t rows = base + (p < extra ? 1 : 0);
+      const float* xi = x + i * ldx;
+      float* yi = y + i * ldy + r0;
+      i += rows;
+      switch (rows) {
+        case 1: panel_kernel_512<1>(xi, ldx, pn, k, yi, ldy, nv); break;
+        case 2: panel_kernel_512<2>(xi, ldx, pn, k, yi, ldy, nv); break;
+        case 3: panel_kernel_512<3>(xi, ldx, pn, k, yi, ldy, nv); break;
+        case 4: panel_kernel_512<4>(xi, ldx, pn, k, yi, ldy, nv); break;
+        case 5: panel_kernel_512<5>(xi, ldx, pn, k, yi, ldy, nv); break;
+        case 6: panel_kernel_512<6>(xi, ldx, pn, k, yi, ldy, nv); break;
+        case 7: panel_kernel_512<7>(xi, ldx, pn, k, yi, ldy, nv); break;
+        case 8: panel_kernel_512<8>(xi, ldx, pn, k, yi, ldy, nv); break;
+        case 9: panel_kernel_512<9>(xi, ldx, pn, k, yi, ldy, nv); break;
+        case 10: panel_kernel_512<10>(xi, ldx, pn, k, yi, ldy, nv); break;
+        case 11: panel_kernel_512<11>(xi, ldx, pn, k, yi, ldy, nv); break;
+        default: panel_kernel_512<12>(xi, ldx, pn, k, yi, ldy, nv); break;
+      }
+    }
+  });
+}
+#endif
+
 template <int WType>
 void gemm_tiled(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
                 float* y, int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
@@ -352,6 +447,11 @@ void gemm_f32(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
 #if defined(__AVX2__) && !defined(__AVX512F__)
     if (m >= kPanelMinRows) {
       gemm_panels<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
+      return;
+    }
+#elif defined(__AVX512F__)
+    if (m >= kPanelMinRows512) {
+      gemm_panels_512<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
       return;
     }
 #endif

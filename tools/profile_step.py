@@ -62,6 +62,11 @@ def main() -> None:
     )
     ap.add_argument("--quantization", default=None)
     ap.add_argument(
+        "--dtype",
+        default="float32",
+        help="the engine's --dtype (bfloat16 on an AVX512-BF16 CPU: bf16 matmuls past 12 rows)",
+    )
+    ap.add_argument(
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
@@ -72,7 +77,7 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     loaded = load_model(
-        EngineConfig(dtype="float32", quantization=args.quantization), torch.device("cpu")
+        EngineConfig(dtype=args.dtype, quantization=args.quantization), torch.device("cpu")
     )
     model, cfg = loaded.model, loaded.config
     qlen = args.query_len

@@ -3,7 +3,8 @@
 The quantized CPU path's decode steps: every linear a QuantizedLinear (the GGUF blocks, or
 --quantization int8/int4), fp32 activations, one process, the native attention backend,
 and a step whose attention rows are all single-query (decode rows, and the short rows of
-drafts that torch_paged.py splits per token) with at most GEMM_MAX_ROWS tokens. The call
+drafts that torch_paged.py splits per token) with at most GEMM_MAX_ROWS tokens (with bf16
+matmuls, fewer than BF16_MIN_ROWS: the call's GEMMs are the fp32 ones). The call
 runs the same kernels as the layers' Python in the same order, so its hidden states are the
 Python path's bit for bit (tests/engine_core/worker/test_fused_step.py); it saves the
 interpreter and dispatch time around them (~30% of a single-stream step on this CPU).
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine_core.models.quant_layers import GEMM_MAX_ROWS, QuantizedLinear
+from engine_core.models.quant_layers import BF16_MIN_ROWS, GEMM_MAX_ROWS, QuantizedLinear
+from kernels_cpu import ops
 
 if TYPE_CHECKING:
     from engine_core.attention.torch_paged import AttentionMetadata
@@ -49,6 +51,10 @@ def build(model: LlamaForCausalLM) -> LlamaLayers | None:
                 down=(mlp.down_proj.qweight.data, mlp.down_proj.wtype),
             )
         )
+    # With bf16 matmuls (QuantizedLinear.matmul_dtype) the call multiplies the same steps in
+    # bf16 with the same kernel; without that kernel it leaves them to the Python path.
+    bf16 = any(lin.matmul_dtype != torch.float32 for lin in _linears(model))
+    bf16_kernel = bf16 and ops.has_bf16_gemm()
     first = model.layers[0].self_attn
     plan = LlamaLayers(
         layers,
@@ -59,9 +65,24 @@ def build(model: LlamaForCausalLM) -> LlamaLayers | None:
         head_dim=first.head_dim,
         intermediate=model.tp.intermediate_size,
         eps=model.norm.eps,
+        bf16_min_rows=BF16_MIN_ROWS if bf16_kernel else 0,
     )
+    plan.max_rows = BF16_MIN_ROWS - 1 if bf16 and not bf16_kernel else GEMM_MAX_ROWS
     logger.info("decoder layers run as one kernels_cpu call on decode steps")
     return plan
+
+
+def _linears(model: LlamaForCausalLM) -> list[QuantizedLinear]:
+    return [
+        lin
+        for layer in model.layers
+        for lin in (
+            layer.self_attn.qkv_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_up_proj,
+            layer.mlp.down_proj,
+        )
+    ]
 
 
 def _why_not(model: LlamaForCausalLM) -> str | None:
@@ -83,17 +104,15 @@ def _why_not(model: LlamaForCausalLM) -> str | None:
         eps |= {layer.input_layernorm.eps, layer.post_attention_layernorm.eps}
     if len(eps) != 1:
         return "the norms' epsilons differ"
-    from kernels_cpu import ops
-
     return None if ops.available() else "kernels_cpu is not built"
 
 
-def applies(meta: AttentionMetadata, h: torch.Tensor) -> bool:
+def applies(meta: AttentionMetadata, h: torch.Tensor, plan: LlamaLayers) -> bool:
     """Whether this step's rows fit the one call (see the module's docstring)."""
     return (
         not meta.prefills
         and h.dtype == torch.float32
-        and 0 < h.shape[0] <= GEMM_MAX_ROWS
+        and 0 < h.shape[0] <= plan.max_rows
         and h.is_contiguous()
     )
 

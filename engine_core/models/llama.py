@@ -256,7 +256,7 @@ class LlamaForCausalLM(nn.Module):
         rope = self.attn_backend.ops.rope_tables(self.rotary, meta.positions, h.dtype)
         if self._fused is None:
             self._fused = fused_step.build(self) or False
-        if self._fused and fused_step.applies(meta, h):
+        if self._fused and fused_step.applies(meta, h, self._fused):
             return fused_step.run(self._fused, h, kv_caches, meta, rope)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):

@@ -1,21 +1,19 @@
 """Weight-only quantized layers: GGUF blocks (Q4_0, Q4_1, Q8_0) kept as they are in memory.
 
-A step of up to GEMM_MAX_ROWS rows (decode, a batch of a few decodes, a verify row) runs
-kernels_cpu's GEMM on the blocks (fp32 activations: the blocks widened in registers for a
-few rows, dequantized a cache-sized tile at a time for more); more rows dequantize the weight
-tile by tile into one shared fp32 scratch buffer and run an fp32 matmul on it: oneDNN's
-(torch.ops.mkldnn), which uses AVX-512 where the CPU has it, else torch's own. Both give the
-fp32 product of the dequantized weights, without a resident fp32 copy (the model stays at the
-file's ~5 bits a weight).
+A step runs kernels_cpu's GEMM on the blocks with fp32 activations: for a few rows (decode,
+a verify row) the blocks are widened in registers; for more, each thread dequantizes a
+cache-sized panel of weight rows once and runs a register-tiled micro-kernel over all the
+step's rows. Both give the fp32 product of the dequantized weights without a resident fp32
+copy (the model stays at the file's ~5 bits a weight). The scalar build (no AVX2) hands
+steps of more than GEMM_MAX_ROWS rows to oneDNN's fp32 matmul over the weight dequantized
+tile by tile into one shared scratch buffer.
 
-Where the rows cross over (tools/bench_quant.py). On an AVX2-only CPU kernels_cpu's kernels
-beat dequantize + oneDNN at every row count, so every step takes them: from 10 rows its
-panel kernel (outer products of 6 rows x 16 columns) runs at 125-157 GF/s on two threads
-against dequantize + oneDNN's 96-144 (3072 x 576, 576 x 1536, 960 x 576 and 576 x 576 at 128
-to 2048 rows). On an AVX-512 CPU oneDNN's matmul is faster past
-~12 rows even with the dequantization of a layer's tile (0.05-0.1 ms for 3072 x 576): 2
-threads, 3072 x 576, kernels_cpu's AVX-512 paths against dequantize + oneDNN, 8 rows 0.17 vs
-0.23 ms, 16 rows 0.40 vs 0.28 ms, 32 rows 0.72 vs 0.42 ms.
+Where the paths cross over (tools/bench_quant.py, 2 threads). On an AVX2-only CPU, from 10
+rows the panel kernel (outer products of 6 rows x 16 columns) runs at 125-157 GF/s against
+dequantize + oneDNN's 96-144 (3072 x 576, 576 x 1536, 960 x 576 and 576 x 576 at 128 to
+2048 rows). On an AVX-512 CPU, from 9 rows its 12 x 32 panel kernel: 3072 x 576 at 16 rows
+0.21 vs 0.28 ms, 32 rows 0.33 vs 0.42, 128 rows 1.06 vs 1.18, 2048 rows 17.3 vs 16.8 (even);
+576 x 1536 at 32 rows 0.16 vs 0.24.
 """
 
 from __future__ import annotations
@@ -32,15 +30,13 @@ from kernels_cpu import ops
 _ONEDNN = onednn_linear_available()
 # Rows up to which the block GEMM beats dequantize + matmul (the module's docstring).
 _CAPABILITY = torch.backends.cpu.get_cpu_capability()
-if _ONEDNN and _CAPABILITY == "AVX512":
-    GEMM_MAX_ROWS = 12
-elif _CAPABILITY == "AVX2":
-    GEMM_MAX_ROWS = 1 << 30
-else:  # kernels_cpu's scalar build
-    GEMM_MAX_ROWS = 256
+GEMM_MAX_ROWS = 1 << 30 if _CAPABILITY in ("AVX2", "AVX512") else 256  # 256: the scalar build
+# With matmul_dtype bfloat16, steps of this many rows or more multiply in bf16 (fewer stay
+# fp32, where the register kernel is as fast: 3072 x 576 at 5 rows 0.11 ms either way).
+BF16_MIN_ROWS = 13
 
 
-def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [m, k] @ w [n, k].T in x's dtype (a new tensor), by oneDNN where it is available."""
     if _ONEDNN:
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
@@ -96,6 +92,7 @@ class QuantizedLinear(nn.Module):
             and x.dtype == torch.float32
             and x.shape[0] <= GEMM_MAX_ROWS
             and x.stride(1) == 1
+            and (x.shape[0] < BF16_MIN_ROWS or self.matmul_dtype == torch.float32)
         ):  # the model's own case, ~40 us of Python shorter than the general one below
             return ops.gemm(x, self.qweight, self.wtype, n, k)
         lead, dtype = x.shape[:-1], x.dtype
@@ -104,26 +101,33 @@ class QuantizedLinear(nn.Module):
             x2 = x2.float()
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
-        if x2.shape[0] <= GEMM_MAX_ROWS:
+        rows = x2.shape[0]
+        if self.matmul_dtype == torch.bfloat16 and rows >= BF16_MIN_ROWS:
+            y = self._bf16_matmul(x2)
+        elif rows <= GEMM_MAX_ROWS:
             y = ops.gemm(x2, self.qweight, self.wtype, n, k)
         else:
             y = self._dequantized_matmul(x2)
         y = y.reshape(*lead, n)
         return y if dtype == torch.float32 else y.to(dtype)
 
-    def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        k, n, dtype = self.in_features, self.out_features, self.matmul_dtype
-        if dtype == torch.bfloat16 and ops.has_bf16_gemm():
-            return ops.gemm_bf16(x, self.qweight, self.wtype, n, k)
-        if dtype != torch.float32:
-            x = x.to(dtype)
+    def _bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if ops.has_bf16_gemm():
+            return ops.gemm_bf16(x, self.qweight, self.wtype, self.out_features, self.in_features)
+        return self._dequantized_matmul(x.to(torch.bfloat16), torch.bfloat16)
+
+    def _dequantized_matmul(
+        self, x: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """x @ W.T (x in dtype), W dequantized to dtype a scratch tile at a time; fp32 out."""
+        k, n = self.in_features, self.out_features
         tile = max(1, min(n, _SCRATCH_ELEMS // k))
         if tile == n:
-            return fp32_linear(x, self._dequantize_rows(0, n, dtype)).float()
+            return onednn_linear(x, self._dequantize_rows(0, n, dtype)).float()
         out = torch.empty(x.shape[0], n, dtype=torch.float32)
         for r0 in range(0, n, tile):
             r1 = min(n, r0 + tile)
-            out[:, r0:r1] = fp32_linear(x, self._dequantize_rows(r0, r1, dtype))
+            out[:, r0:r1] = onednn_linear(x, self._dequantize_rows(r0, r1, dtype))
         return out
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import numpy as np
 import torch
@@ -114,6 +115,7 @@ class ModelRunner:
         # read it 1 + k times (slower on a CPU; see the README's speculative decoding notes).
         self.split_drafted_rows = self.cuda_graphs is not None
         self.kv_cache: torch.Tensor | None = None
+        self.kv_prefault: KVPrefault | None = None  # the host cache's (new_kv_cache)
         self.num_blocks = self._num_blocks_for_memory()
         if self.tp_size > 1:
             # The scheduler hands every rank the same block ids: size for the smallest rank.
@@ -133,10 +135,13 @@ class ModelRunner:
         if self.device.type != "cpu":
             return torch.zeros(shape, dtype=self.compute_dtype, device=self.device)
         # On the host, calloc'd pages: the kernel hands them out zeroed on first touch, so
-        # start-up does not write the whole pool (seconds for a few GiB) before serving.
+        # start-up does not write the whole pool (seconds for a few GiB) before serving; a
+        # background thread then faults them in ahead of the blocks the steps use (KVPrefault).
         nbytes = math.prod(shape) * self.compute_dtype.itemsize
-        pages = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8))
-        return pages.view(self.compute_dtype).view(shape)
+        buffer = np.zeros(nbytes, dtype=np.uint8)
+        ahead = max(256, 4 * -(-self.max_num_batched_tokens // self.block_size))
+        self.kv_prefault = KVPrefault(buffer, 2 * cfg.num_layers, num_blocks, ahead)
+        return torch.from_numpy(buffer).view(self.compute_dtype).view(shape)
 
     def _staging_bytes(self) -> int:
         """Room for a step's packed inputs at the budget (the cuda backend's staging buffer
@@ -302,6 +307,8 @@ class ModelRunner:
         positions = token_positions(query_lens, num_computed)
         input_ids = batch.token_ids[np.repeat(rows, query_lens), positions]
         block_tables = batch.block_table[rows, : int(needed_blocks.max())]
+        if self.kv_prefault is not None:
+            self.kv_prefault.advance(int(block_tables.max()))
         if split:
             # Query j of a drafted row attends as its own row, over the context up to itself.
             per_row = np.where(num_drafts > 0, query_lens, 1)
@@ -353,3 +360,69 @@ def _max_model_len(config: EngineConfig, model_context: int) -> int:
             f"({model_context} positions)."
         )
     return config.max_model_len
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+class KVPrefault:
+    """Faults the host KV cache's pages in on a background thread, ahead of the blocks in use.
+
+    The cache's pages are calloc'd (start-up does not write the pool). Left to the steps, the
+    first touch of each page is a fault inside a step's critical path: on this project's VMs
+    ~13 us a 4 KiB page where the hypervisor has not backed it yet, ~0.3 s of a 2048-token
+    prefill step (tools/bench_throughput.py's batch32 has four). madvise(MADV_POPULATE_WRITE)
+    does that work in the kernel, without the GIL (~10 us a page cold, 0.2 us warm), on a
+    thread that runs while start-up finishes, between requests and beside the steps' Python.
+    The block pool hands out the lowest free ids first, so the thread keeps `ahead` blocks
+    past the highest id a step has used populated in every layer's K and V pool (`advance`):
+    a cache the workload never fills is not faulted in whole. Nothing is written (the pages
+    stay zero). Where the kernel lacks the call, the thread stops at its first chunk.
+    """
+
+    def __init__(self, buffer: np.ndarray, pools: int, num_blocks: int, ahead: int) -> None:
+        import ctypes
+
+        self._buffer, self._pools, self.num_blocks = buffer, pools, num_blocks
+        self.ahead = ahead
+        self._target, self.done = min(num_blocks, ahead), 0
+        self._cv = threading.Condition()
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._madvise = libc.madvise
+        self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._thread = threading.Thread(target=self._run, name="kv-prefault", daemon=True)
+        self._thread.start()
+
+    def advance(self, highest_block: int) -> None:
+        """A step uses blocks up to `highest_block`: keep `ahead` more populated."""
+        target = min(self.num_blocks, highest_block + 1 + self.ahead)
+        if target > self._target:
+            with self._cv:
+                self._target = target
+                self._cv.notify()
+
+    def _run(self) -> None:
+        import ctypes
+        import mmap
+
+        page = mmap.PAGESIZE
+        base, nbytes = self._buffer.ctypes.data, self._buffer.nbytes
+        lo, hi = -(-base // page) * page, (base + nbytes) // page * page
+        pool_bytes = nbytes // self._pools
+        block_bytes = pool_bytes // max(self.num_blocks, 1)
+        step = max(1, (4 << 20) // max(block_bytes, 1))  # blocks a round: ~4 MiB of a pool
+        while self.done < self.num_blocks:
+            with self._cv:
+                while self.done >= self._target:
+                    self._cv.wait()
+                target = self._target
+            for b0 in range(self.done, target, step):
+                b1 = min(target, b0 + step)
+                for p in range(self._pools):
+                    start = base + p * pool_bytes + b0 * block_bytes
+                    end = base + p * pool_bytes + b1 * block_bytes
+                    start, end = max(lo, start // page * page), min(hi, -(-end // page) * page)
+                    if end > start and self._madvise(start, end - start, _MADV_POPULATE_WRITE):
+                        logger.debug("KV cache prefault stopped: errno %d", ctypes.get_errno())
+                        return
+                self.done = b1
