@@ -53,6 +53,12 @@ int rs_paged_decode_attention_tasks(const float* q, const float* k_cache, const 
                                     int64_t width, int64_t heads, int64_t kv_heads,
                                     int64_t head_dim, int64_t block_size, float scale, float* out,
                                     int64_t task_begin, int64_t task_end);
+int rs_paged_decode_attention_tasks_bf16(const float* q, const uint16_t* k_cache,
+                                         const uint16_t* v_cache, const int64_t* block_ids,
+                                         const float* bias, int64_t rows, int64_t width,
+                                         int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                         int64_t block_size, float scale, float* out,
+                                         int64_t task_begin, int64_t task_end);
 }
 
 namespace {
@@ -76,6 +82,7 @@ struct Model {
   // Steps of this many rows or more run the GEMMs in bf16 (QuantizedLinear.matmul_dtype);
   // 0: never.
   int64_t bf16_min_rows;
+  int64_t kv_bf16;  // the KV pools hold bf16 (uint16 bits), not fp32
 };
 
 // Consecutive single-query rows attended together (torch_paged.py's DecodeGroup).
@@ -138,11 +145,11 @@ inline void share(int64_t n, int64_t chunk, int t, int nth, int64_t& begin, int6
 extern "C" {
 
 // h [tokens, hidden]: the step's embeddings in, the final norm's output out (in place).
-// kv: [layers, 2, blocks, block_size, kv_heads, head_dim] fp32; slots [tokens]; cos/sin
+// kv: [layers, 2, blocks, block_size, kv_heads, head_dim] fp32 (bf16 with m->kv_bf16); slots [tokens]; cos/sin
 // [tokens, head_dim / 2]; groups cover every token. 0 on success; -1 a bad shape, 2 a weight
 // type the GEMM does not take (both checked before any work), 1 a kernel that refused its
 // arguments.
-int rs_llama_layers(const Model* m, float* h, int64_t tokens, float* kv, int64_t kv_blocks,
+int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t kv_blocks,
                     const int64_t* slots, const float* cos, const float* sin, const Group* groups,
                     int64_t num_groups, int nthreads) {
   if (tokens < 1 || m->heads % m->kv_heads) return -1;
@@ -199,8 +206,11 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, float* kv, int64_t
     };
     for (int64_t l = 0; l < m->num_layers; ++l) {
       const Layer& L = m->layers[l];
-      float* k_cache = kv + (2 * l) * pool;
+      // The layer's pools, as fp32 or as bf16 bits (m->kv_bf16); offsets are in elements.
+      float* k_cache = (float*)kv + (2 * l) * pool;
       float* v_cache = k_cache + pool;
+      uint16_t* k_cache16 = (uint16_t*)kv + (2 * l) * pool;
+      uint16_t* v_cache16 = k_cache16 + pool;
       first([&] {
         rs_add_rms_norm(h, l ? res : nullptr, L.input_norm, normed, res, tokens, hidden, m->eps, 1);
       });
@@ -209,9 +219,14 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, float* kv, int64_t
         rs_rope(qkv, tokens, m->heads + m->kv_heads, hd, qkv_width, cos, sin, 1);
         for (int64_t i = 0; i < tokens; ++i) {
           const float* row = qkv + i * qkv_width;
-          std::memcpy(k_cache + slots[i] * kv_width, row + q_width, kv_width * sizeof(float));
-          std::memcpy(v_cache + slots[i] * kv_width, row + q_width + kv_width,
-                      kv_width * sizeof(float));
+          if (m->kv_bf16) {  // rounded to nearest even, as torch's index_copy_ into bf16
+            rs::fp32_to_bf16(row + q_width, kv_width, k_cache16 + slots[i] * kv_width);
+            rs::fp32_to_bf16(row + q_width + kv_width, kv_width, v_cache16 + slots[i] * kv_width);
+          } else {
+            std::memcpy(k_cache + slots[i] * kv_width, row + q_width, kv_width * sizeof(float));
+            std::memcpy(v_cache + slots[i] * kv_width, row + q_width + kv_width,
+                        kv_width * sizeof(float));
+          }
           std::memcpy(q + i * q_width, row, q_width * sizeof(float));
         }
       });
@@ -223,10 +238,17 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, float* kv, int64_t
           const Group& G = groups[g];
           const int64_t n = (G.end - G.start) * m->kv_heads;
           const int64_t lo = b > base ? b - base : 0, hi = e - base < n ? e - base : n;
-          if (lo < hi && rs_paged_decode_attention_tasks(
-                             q + G.start * q_width, k_cache, v_cache, G.block_ids, G.bias,
-                             G.end - G.start, G.width, m->heads, m->kv_heads, hd, m->block_size,
-                             m->scale, attn + G.start * q_width, lo, hi)) {
+          const float* qg = q + G.start * q_width;
+          float* og = attn + G.start * q_width;
+          const int64_t rows = G.end - G.start;
+          if (lo < hi &&
+              (m->kv_bf16
+                   ? rs_paged_decode_attention_tasks_bf16(
+                         qg, k_cache16, v_cache16, G.block_ids, G.bias, rows, G.width, m->heads,
+                         m->kv_heads, hd, m->block_size, m->scale, og, lo, hi)
+                   : rs_paged_decode_attention_tasks(
+                         qg, k_cache, v_cache, G.block_ids, G.bias, rows, G.width, m->heads,
+                         m->kv_heads, hd, m->block_size, m->scale, og, lo, hi))) {
             failed.store(1);
           }
           base += n;

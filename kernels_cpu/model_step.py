@@ -48,6 +48,7 @@ class _Model(ctypes.Structure):
         ("layers", ctypes.POINTER(_Layer)),
         ("final_norm", _ptr),
         ("bf16_min_rows", _i64),
+        ("kv_bf16", _i64),
     ]
 
 
@@ -140,11 +141,12 @@ class LlamaLayers:
             table,
             final_norm.data_ptr(),
             bf16_min_rows,
+            0,  # kv_bf16: set per step from the cache's dtype
         )
         self.hidden, self.kv_width = hidden, kv_heads * head_dim
         # Steps of more rows run op by op (engine_core/models/fused_step.py sets it).
         self.max_rows = 1 << 30
-        self.head_dim, self.num_layers = head_dim, len(layers)
+        self.head_dim, self.num_layers, self.heads = head_dim, len(layers), heads
 
     def run(
         self,
@@ -157,14 +159,20 @@ class LlamaLayers:
     ) -> torch.Tensor:
         """The final norm's output for h [T, hidden] (the embeddings; overwritten in place).
 
-        kv_caches [layers, 2, blocks, block_size, kv_heads, head_dim] fp32; slots [T] int64;
+        kv_caches [layers, 2, blocks, block_size, kv_heads, head_dim] fp32 or bf16 (where
+        ops.bf16_attention_supported: written rounded to nearest even); slots [T] int64;
         cos/sin [T, head_dim / 2]; groups (start, end, block_ids, bias) of single-query rows
         covering [0, T), as torch_paged.DecodeGroup holds them.
         """
         tokens = h.shape[0]
         kv = kv_caches
+        bf16_kv = kv.dtype == torch.bfloat16
+        if bf16_kv and not ops.bf16_attention_supported(
+            self.heads, self.kv_width // self.head_dim, self.head_dim
+        ):
+            raise ValueError("this model's shape reads a fp32 KV cache only.")
         if (
-            kv.dtype != torch.float32
+            kv.dtype not in (torch.float32, torch.bfloat16)
             or not kv.is_contiguous()
             or kv.shape[0] != self.num_layers
             or kv.shape[4] * kv.shape[5] != self.kv_width
@@ -178,6 +186,7 @@ class LlamaLayers:
             if not t.is_contiguous() or t.numel() != tokens * self.head_dim // 2:
                 raise ValueError(f"cos/sin must be contiguous [{tokens}, {self.head_dim // 2}].")
         block_size = self._model.block_size = kv.shape[3]
+        self._model.kv_bf16 = int(bf16_kv)
         rows = np.empty((len(groups), _GROUP_FIELDS), dtype=np.int64)
         covered = 0
         for i, (start, end, block_ids, bias) in enumerate(groups):

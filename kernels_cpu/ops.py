@@ -49,6 +49,7 @@ def load_library(path: str) -> ctypes.CDLL:
     lib.rs_paged_decode_attention.argtypes = (
         [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _ptr, ctypes.c_int]
     )
+    lib.rs_paged_decode_attention_bf16.argtypes = lib.rs_paged_decode_attention.argtypes
     return lib
 
 
@@ -208,6 +209,18 @@ def dequantize(
     return out
 
 
+def bf16_attention_supported(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether paged_decode_attention reads bf16 pools for this shape (its vector path)."""
+    return (
+        available()
+        and simd_level() != "scalar"
+        and kv_heads > 0
+        and heads % kv_heads == 0
+        and heads // kv_heads <= 8
+        and head_dim % 8 == 0
+    )
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -219,7 +232,8 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Attention of q [rows, heads, head_dim] (one token a row) over the paged cache in place.
 
-    k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim] fp32; block_ids [rows * width]
+    k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim] fp32, or bf16 where
+    bf16_attention_supported (read widened to fp32); block_ids [rows * width]
     int64 (each row's block table padded to width); bias [rows, width * block_size] additive
     (0 or -inf). Returns [rows, heads, head_dim] fp32 (in `out`, contiguous, if given).
     """
@@ -229,10 +243,13 @@ def paged_decode_attention(
     rows, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     width = block_ids.numel() // max(rows, 1)
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache is {k_cache.dtype} but v_cache {v_cache.dtype}.")
+    kv_dtype = k_cache.dtype if k_cache.dtype == torch.bfloat16 else torch.float32
     for name, t, dtype in (
         ("q", q, torch.float32),
-        ("k_cache", k_cache, torch.float32),
-        ("v_cache", v_cache, torch.float32),
+        ("k_cache", k_cache, kv_dtype),
+        ("v_cache", v_cache, kv_dtype),
         ("block_ids", block_ids, torch.int64),
         ("bias", bias, torch.float32),
     ):
@@ -244,7 +261,12 @@ def paged_decode_attention(
         out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
     elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be contiguous float32 {tuple(q.shape)}.")
-    rc = lib.rs_paged_decode_attention(
+    fn = (
+        lib.rs_paged_decode_attention_bf16
+        if kv_dtype == torch.bfloat16
+        else (lib.rs_paged_decode_attention)
+    )
+    rc = fn(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
@@ -260,6 +282,11 @@ def paged_decode_attention(
         out.data_ptr(),
         torch.get_num_threads(),
     )
+    if rc == 2:
+        raise ValueError(
+            f"a bf16 cache takes head_dim % 8 == 0 and at most 8 query heads a KV head on a "
+            f"vector build, got {heads} heads over {kv_heads}, head_dim {head_dim}."
+        )
     if rc:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads.")
     return out

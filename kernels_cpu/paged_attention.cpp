@@ -1,6 +1,8 @@
 // Decode attention over the paged KV cache, read in place (no gather into a contiguous copy).
 //
-// One query token a row; K/V pools [num_blocks, block_size, kv_heads, head_dim] fp32; a row's
+// One query token a row; K/V pools [num_blocks, block_size, kv_heads, head_dim], fp32 or bf16
+// (a bf16 pool's values widened to fp32 as they are read: half the bytes, the same math on
+// the rounded values; the vector path only); a row's
 // token t lives at block_table[row][t / block_size], slot t % block_size. The mask is the
 // caller's additive bias [rows, width * block_size] (0 or -inf), the same one torch's masked
 // SDPA takes, so both paths attend to exactly the same keys. Threads split the (row, KV head)
@@ -110,6 +112,14 @@ inline __m256 reduce8(const __m256* a) {
                        _mm256_permute2f128_ps(h01, h23, 0x31));
 }
 
+// Eight cache values as fp32: a float pool's as they are, a bf16 pool's (uint16 bits)
+// widened exactly (bf16 is fp32's upper half).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
 // One (row, KV head) task for G query heads of head_dim % 8 == 0, over the row's first n keys
 // (those past its last unmasked one are left out); off[t]: where key t's part of this head
 // starts in either pool (floats), worked out once a task by the caller instead of a division
@@ -117,22 +127,22 @@ inline __m256 reduce8(const __m256* a) {
 // eight keys at a time for one query head (eight independent FMA chains, their sums reduced
 // together); values: every query head of the group on each value row, CW vectors of head_dim
 // at a time (G * CW accumulators).
-template <int G>
-void attend_group(const float* qh, const float* k_cache, const float* v_cache, const int64_t* off,
+template <int G, class T>
+void attend_group(const float* qh, const T* k_cache, const T* v_cache, const int64_t* off,
                   const float* brow, int64_t n, int64_t head_dim, float scale, float* s,
                   int64_t ctx, float* o) {
   constexpr int CW = G <= 3 ? 4 : (G <= 5 ? 2 : 1);  // G * CW + G + 1 <= 16 registers
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int64_t t0 = 0; t0 < n; t0 += 8) {
     const int valid = (int)(n - t0 < 8 ? n - t0 : 8);
-    const float* kp[8];
+    const T* kp[8];
     for (int i = 0; i < 8; ++i) kp[i] = k_cache + off[t0 + (i < valid ? i : valid - 1)];
     // The keys two rounds ahead: blocks sit anywhere in the pool, and a head's part of a
     // token's K row is a 256-byte stretch of every slot_stride, which the hardware
     // prefetchers follow poorly.
     for (int64_t i = t0 + 16; i < t0 + 24 && i < n; ++i) {
       const char* p = (const char*)(k_cache + off[i]);
-      for (int64_t b = 0; b < head_dim * 4; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+      for (int64_t b = 0; b < head_dim * (int64_t)sizeof(T); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
     }
     for (int j = 0; j < G; ++j) {
       const float* qj = qh + j * head_dim;
@@ -140,7 +150,7 @@ void attend_group(const float* qh, const float* k_cache, const float* v_cache, c
       for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t d = 0; d < head_dim; d += 8) {
         const __m256 qd = _mm256_loadu_ps(qj + d);
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kp[i] + d), acc[i]);
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qd, load8(kp[i] + d), acc[i]);
       }
       float* sj = s + j * ctx + t0;
       if (valid == 8) {
@@ -174,15 +184,15 @@ void attend_group(const float* qh, const float* k_cache, const float* v_cache, c
     for (int j = 0; j < G; ++j)
       for (int c = 0; c < W; ++c) acc[j][c] = _mm256_setzero_ps();
     for (int64_t t = 0; t < n; ++t) {
-      const float* vt = v_cache + off[t] + d0;
+      const T* vt = v_cache + off[t] + d0;
       if (t + 8 < n) {
         const char* p = (const char*)(v_cache + off[t + 8] + d0);
-        for (int64_t b = 0; b < W * 32; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+        for (int64_t b = 0; b < W * 8 * (int64_t)sizeof(T); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
       }
       __m256 p[G];
       for (int j = 0; j < G; ++j) p[j] = _mm256_broadcast_ss(s + j * ctx + t);
       for (int c = 0; c < W; ++c) {
-        const __m256 vv = _mm256_loadu_ps(vt + 8 * c);
+        const __m256 vv = load8(vt + 8 * c);
         for (int j = 0; j < G; ++j) acc[j][c] = _mm256_fmadd_ps(p[j], vv, acc[j][c]);
       }
     }
@@ -196,27 +206,41 @@ void attend_group(const float* qh, const float* k_cache, const float* v_cache, c
   for (; d0 < head_dim; d0 += 8) values(std::integral_constant<int, 1>{}, d0);
 }
 
-using GroupFn = void (*)(const float*, const float*, const float*, const int64_t*, const float*,
-                         int64_t, int64_t, float, float*, int64_t, float*);
+template <class T>
+using GroupFn = void (*)(const float*, const T*, const T*, const int64_t*, const float*, int64_t,
+                         int64_t, float, float*, int64_t, float*);
 
-GroupFn group_fn(int64_t group, int64_t head_dim) {
+template <class T>
+GroupFn<T> group_fn(int64_t group, int64_t head_dim) {
   if (head_dim % 8 != 0) return nullptr;
   switch (group) {
-    case 1: return attend_group<1>;
-    case 2: return attend_group<2>;
-    case 3: return attend_group<3>;
-    case 4: return attend_group<4>;
-    case 5: return attend_group<5>;
-    case 6: return attend_group<6>;
-    case 7: return attend_group<7>;
-    case 8: return attend_group<8>;
+    case 1: return attend_group<1, T>;
+    case 2: return attend_group<2, T>;
+    case 3: return attend_group<3, T>;
+    case 4: return attend_group<4, T>;
+    case 5: return attend_group<5, T>;
+    case 6: return attend_group<6, T>;
+    case 7: return attend_group<7, T>;
+    case 8: return attend_group<8, T>;
     default: return nullptr;
   }
 }
 #endif
 
+// Whether a bf16 pool's shape has the vector path (the only one that reads bf16).
+inline bool bf16_supported(int64_t heads, int64_t kv_heads, int64_t head_dim) {
+#if defined(__AVX2__)
+  return kv_heads > 0 && heads % kv_heads == 0 && head_dim % 8 == 0 && heads / kv_heads <= 8;
+#else
+  (void)heads, (void)kv_heads, (void)head_dim;
+  return false;
+#endif
+}
+
+template <class T>
 struct AttnArgs {
-  const float *q, *k_cache, *v_cache;
+  const float* q;
+  const T *k_cache, *v_cache;
   const int64_t* block_ids;
   const float* bias;
   int64_t rows, width, heads, kv_heads, head_dim, block_size;
@@ -224,21 +248,22 @@ struct AttnArgs {
   float* out;
 };
 
+void generic_task(const AttnArgs<float>& a, int64_t r, int64_t g, float* s);
+
 // Task r * kv_heads + g: row r's query heads of KV head g. s: group * width * block_size floats.
-void attend_task(const AttnArgs& a, int64_t task, float* s) {
-  const int64_t heads = a.heads, kv_heads = a.kv_heads, head_dim = a.head_dim;
+template <class T>
+void attend_task(const AttnArgs<T>& a, int64_t task, float* s) {
+  const int64_t kv_heads = a.kv_heads;
+  const int64_t r = task / kv_heads, g = task % kv_heads;
+#if defined(__AVX2__)
+  const int64_t heads = a.heads, head_dim = a.head_dim;
   const int64_t width = a.width, block_size = a.block_size;
   const int64_t group = heads / kv_heads, ctx = width * block_size;
-  const int64_t slot_stride = kv_heads * head_dim;  // floats from one token's K row to the next
-  const float *k_cache = a.k_cache, *v_cache = a.v_cache;
-  const float scale = a.scale;
-  const int64_t r = task / kv_heads, g = task % kv_heads;
+  const int64_t slot_stride = kv_heads * head_dim;  // values from one token's K row to the next
   const float* brow = a.bias + r * ctx;
   const int64_t* bt = a.block_ids + r * width;
   const float* qh = a.q + (r * heads + g * group) * head_dim;
-  float* out = a.out;
-#if defined(__AVX2__)
-  if (const GroupFn fast = group_fn(group, head_dim)) {
+  if (const GroupFn<T> fast = group_fn<T>(group, head_dim)) {
     int64_t n = ctx;  // keys up to the row's last unmasked one
     while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
     static thread_local std::vector<int64_t> offsets;
@@ -248,11 +273,26 @@ void attend_task(const AttnArgs& a, int64_t task, float* s) {
       const int64_t base = bt[b] * block_size * slot_stride + g * head_dim;
       for (int64_t i = 0; i < block_size && t < n; ++i, ++t) off[t] = base + i * slot_stride;
     }
-    fast(qh, k_cache, v_cache, off, brow, n, head_dim, scale, s, ctx,
-         out + (r * heads + g * group) * head_dim);
+    fast(qh, a.k_cache, a.v_cache, off, brow, n, head_dim, a.scale, s, ctx,
+         a.out + (r * heads + g * group) * head_dim);
     return;
   }
 #endif
+  if constexpr (std::is_same_v<T, float>) generic_task(a, r, g, s);
+}
+
+// The plain loops of a fp32 pool's task (a shape or build without the vector path).
+void generic_task(const AttnArgs<float>& a, int64_t r, int64_t g, float* s) {
+  const int64_t heads = a.heads, kv_heads = a.kv_heads, head_dim = a.head_dim;
+  const int64_t width = a.width, block_size = a.block_size;
+  const int64_t group = heads / kv_heads, ctx = width * block_size;
+  const int64_t slot_stride = kv_heads * head_dim;
+  const float *k_cache = a.k_cache, *v_cache = a.v_cache;
+  const float scale = a.scale;
+  const float* brow = a.bias + r * ctx;
+  const int64_t* bt = a.block_ids + r * width;
+  const float* qh = a.q + (r * heads + g * group) * head_dim;
+  float* out = a.out;
   // Scores: each key once, for every query head of the group.
   for (int64_t b = 0; b < width; ++b) {
     const float* kb = k_cache + (bt[b] * block_size * kv_heads + g) * head_dim;
@@ -278,17 +318,15 @@ void attend_task(const AttnArgs& a, int64_t task, float* s) {
   }
 }
 
-}  // namespace
-
-extern "C" {
-
-int rs_paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
-                              const int64_t* block_ids, const float* bias, int64_t rows,
-                              int64_t width, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                              int64_t block_size, float scale, float* out, int nthreads) {
+template <class T>
+int paged_decode_attention(const float* q, const T* k_cache, const T* v_cache,
+                           const int64_t* block_ids, const float* bias, int64_t rows,
+                           int64_t width, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                           int64_t block_size, float scale, float* out, int nthreads) {
   if (kv_heads < 1 || heads % kv_heads != 0 || nthreads < 1) return 1;
-  const AttnArgs a{q, k_cache, v_cache, block_ids, bias, rows, width, heads, kv_heads, head_dim,
-                   block_size, scale, out};
+  if (!std::is_same_v<T, float> && !bf16_supported(heads, kv_heads, head_dim)) return 2;
+  const AttnArgs<T> a{q,    k_cache,  v_cache,  block_ids,  bias,  rows, width,
+                      heads, kv_heads, head_dim, block_size, scale, out};
   const int64_t ctx = width * block_size;
 #pragma omp parallel num_threads(nthreads) if (rows * kv_heads > 1 && rows * ctx >= 512)
   {
@@ -299,6 +337,47 @@ int rs_paged_decode_attention(const float* q, const float* k_cache, const float*
   return 0;
 }
 
+template <class T>
+int paged_decode_attention_tasks(const float* q, const T* k_cache, const T* v_cache,
+                                 const int64_t* block_ids, const float* bias, int64_t rows,
+                                 int64_t width, int64_t heads, int64_t kv_heads,
+                                 int64_t head_dim, int64_t block_size, float scale, float* out,
+                                 int64_t task_begin, int64_t task_end) {
+  if (kv_heads < 1 || heads % kv_heads != 0) return 1;
+  if (!std::is_same_v<T, float> && !bf16_supported(heads, kv_heads, head_dim)) return 2;
+  const AttnArgs<T> a{q,    k_cache,  v_cache,  block_ids,  bias,  rows, width,
+                      heads, kv_heads, head_dim, block_size, scale, out};
+  static thread_local std::vector<float> scores;
+  const int64_t need = heads / kv_heads * width * block_size;
+  if ((int64_t)scores.size() < need) scores.resize(need);
+  for (int64_t task = task_begin; task < task_end; ++task) attend_task(a, task, scores.data());
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// 0 on success; 1: heads not a multiple of kv_heads; 2: a bf16 pool of a shape only the
+// fp32 loops take (head_dim % 8, more than 8 query heads a KV head, or no AVX2).
+int rs_paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
+                              const int64_t* block_ids, const float* bias, int64_t rows,
+                              int64_t width, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                              int64_t block_size, float scale, float* out, int nthreads) {
+  return paged_decode_attention(q, k_cache, v_cache, block_ids, bias, rows, width, heads,
+                                kv_heads, head_dim, block_size, scale, out, nthreads);
+}
+
+// The same over bf16 pools (uint16 bits): keys and values widened to fp32 as they are read.
+int rs_paged_decode_attention_bf16(const float* q, const uint16_t* k_cache,
+                                   const uint16_t* v_cache, const int64_t* block_ids,
+                                   const float* bias, int64_t rows, int64_t width, int64_t heads,
+                                   int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                                   float scale, float* out, int nthreads) {
+  return paged_decode_attention(q, k_cache, v_cache, block_ids, bias, rows, width, heads,
+                                kv_heads, head_dim, block_size, scale, out, nthreads);
+}
+
 // Tasks [task_begin, task_end) of the same attention (task r * kv_heads + g: row r's query
 // heads of KV head g) on the calling thread, for a caller that splits the tasks over the
 // threads of its own parallel region (model_step.cpp).
@@ -307,14 +386,20 @@ int rs_paged_decode_attention_tasks(const float* q, const float* k_cache, const 
                                     int64_t width, int64_t heads, int64_t kv_heads,
                                     int64_t head_dim, int64_t block_size, float scale, float* out,
                                     int64_t task_begin, int64_t task_end) {
-  if (kv_heads < 1 || heads % kv_heads != 0) return 1;
-  const AttnArgs a{q, k_cache, v_cache, block_ids, bias, rows, width, heads, kv_heads, head_dim,
-                   block_size, scale, out};
-  static thread_local std::vector<float> scores;
-  const int64_t need = heads / kv_heads * width * block_size;
-  if ((int64_t)scores.size() < need) scores.resize(need);
-  for (int64_t task = task_begin; task < task_end; ++task) attend_task(a, task, scores.data());
-  return 0;
+  return paged_decode_attention_tasks(q, k_cache, v_cache, block_ids, bias, rows, width, heads,
+                                      kv_heads, head_dim, block_size, scale, out, task_begin,
+                                      task_end);
+}
+
+int rs_paged_decode_attention_tasks_bf16(const float* q, const uint16_t* k_cache,
+                                         const uint16_t* v_cache, const int64_t* block_ids,
+                                         const float* bias, int64_t rows, int64_t width,
+                                         int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                         int64_t block_size, float scale, float* out,
+                                         int64_t task_begin, int64_t task_end) {
+  return paged_decode_attention_tasks(q, k_cache, v_cache, block_ids, bias, rows, width, heads,
+                                      kv_heads, head_dim, block_size, scale, out, task_begin,
+                                      task_end);
 }
 
 }  // extern "C"

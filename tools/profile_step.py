@@ -82,7 +82,8 @@ def main() -> None:
     model, cfg = loaded.model, loaded.config
     qlen = args.query_len
     n_blocks = -(-(args.context + args.steps * qlen + 2) // BLOCK)
-    kv = torch.zeros(cfg.num_layers, 2, n_blocks * args.rows, BLOCK, cfg.num_kv_heads, cfg.head_dim)
+    kv_shape = (cfg.num_layers, 2, n_blocks * args.rows, BLOCK, cfg.num_kv_heads, cfg.head_dim)
+    kv = torch.zeros(kv_shape, dtype=loaded.kv_cache_dtype or loaded.compute_dtype)
     tables = np.arange(n_blocks * args.rows).reshape(args.rows, n_blocks)
     totals: dict[str, float] = collections.defaultdict(float)
     stack: list[float] = []

@@ -8,8 +8,9 @@ one at a time: causal attention over [0, num_computed +
 query_len), the first num_computed tokens (a cached prefix or earlier chunks) read from the
 cache. The layout (row order, slots) is common.py's.
 
-Math runs in the query's dtype; on a CPU that is fp32 (see models/loader.py), and so is the
-CPU cache: a bf16 cache converted back to fp32 per layer, and torch's bf16 SDPA, are slower.
+Math runs in the query's dtype; on a CPU that is fp32 (see models/loader.py). The CPU cache
+is fp32, or bf16 beside a quantized model's bf16 matmuls, which kernels_cpu's decode
+attention reads in place, widened as it goes (prefill rows gather it and widen the copy).
 Gathers use index_select, much faster here than advanced indexing (`cache[block_tables]`).
 docs/architecture.md has the measurements behind these choices.
 """
@@ -306,7 +307,7 @@ def _decode_attention(
     """The group's attention, written into out [rows, heads, head_dim] (contiguous)."""
     rows, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    if q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and cpu_ops.available():
+    if q.device.type == "cpu" and q.dtype == torch.float32 and _kernel_reads(k_cache, q.shape):
         # kernels_cpu reads the blocks in place: no gathered copy of the group's K/V.
         cpu_ops.paged_decode_attention(
             q.contiguous(),
@@ -331,6 +332,16 @@ def _decode_attention(
     out.copy_(o.reshape(rows, num_heads, head_dim))
 
 
+def _kernel_reads(k_cache: torch.Tensor, q_shape: torch.Size) -> bool:
+    """Whether kernels_cpu's decode attention reads this (CPU) cache: fp32, or bf16 where
+    its vector path takes the shape (a bf16 KV cache beside bf16 matmuls, models/loader.py)."""
+    if k_cache.dtype == torch.float32:
+        return cpu_ops.available()
+    return k_cache.dtype == torch.bfloat16 and cpu_ops.bf16_attention_supported(
+        q_shape[1], k_cache.shape[2], q_shape[2]
+    )
+
+
 def _prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -340,9 +351,13 @@ def _prefill_attention(
     row: PrefillRow,
 ) -> torch.Tensor:
     num_heads, kv_heads = q.shape[1], k.shape[1]
-    if row.num_computed == 0 and k_cache.dtype == q.dtype:
-        # Nothing cached before this chunk: its own K/V are exactly what the cache now holds.
+    if row.num_computed == 0:
+        # Nothing cached before this chunk: its own K/V, as the cache now holds them (a bf16
+        # cache beside fp32 activations: rounded the same way, so later chunks and decode
+        # steps, which read the cache, see the same keys).
         keys, values, causal = k, v, True
+        if k_cache.dtype != q.dtype:
+            keys, values = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype)
     else:
         context = row.num_computed + row.query_len
         keys = _gather(k_cache, row.block_ids, q.dtype)[:context]

@@ -5,14 +5,18 @@ depends on the hardware. A CPU without AVX512-BF16 or AMX has no native bf16 mat
 torch (several times slower than fp32: docs/architecture.md has the figures). So with
 dtype="bfloat16" (or "float16") on such a CPU the weights are rounded to that dtype at load —
 the model computes with bf16 weights — but kept and multiplied in fp32, activations and KV
-cache included: a step then costs what fp32 does. A CPU with avx512_bf16 or AMX, and CUDA,
-store and compute in the dtype itself when dtype="bfloat16" is asked for.
+cache included: a step then costs what fp32 does. CUDA, and a plain checkpoint on a CPU with
+avx512_bf16 or AMX, store and compute in the dtype itself when dtype="bfloat16" is asked for.
+A quantized model on such a CPU (the GGUF's blocks, AWQ/GPTQ, --quantization int8/int4)
+keeps fp32 activations, which kernels_cpu's kernels take, and bf16 becomes its quantized
+layers' matmul dtype: steps of BF16_MIN_ROWS rows or more (batched decodes, prefill chunks)
+multiply bf16-rounded activations and weights with fp32 sums at twice the fp32 rate
+(QuantizedLinear.matmul_dtype), and its KV cache stores bf16, which the paged attention
+reads widened to fp32 (LoadedModel.matmul_dtype and kv_cache_dtype say which).
 dtype="float32" is plain fp32. dtype="auto" (the default) is the checkpoint's dtype
 (config.json's torch_dtype; bfloat16 for a GGUF, whose quantized blocks stay as they are)
-computed in that dtype on CUDA and in fp32 on every CPU: kernels_cpu's kernels (the decode
-step in one call, the paged attention) are fp32, so on a native-bf16 CPU the fp32 path is
-both faster (batch32: 190 vs 165 new tok/s) and exact, where bf16 activations make near-tied
-logits tie.
+computed in that dtype on CUDA and in fp32 on every CPU: exact (the greedy tokens of the
+dequantized model in fp32), where bf16 rounding makes near-tied logits tie.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from engine_core.models.gguf_quant import load_gguf_quantized, quantize_model_rt
 from engine_core.models.hf_quant import HFQuantWeights, load_hf_quantized, read_quant_config
 from engine_core.models.llama import LlamaForCausalLM, Shard
 from engine_core.models.model_config import ModelConfig
-from engine_core.models.quant_layers import GEMM_MAX_ROWS, QuantizedLinear
+from engine_core.models.quant_layers import BF16_MIN_ROWS, QuantizedLinear
 from kernels_cpu import ops as kernels_cpu_ops
 
 __all__ = [
@@ -65,6 +69,8 @@ class LoadedModel:
     compute_dtype: torch.dtype  # what activations, weights and the KV cache are stored in
     # What the CPU's quantized layers multiply large steps in (QuantizedLinear.matmul_dtype)
     matmul_dtype: torch.dtype | None = None
+    # What the KV cache stores (None: compute_dtype); bf16 beside bf16 matmuls on a CPU
+    kv_cache_dtype: torch.dtype | None = None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -171,16 +177,25 @@ def load_model(
     else:
         model.load_weights(source, weight_dtype)
         model.pack_weights()
+    kv_cache_dtype = compute_dtype
     if matmul_dtype != compute_dtype:
         for module in model.modules():
             if isinstance(module, QuantizedLinear):
                 module.matmul_dtype = matmul_dtype
+        # The cache in bf16 too where the paged attention kernel reads it: half the bytes a
+        # decode step's attention streams, the same fp32 math on the rounded keys and values.
+        heads, kv_heads = model_config.num_heads, model_config.num_kv_heads
+        if kernels_cpu_ops.bf16_attention_supported(heads, kv_heads, model_config.head_dim):
+            kv_cache_dtype = matmul_dtype
         logger.info(
-            "bf16 matmuls for steps of more than %d rows; fp32 activations and KV cache",
-            GEMM_MAX_ROWS,
+            "bf16 matmuls for steps of %d rows or more; fp32 activations; %s KV cache",
+            BF16_MIN_ROWS,
+            "bf16" if kv_cache_dtype == torch.bfloat16 else "fp32",
         )
     model.eval()
-    return LoadedModel(model, model_config, weight_dtype, compute_dtype, matmul_dtype)
+    return LoadedModel(
+        model, model_config, weight_dtype, compute_dtype, matmul_dtype, kv_cache_dtype
+    )
 
 
 def _check_named_quantization(named: str, source: object, model: str | None) -> None:

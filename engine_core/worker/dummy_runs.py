@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def num_blocks_for_memory(runner: ModelRunner) -> int:
     cfg = runner.model_config
-    elem = torch.tensor([], dtype=runner.compute_dtype).element_size()
+    elem = torch.tensor([], dtype=runner.kv_cache_dtype).element_size()
     block_bytes = 2 * cfg.num_layers * runner.block_size * runner.num_kv_heads * cfg.head_dim * elem
     if runner.config.num_gpu_blocks_override is not None:
         return runner.config.num_gpu_blocks_override

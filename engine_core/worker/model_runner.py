@@ -89,6 +89,7 @@ class ModelRunner:
         self.model = loaded.model
         self.model_config = loaded.config
         self.compute_dtype = loaded.compute_dtype
+        self.kv_cache_dtype = loaded.kv_cache_dtype or loaded.compute_dtype
         self.num_kv_heads = self.model.tp.num_kv_heads  # this rank's
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
@@ -133,15 +134,15 @@ class ModelRunner:
         cfg = self.model_config
         shape = (cfg.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         if self.device.type != "cpu":
-            return torch.zeros(shape, dtype=self.compute_dtype, device=self.device)
+            return torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
         # On the host, calloc'd pages: the kernel hands them out zeroed on first touch, so
         # start-up does not write the whole pool (seconds for a few GiB) before serving; a
         # background thread then faults them in ahead of the blocks the steps use (KVPrefault).
-        nbytes = math.prod(shape) * self.compute_dtype.itemsize
+        nbytes = math.prod(shape) * self.kv_cache_dtype.itemsize
         buffer = np.zeros(nbytes, dtype=np.uint8)
         ahead = max(256, 4 * -(-self.max_num_batched_tokens // self.block_size))
         self.kv_prefault = KVPrefault(buffer, 2 * cfg.num_layers, num_blocks, ahead)
-        return torch.from_numpy(buffer).view(self.compute_dtype).view(shape)
+        return torch.from_numpy(buffer).view(self.kv_cache_dtype).view(shape)
 
     def _staging_bytes(self) -> int:
         """Room for a step's packed inputs at the budget (the cuda backend's staging buffer

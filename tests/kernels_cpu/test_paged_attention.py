@@ -58,3 +58,35 @@ def test_decode_attention_refuses_bad_inputs_by_name():
         ops.paged_decode_attention(torch.zeros(2, 3, 8), k, k, ids, bias, 1.0)
     with pytest.raises(ValueError, match="block_ids"):
         ops.paged_decode_attention(torch.zeros(2, 4, 8), k, k, ids.int(), bias, 1.0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (12, 2, 64), (4, 4, 40)])
+def test_decode_attention_over_bf16_pools_is_the_fp32_math_on_the_rounded_values(
+    library, heads, kv_heads, head_dim
+):
+    if not ops.bf16_attention_supported(heads, kv_heads, head_dim):
+        pytest.skip("the scalar build reads fp32 pools only")
+    g = torch.Generator().manual_seed(heads + head_dim)
+    num_blocks, rows, block_size = 30, 4, 16
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    context = np.array([1, 17, 40, 64])
+    width = 4
+    tables = torch.randperm(num_blocks, generator=g)[: rows * width].view(rows, width)
+    pad = torch.arange(width * block_size)[None, :] >= torch.from_numpy(context)[:, None]
+    bias = torch.zeros(rows, width * block_size).masked_fill_(pad, float("-inf"))
+    q = torch.randn(rows, heads, head_dim, generator=g)
+    ids = tables.reshape(-1).contiguous()
+    got = ops.paged_decode_attention(q, k_cache, v_cache, ids, bias, head_dim**-0.5)
+    ref = reference(q, k_cache.float(), v_cache.float(), ids, bias)
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="k_cache is torch.float32 but v_cache torch.bfloat16"):
+        ops.paged_decode_attention(q, k_cache.float(), v_cache, ids, bias, 1.0)
+
+
+def test_decode_attention_refuses_a_bf16_pool_of_a_shape_its_vector_path_lacks(library):
+    k = torch.zeros(4, 16, 2, 20, dtype=torch.bfloat16)  # head_dim 20: the fp32 loops only
+    ids, bias = torch.zeros(2, dtype=torch.int64), torch.zeros(2, 16)
+    assert not ops.bf16_attention_supported(4, 2, 20)
+    with pytest.raises(ValueError, match="bf16 cache takes head_dim % 8 == 0"):
+        ops.paged_decode_attention(torch.zeros(2, 4, 20), k, k, ids, bias, 1.0)

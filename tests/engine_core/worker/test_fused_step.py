@@ -149,3 +149,28 @@ def test_the_one_call_step_does_not_depend_on_the_thread_count():
     (one, kv_one), (many, kv_many) = results
     assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
     assert torch.equal(kv_one, kv_many)
+
+
+@pytest.mark.skipif(not ops.has_bf16_gemm(), reason="this CPU has no AVX512-BF16")
+def test_bf16_matmuls_and_a_bf16_cache_are_bit_identical(monkeypatch):
+    # --dtype bfloat16 on an AVX512-BF16 CPU: bf16 GEMMs from BF16_MIN_ROWS rows, a bf16 cache.
+    from engine_core.models import loader
+
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    loaded = load_model(EngineConfig(dtype="bfloat16"), torch.device("cpu"))
+    assert loaded.kv_cache_dtype == torch.bfloat16
+    model, rng = loaded.model, np.random.default_rng(3)
+    steps = steps_over(rng, model.config.vocab_size)
+    wide = [
+        ([int(rng.integers(0, 1000))], 5 + i, blocks(80 + 2 * i, 6 + i)) for i in range(16)
+    ]  # 16 decode rows: past BF16_MIN_ROWS, the bf16 kernel's rows
+    steps.insert(-1, (wide, True))
+    kv_fused = new_kv_cache(model, 128).bfloat16()
+    kv_ops = kv_fused.clone()
+    for rows, expect_fused in steps:
+        got, ran = hidden(model, kv_fused, rows, fused=True)
+        want, _ = hidden(model, kv_ops, rows, fused=False)
+        assert ran == expect_fused
+        assert torch.equal(got, want)
+        assert torch.equal(kv_fused, kv_ops)
+    assert kv_fused.float().abs().max() > 0
