@@ -8,6 +8,10 @@
 // SDPA takes, so both paths attend to exactly the same keys. Threads split the (row, KV head)
 // pairs; each pair runs over the row's keys up to its last unmasked one, in two passes:
 // scores for the head's query heads, then a softmax-weighted sum of the values.
+// With AVX-512 and head_dim % 16 == 0, up to 6 query heads a KV head (attend_group512):
+// four keys a round, each key's row read once for all the group's heads, and a value row
+// once for the whole head_dim (32 rows x 320 keys, 9 heads over 3, 2 threads, cache-resident:
+// 0.24 -> 0.20 ms fp32, 0.21 -> 0.16 ms bf16 against the 8-lane kernel).
 // With AVX2 and head_dim % 8 == 0 (attend_group): scores eight keys at a time (independent
 // FMA chains, reduced together), every query head of the group on each value row, and the
 // keys and values a few rows ahead prefetched: a pair's part of a token's row is a 256-byte
@@ -206,6 +210,105 @@ void attend_group(const float* qh, const T* k_cache, const T* v_cache, const int
   for (; d0 < head_dim; d0 += 8) values(std::integral_constant<int, 1>{}, d0);
 }
 
+#if defined(__AVX512F__)
+// Sixteen cache values as fp32 (see load8).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// The totals of four 16-lane partial sums, as one 4-lane vector (lane i: a[i]'s total).
+inline __m128 reduce4(const __m512* a) {
+  __m256 h[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512 upper = _mm512_shuffle_f32x4(a[i], a[i], 0x0e);  // lanes 8-15 down
+    h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]), _mm512_castps512_ps256(upper));
+  }
+  const __m256 h01 = _mm256_hadd_ps(h[0], h[1]), h23 = _mm256_hadd_ps(h[2], h[3]);
+  const __m256 all = _mm256_hadd_ps(h01, h23);  // lanes 0-3 and 4-7: halves of the four
+  return _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1));
+}
+
+// attend_group with 16-lane vectors, for head_dim % 16 == 0. Scores: four keys at a time,
+// each key's row loaded (and, from a bf16 pool, widened) once for every query head of the
+// group, G x 4 accumulators reduced four at a time. Values: the group's whole head_dim in
+// registers (G x head_dim / 16 accumulators, up to 24), so each value row is read once.
+template <int G, class T>
+void attend_group512(const float* qh, const T* k_cache, const T* v_cache, const int64_t* off,
+                     const float* brow, int64_t n, int64_t head_dim, float scale, float* s,
+                     int64_t ctx, float* o) {
+  constexpr int KB = 4;  // keys a round: G * 4 accumulators + 4 key vectors + 1 query
+  for (int64_t t0 = 0; t0 < n; t0 += KB) {
+    const int valid = (int)(n - t0 < KB ? n - t0 : KB);
+    const T* kp[KB];
+    for (int i = 0; i < KB; ++i) kp[i] = k_cache + off[t0 + (i < valid ? i : valid - 1)];
+    for (int64_t i = t0 + 12; i < t0 + 12 + KB && i < n; ++i) {  // three rounds ahead
+      const char* p = (const char*)(k_cache + off[i]);
+      for (int64_t b = 0; b < head_dim * (int64_t)sizeof(T); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+    }
+    __m512 acc[G][KB];
+    for (int j = 0; j < G; ++j)
+      for (int i = 0; i < KB; ++i) acc[j][i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; d += 16) {
+      __m512 kv[KB];
+      for (int i = 0; i < KB; ++i) kv[i] = load16(kp[i] + d);
+      for (int j = 0; j < G; ++j) {
+        const __m512 qd = _mm512_loadu_ps(qh + j * head_dim + d);
+        for (int i = 0; i < KB; ++i) acc[j][i] = _mm512_fmadd_ps(qd, kv[i], acc[j][i]);
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      alignas(16) float tot[4];
+      _mm_store_ps(tot, reduce4(acc[j]));
+      float* sj = s + j * ctx + t0;
+      for (int i = 0; i < valid; ++i) sj[i] = tot[i] * scale + brow[t0 + i];
+    }
+  }
+  float inv[G];
+  for (int j = 0; j < G; ++j) {
+    float* sj = s + j * ctx;
+    float mx = -INFINITY;
+    int64_t t = 0;
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    for (; t + 16 <= n; t += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(sj + t));
+    mx = _mm512_reduce_max_ps(vmx);
+    for (; t < n; ++t) mx = sj[t] > mx ? sj[t] : mx;
+    const float sum = exp_and_sum(sj, n, mx);
+    inv[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
+  }
+  auto values = [&](auto cw_tag, int64_t d0) {
+    constexpr int W = decltype(cw_tag)::value;
+    __m512 acc[G][W];
+    for (int j = 0; j < G; ++j)
+      for (int c = 0; c < W; ++c) acc[j][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const T* vt = v_cache + off[t] + d0;
+      if (t + 8 < n) {
+        const char* p = (const char*)(v_cache + off[t + 8] + d0);
+        for (int64_t b = 0; b < W * 16 * (int64_t)sizeof(T); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+      }
+      __m512 vv[W];
+      for (int c = 0; c < W; ++c) vv[c] = load16(vt + 16 * c);
+      for (int j = 0; j < G; ++j) {
+        const __m512 p = _mm512_set1_ps(s[j * ctx + t]);
+        for (int c = 0; c < W; ++c) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      const __m512 vinv = _mm512_set1_ps(inv[j]);
+      for (int c = 0; c < W; ++c)
+        _mm512_storeu_ps(o + j * head_dim + d0 + 16 * c, _mm512_mul_ps(acc[j][c], vinv));
+    }
+  };
+  // G * W accumulators + W value vectors + a broadcast within 32 registers.
+  constexpr int CW = G <= 3 ? 4 : (G <= 5 ? 2 : 1);
+  int64_t d0 = 0;
+  for (; d0 + 16 * CW <= head_dim; d0 += 16 * CW) values(std::integral_constant<int, CW>{}, d0);
+  for (; d0 < head_dim; d0 += 16) values(std::integral_constant<int, 1>{}, d0);
+}
+#endif
+
 template <class T>
 using GroupFn = void (*)(const float*, const T*, const T*, const int64_t*, const float*, int64_t,
                          int64_t, float, float*, int64_t, float*);
@@ -213,6 +316,19 @@ using GroupFn = void (*)(const float*, const T*, const T*, const int64_t*, const
 template <class T>
 GroupFn<T> group_fn(int64_t group, int64_t head_dim) {
   if (head_dim % 8 != 0) return nullptr;
+#if defined(__AVX512F__)
+  if (head_dim % 16 == 0) {
+    switch (group) {
+      case 1: return attend_group512<1, T>;
+      case 2: return attend_group512<2, T>;
+      case 3: return attend_group512<3, T>;
+      case 4: return attend_group512<4, T>;
+      case 5: return attend_group512<5, T>;
+      case 6: return attend_group512<6, T>;
+      default: break;  // 7, 8: the 8-lane kernel's register budget
+    }
+  }
+#endif
   switch (group) {
     case 1: return attend_group<1, T>;
     case 2: return attend_group<2, T>;

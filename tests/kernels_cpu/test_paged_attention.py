@@ -26,11 +26,12 @@ def reference(q, k_cache, v_cache, block_ids, bias):
     return o.reshape(rows, heads, hd)
 
 
-# Group sizes 3, 1, 6 and 8 (the AVX2 kernel's value tiles of 4, 2 and 1 vectors), a head_dim
-# that leaves a part tile (40), and one that is not a multiple of 8 (the scalar path).
+# Group sizes 3, 1, 4, 6 and 8 (the vector kernels' value tiles of 4, 2 and 1 vectors; 8: the
+# 8-lane kernel on an AVX-512 build too), head_dims that leave a part tile (32, 48, 40: the
+# 8-lane kernel), and one that is not a multiple of 8 (the scalar path).
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim",
-    [(9, 3, 64), (4, 4, 32), (12, 2, 64), (8, 1, 64), (4, 4, 40), (8, 2, 20)],
+    [(9, 3, 64), (4, 4, 32), (8, 2, 48), (12, 2, 64), (8, 1, 64), (4, 4, 40), (8, 2, 20)],
 )
 @pytest.mark.parametrize("block_size", [16, 4])
 def test_decode_attention_reads_the_cache_in_place_like_gather_then_sdpa(
@@ -60,7 +61,9 @@ def test_decode_attention_refuses_bad_inputs_by_name():
         ops.paged_decode_attention(torch.zeros(2, 4, 8), k, k, ids.int(), bias, 1.0)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (12, 2, 64), (4, 4, 40)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim", [(9, 3, 64), (12, 2, 64), (8, 1, 64), (4, 4, 40)]
+)
 def test_decode_attention_over_bf16_pools_is_the_fp32_math_on_the_rounded_values(
     library, heads, kv_heads, head_dim
 ):
