@@ -173,17 +173,26 @@ inline __m512 join256(__m256 lo, __m256 hi) {
 // 0-15 in lo, 16-31 in hi.
 template <int WType>
 inline void dequant_block16x2(const uint8_t* w, int64_t b, __m512& lo, __m512& hi) {
-  __m256 q[4];
   float dw, offset;
-  widen_block<WType>(w, b, q, dw, offset);
-  const __m256 vd = _mm256_set1_ps(dw), voff = _mm256_set1_ps(offset);
-  __m256 v[4];
-  for (int i = 0; i < 4; ++i) {
-    v[i] = WType == kQ4_0 ? _mm256_mul_ps(_mm256_sub_ps(q[i], _mm256_set1_ps(8.0f)), vd)
-                          : _mm256_add_ps(_mm256_mul_ps(q[i], vd), voff);
+  const uint8_t* qs = block_fields<WType>(w, b, dw, offset);
+  __m512 q0, q1;  // the quantized values 0-15 and 16-31 as floats
+  if constexpr (WType == kQ8_0) {
+    q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qs)));
+    q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qs + 16))));
+  } else {  // 16 bytes, a lane each: low nibbles values 0-15, high ones 16-31
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
+    q0 = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0f)));
+    q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
   }
-  lo = join256(v[0], v[1]);
-  hi = join256(v[2], v[3]);
+  const __m512 vd = _mm512_set1_ps(dw), voff = _mm512_set1_ps(offset);
+  if constexpr (WType == kQ4_0) {
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    lo = _mm512_mul_ps(_mm512_sub_ps(q0, eight), vd);
+    hi = _mm512_mul_ps(_mm512_sub_ps(q1, eight), vd);
+  } else {  // a product, then a sum, as dequant_row (no fused multiply-add)
+    lo = _mm512_add_ps(_mm512_mul_ps(q0, vd), voff);
+    hi = _mm512_add_ps(_mm512_mul_ps(q1, vd), voff);
+  }
 }
 
 // r[i] lane j -> r[j] lane i, 32-bit lanes.
