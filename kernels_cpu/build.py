@@ -23,6 +23,7 @@ SOURCES = (
     "quant_gemm_f32.cpp",
     "quant_gemm_bf16.cpp",
     "paged_attention.cpp",
+    "prefill_attention.cpp",
     "small_ops.cpp",
     "model_step.cpp",
 )

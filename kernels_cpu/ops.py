@@ -50,6 +50,11 @@ def load_library(path: str) -> ctypes.CDLL:
         [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _ptr, ctypes.c_int]
     )
     lib.rs_paged_decode_attention_bf16.argtypes = lib.rs_paged_decode_attention.argtypes
+    lib.rs_paged_prefill_attention.argtypes = (
+        [_ptr] * 4 + [_i64] * 6 + [ctypes.c_float, _ptr, ctypes.c_int]
+    )
+    lib.rs_paged_prefill_attention_bf16.argtypes = lib.rs_paged_prefill_attention.argtypes
+    lib.rs_has_prefill_attention.restype = ctypes.c_int
     return lib
 
 
@@ -286,6 +291,86 @@ def paged_decode_attention(
         raise ValueError(
             f"a bf16 cache takes head_dim % 8 == 0 and at most 8 query heads a KV head on a "
             f"vector build, got {heads} heads over {kv_heads}, head_dim {head_dim}."
+        )
+    if rc:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads.")
+    return out
+
+
+def prefill_attention_supported(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether paged_prefill_attention takes this shape here (an AVX-512 build)."""
+    lib = _load()
+    return (
+        lib is not None
+        and bool(lib.rs_has_prefill_attention())
+        and kv_heads > 0
+        and heads % kv_heads == 0
+        and heads // kv_heads <= 8
+        and head_dim % 16 == 0
+    )
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    num_computed: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of one row's queries q [query_len, heads, head_dim] (positions
+    num_computed ..) over its keys in the paged cache, read in place (the row's own keys
+    already written): query i sees keys 0 .. num_computed + i.
+
+    k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim] fp32 or bf16; block_ids
+    int64: the row's block table, enough blocks for num_computed + query_len tokens. Needs
+    prefill_attention_supported. Returns [query_len, heads, head_dim] fp32.
+    """
+    lib = _lib_or_raise()
+    query_len, heads, head_dim = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"k_cache and v_cache must both be fp32 or bf16, got {k_cache.dtype}.")
+    for name, t, dtype in (
+        ("q", q, torch.float32),
+        ("k_cache", k_cache, k_cache.dtype),
+        ("v_cache", v_cache, k_cache.dtype),
+        ("block_ids", block_ids, torch.int64),
+    ):
+        if t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous {dtype}, got {t.dtype}.")
+    if block_ids.numel() * block_size < num_computed + query_len:
+        raise ValueError(
+            f"{block_ids.numel()} blocks of {block_size} do not hold "
+            f"{num_computed + query_len} tokens."
+        )
+    if out is None:
+        out = torch.empty(query_len, heads, head_dim, dtype=torch.float32)
+    fn = (
+        lib.rs_paged_prefill_attention_bf16
+        if k_cache.dtype == torch.bfloat16
+        else lib.rs_paged_prefill_attention
+    )
+    rc = fn(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_ids.data_ptr(),
+        num_computed,
+        query_len,
+        heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc == 2:
+        raise ValueError(
+            f"the prefill kernel takes head_dim % 16 == 0 and at most 8 query heads a KV head "
+            f"on an AVX-512 build, got {heads} heads over {kv_heads}, head_dim {head_dim}."
         )
     if rc:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads.")

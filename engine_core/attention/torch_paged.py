@@ -9,8 +9,9 @@ query_len), the first num_computed tokens (a cached prefix or earlier chunks) re
 cache. The layout (row order, slots) is common.py's.
 
 Math runs in the query's dtype; on a CPU that is fp32 (see models/loader.py). The CPU cache
-is fp32, or bf16 beside a quantized model's bf16 matmuls, which kernels_cpu's decode
-attention reads in place, widened as it goes (prefill rows gather it and widen the copy).
+is fp32, or bf16 beside a quantized model's bf16 matmuls. kernels_cpu's kernels read it in
+place, widened as they go: the decode attention, and on AVX-512 CPUs a flash attention for
+prefill rows; elsewhere prefill rows gather it for SDPA.
 Gathers use index_select, much faster here than advanced indexing (`cache[block_tables]`).
 docs/architecture.md has the measurements behind these choices.
 """
@@ -351,6 +352,17 @@ def _prefill_attention(
     row: PrefillRow,
 ) -> torch.Tensor:
     num_heads, kv_heads = q.shape[1], k.shape[1]
+    if (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and k_cache.dtype in (torch.float32, torch.bfloat16)
+        and cpu_ops.prefill_attention_supported(num_heads, kv_heads, q.shape[2])
+    ):
+        # kernels_cpu's flash attention reads the row's keys in the cache, cached prefix and
+        # all, where SDPA needs them gathered (kernels_cpu/prefill_attention.cpp).
+        return cpu_ops.paged_prefill_attention(
+            q.contiguous(), k_cache, v_cache, row.block_ids, row.num_computed, q.shape[2] ** -0.5
+        )
     if row.num_computed == 0:
         # Nothing cached before this chunk: its own K/V, as the cache now holds them (a bf16
         # cache beside fp32 activations: rounded the same way, so later chunks and decode

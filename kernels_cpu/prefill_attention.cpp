@@ -1,0 +1,308 @@
+// Causal prefill attention over the paged KV cache, read in place: a flash-attention kernel.
+//
+// One row (a sequence's chunk of query_len queries after num_computed cached tokens, its own
+// keys and values already written to the cache): query i, at position num_computed + i,
+// attends to the row's keys 0 .. num_computed + i. K/V pools as the decode kernel's
+// ([num_blocks, block_size, kv_heads, head_dim], fp32 or bf16 widened as read).
+//
+// Work: a task is a block of kQB queries of one KV head: its kQB x G query heads (G per KV
+// head) as the rows of a small GEMM. Keys go 32 at a time: the block's keys gathered from the
+// pool and transposed into a [head_dim][32] tile, scores by outer products (up to 12 rows x
+// 32 keys a pass, 24 accumulators: the quantized GEMM's panel kernel), the causal mask on the
+// diagonal tiles, an online softmax per row (running max and sum, Milakov and Gimelshein
+// 2018; FlashAttention's schedule), and P @ V into fp32 accumulators kept per task. torch's
+// CPU flash attention (SDPA) runs these shapes at ~70-100 GF/s here; this one reads the
+// cache where it is (no gather of the cached prefix) and runs its scores at the GEMM's rate.
+// AVX-512 builds, head_dim % 16 == 0 and at most 8 query heads a KV head; otherwise the
+// entry points return 2 and the caller keeps torch's SDPA.
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <omp.h>
+
+#include "quant_blocks.h"
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kQB = 8;        // queries a task
+constexpr int kKB = 32;       // keys a tile
+constexpr int kMaxG = 8;      // query heads a KV head
+constexpr int kPassRows = 12;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// exp(x) for 16 lanes (simd.h's exp8, 16 wide); -inf gives 0.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// s[r][0..32) = scale * q_r . k_t for MT rows of q (row stride ldq) and the tile kt [hd][32].
+template <int MT>
+void score_pass(const float* q, int64_t ldq, const float* kt, int64_t hd, float scale,
+                float* s) {
+  __m512 a0[MT], a1[MT];
+#pragma GCC unroll 12
+  for (int r = 0; r < MT; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    const __m512 k0 = _mm512_loadu_ps(kt + d * kKB), k1 = _mm512_loadu_ps(kt + d * kKB + 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < MT; ++r) {
+      const __m512 qv = _mm512_set1_ps(q[r * ldq + d]);
+      a0[r] = _mm512_fmadd_ps(qv, k0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(qv, k1, a1[r]);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+#pragma GCC unroll 12
+  for (int r = 0; r < MT; ++r) {
+    _mm512_storeu_ps(s + r * kKB, _mm512_mul_ps(a0[r], vs));
+    _mm512_storeu_ps(s + r * kKB + 16, _mm512_mul_ps(a1[r], vs));
+  }
+}
+
+void scores(int rows, const float* q, int64_t ldq, const float* kt, int64_t hd, float scale,
+            float* s) {
+  const int passes = (rows + kPassRows - 1) / kPassRows;
+  const int base = rows / passes, extra = rows % passes;
+  for (int p = 0, i = 0; p < passes; ++p) {
+    const int n = base + (p < extra ? 1 : 0);
+    const float* qi = q + i * ldq;
+    float* si = s + i * kKB;
+    i += n;
+    switch (n) {
+      case 1: score_pass<1>(qi, ldq, kt, hd, scale, si); break;
+      case 2: score_pass<2>(qi, ldq, kt, hd, scale, si); break;
+      case 3: score_pass<3>(qi, ldq, kt, hd, scale, si); break;
+      case 4: score_pass<4>(qi, ldq, kt, hd, scale, si); break;
+      case 5: score_pass<5>(qi, ldq, kt, hd, scale, si); break;
+      case 6: score_pass<6>(qi, ldq, kt, hd, scale, si); break;
+      case 7: score_pass<7>(qi, ldq, kt, hd, scale, si); break;
+      case 8: score_pass<8>(qi, ldq, kt, hd, scale, si); break;
+      case 9: score_pass<9>(qi, ldq, kt, hd, scale, si); break;
+      case 10: score_pass<10>(qi, ldq, kt, hd, scale, si); break;
+      case 11: score_pass<11>(qi, ldq, kt, hd, scale, si); break;
+      default: score_pass<12>(qi, ldq, kt, hd, scale, si); break;
+    }
+  }
+}
+
+// o[r][d0 .. d0 + 16 W) += sum_t p[r][t] v_t for NR rows from r0 and nk keys of the tile
+// (value rows at vp[t]): NR x W accumulators in registers.
+template <class T, int NR, int W>
+void values_pass(const float* p, const T* const* vp, int nk, int64_t hd, int64_t d0, int r0,
+                 float* o) {
+  __m512 acc[NR][W];
+#pragma GCC unroll 6
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < W; ++c) acc[r][c] = _mm512_loadu_ps(o + (r0 + r) * hd + d0 + 16 * c);
+  for (int t = 0; t < nk; ++t) {
+    __m512 vv[W];
+#pragma GCC unroll 4
+    for (int c = 0; c < W; ++c) vv[c] = load16(vp[t] + d0 + 16 * c);
+#pragma GCC unroll 6
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[(r0 + r) * kKB + t]);
+#pragma GCC unroll 4
+      for (int c = 0; c < W; ++c) acc[r][c] = _mm512_fmadd_ps(pr, vv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < W; ++c) _mm512_storeu_ps(o + (r0 + r) * hd + d0 + 16 * c, acc[r][c]);
+}
+
+template <class T, int W>
+void values_rows(int rows, const float* p, const T* const* vp, int nk, int64_t hd, int64_t d0,
+                 float* o) {
+  constexpr int RB = 6;  // 6 x 4 accumulators + 4 value vectors + a broadcast
+  int r0 = 0;
+  for (; r0 + RB <= rows; r0 += RB) values_pass<T, RB, W>(p, vp, nk, hd, d0, r0, o);
+  for (; r0 < rows; ++r0) values_pass<T, 1, W>(p, vp, nk, hd, d0, r0, o);
+}
+
+// o[r][0..hd) += sum_t p[r][t] v_t for `rows` rows, nk keys of the tile.
+template <class T>
+void accumulate_values(int rows, const float* p, const T* const* vp, int nk, int64_t hd,
+                       float* o) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= hd; d0 += 64) values_rows<T, 4>(rows, p, vp, nk, hd, d0, o);
+  for (; d0 < hd; d0 += 16) values_rows<T, 1>(rows, p, vp, nk, hd, d0, o);
+}
+
+template <class T>
+struct Args {
+  const float* q;  // [query_len, heads, hd]
+  const T *k_cache, *v_cache;
+  const int64_t* block_ids;
+  int64_t num_computed, query_len, heads, kv_heads, hd, block_size;
+  float scale;
+  float* out;  // [query_len, heads, hd]
+};
+
+// Task: queries [q0, q0 + kQB) of KV head g.
+template <class T>
+void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
+  const int64_t hd = a.hd, G = a.heads / a.kv_heads, slot_stride = a.kv_heads * hd;
+  const int nq = (int)(a.query_len - q0 < kQB ? a.query_len - q0 : kQB);
+  const int rows = nq * (int)G;  // row r: query q0 + r / G, head g * G + r % G
+  static thread_local std::vector<float> buf;
+  const int64_t need = rows * hd /*q*/ + hd * kKB /*kt*/ + rows * kKB /*s*/ + rows * hd /*o*/;
+  if ((int64_t)buf.size() < need) buf.resize(need);
+  float* q = buf.data();
+  float* kt = q + rows * hd;
+  float* s = kt + hd * kKB;
+  float* o = s + rows * kKB;
+  for (int r = 0; r < rows; ++r) {
+    const float* src = a.q + ((q0 + r / G) * a.heads + g * G + r % G) * hd;
+    for (int64_t d = 0; d < hd; ++d) q[r * hd + d] = src[d];
+    for (int64_t d = 0; d < hd; ++d) o[r * hd + d] = 0.0f;
+  }
+  float m[kQB * kMaxG], l[kQB * kMaxG];
+  for (int r = 0; r < rows; ++r) m[r] = -INFINITY, l[r] = 0.0f;
+  const int64_t first_pos = a.num_computed + q0, last_pos = first_pos + nq - 1;
+  const T* kp[kKB];
+  const T* vp[kKB];
+  for (int64_t t0 = 0; t0 <= last_pos; t0 += kKB) {
+    const int nk = (int)(last_pos + 1 - t0 < kKB ? last_pos + 1 - t0 : kKB);
+    for (int i = 0; i < kKB; ++i) {
+      const int64_t t = t0 + (i < nk ? i : nk - 1);
+      const int64_t off = a.block_ids[t / a.block_size] * a.block_size * slot_stride +
+                          (t % a.block_size) * slot_stride + g * hd;
+      kp[i] = a.k_cache + off;
+      vp[i] = a.v_cache + off;
+    }
+    // The tile kt [hd][32]: 16 x 16 transposes of the keys' rows (widened to fp32).
+    for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+      for (int half = 0; half < 2; ++half) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(load16(kp[16 * half + i] + d0));
+        rs::transpose16x16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt + (d0 + i) * kKB + 16 * half, r[i]);
+      }
+    }
+    scores(rows, q, hd, kt, hd, a.scale, s);
+    // Causal mask and the online softmax, row by row.
+    const bool diagonal = t0 + kKB - 1 > first_pos;  // some key past some query's position
+    for (int r = 0; r < rows; ++r) {
+      float* sr = s + r * kKB;
+      const int64_t pos = first_pos + r / G;
+      // Keys of the tile this row sees: none for a query before the tile (a diagonal tile).
+      const int64_t seen = pos + 1 - t0;
+      const int visible = (int)(seen < 0 ? 0 : seen < nk ? seen : nk);
+      if (diagonal || nk < kKB) {
+        for (int i = visible; i < kKB; ++i) sr[i] = -INFINITY;
+      }
+      const __m512 s0 = _mm512_loadu_ps(sr), s1 = _mm512_loadu_ps(sr + 16);
+      const float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+      const float m_new = mx > m[r] ? mx : m[r];
+      const float alpha = std::exp(m[r] - m_new);  // 0 on the first tile (m = -inf)
+      const __m512 vm = _mm512_set1_ps(m_new);
+      const __m512 p0 = exp16(_mm512_sub_ps(s0, vm)), p1 = exp16(_mm512_sub_ps(s1, vm));
+      // Masked lanes: exp16 clamps -inf to exp(-87) ~ 1e-38, not 0: zero them.
+      const __mmask16 k0 = (__mmask16)(visible >= 16 ? 0xffff : (1u << visible) - 1);
+      const __mmask16 k1 =
+          (__mmask16)(visible >= 32 ? 0xffff : visible > 16 ? (1u << (visible - 16)) - 1 : 0);
+      const __m512 z0 = _mm512_maskz_mov_ps(k0, p0), z1 = _mm512_maskz_mov_ps(k1, p1);
+      _mm512_storeu_ps(sr, z0);
+      _mm512_storeu_ps(sr + 16, z1);
+      l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+      m[r] = m_new;
+      if (alpha != 1.0f) {
+        const __m512 va = _mm512_set1_ps(alpha);
+        for (int64_t d = 0; d < hd; d += 16)
+          _mm512_storeu_ps(o + r * hd + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + d), va));
+      }
+    }
+    accumulate_values(rows, s, vp, nk, hd, o);
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* dst = a.out + ((q0 + r / G) * a.heads + g * G + r % G) * hd;
+    const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+    for (int64_t d = 0; d < hd; d += 16)
+      _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + d), inv));
+  }
+}
+#endif
+
+template <class T>
+int prefill_attention(const float* q, const T* k_cache, const T* v_cache,
+                      const int64_t* block_ids, int64_t num_computed, int64_t query_len,
+                      int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                      float scale, float* out, int nthreads) {
+  if (kv_heads < 1 || heads % kv_heads != 0 || nthreads < 1 || query_len < 1) return 1;
+#if defined(__AVX512F__)
+  if (head_dim % 16 != 0 || heads / kv_heads > kMaxG) return 2;
+  const Args<T> a{q,        k_cache,  v_cache,  block_ids,  num_computed, query_len, heads,
+                  kv_heads, head_dim, block_size, scale,     out};
+  const int64_t qblocks = (query_len + kQB - 1) / kQB, tasks = qblocks * kv_heads;
+  // Later query blocks see more keys: dynamic scheduling, the longest first.
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic) if (nthreads > 1 && tasks > 1)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t qb = qblocks - 1 - t / kv_heads, g = t % kv_heads;
+    prefill_task(a, qb * kQB, g);
+  }
+  return 0;
+#else
+  (void)q, (void)k_cache, (void)v_cache, (void)block_ids, (void)num_computed, (void)head_dim,
+      (void)block_size, (void)scale, (void)out;
+  return 2;
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// Whether this build has the kernel (AVX-512).
+int rs_has_prefill_attention() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// q, out [query_len, heads, head_dim] fp32; pools as the decode kernel's; block_ids: the row's
+// block table (enough blocks for num_computed + query_len tokens). 0 on success; 1: heads not
+// a multiple of kv_heads (or no queries); 2: a shape or build the kernel does not take.
+int rs_paged_prefill_attention(const float* q, const float* k_cache, const float* v_cache,
+                               const int64_t* block_ids, int64_t num_computed, int64_t query_len,
+                               int64_t heads, int64_t kv_heads, int64_t head_dim,
+                               int64_t block_size, float scale, float* out, int nthreads) {
+  return prefill_attention(q, k_cache, v_cache, block_ids, num_computed, query_len, heads,
+                           kv_heads, head_dim, block_size, scale, out, nthreads);
+}
+
+int rs_paged_prefill_attention_bf16(const float* q, const uint16_t* k_cache,
+                                    const uint16_t* v_cache, const int64_t* block_ids,
+                                    int64_t num_computed, int64_t query_len, int64_t heads,
+                                    int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                                    float scale, float* out, int nthreads) {
+  return prefill_attention(q, k_cache, v_cache, block_ids, num_computed, query_len, heads,
+                           kv_heads, head_dim, block_size, scale, out, nthreads);
+}
+
+}  // extern "C"

@@ -1,0 +1,68 @@
+"""kernels_cpu's causal prefill attention over the paged cache against gather + torch SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels_cpu import ops
+
+pytestmark = pytest.mark.skipif(
+    not ops.prefill_attention_supported(9, 3, 64), reason="the kernel is AVX-512's"
+)
+
+
+def reference(q, k_cache, v_cache, block_ids, num_computed):
+    query_len, heads, hd = q.shape
+    kvh = k_cache.shape[2]
+    n = num_computed + query_len
+    k = k_cache.index_select(0, block_ids).flatten(0, 1)[:n].float()
+    v = v_cache.index_select(0, block_ids).flatten(0, 1)[:n].float()
+    keys = torch.arange(n)
+    mask = keys[None, :] <= (torch.arange(query_len) + num_computed)[:, None]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        enable_gqa=kvh != heads,
+    )
+    return o.squeeze(0).transpose(0, 1)
+
+
+# Group sizes 3, 1, 4, 6, 8; head_dims 64, 32 and 48 (value passes of 4 and 1 vectors);
+# chunks after a cached prefix and from the start; lengths off the 8-query and 32-key tiles.
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 48), (12, 2, 64), (8, 1, 64)]
+)
+@pytest.mark.parametrize("num_computed,query_len", [(0, 1), (0, 7), (0, 100), (45, 33), (5, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_reads_the_cache_in_place_like_gather_then_sdpa(
+    heads, kv_heads, head_dim, num_computed, query_len, dtype
+):
+    g = torch.Generator().manual_seed(heads + head_dim + query_len + num_computed)
+    block_size = 16 if query_len != 33 else 4
+    num_blocks = 64
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    width = -(-(num_computed + query_len) // block_size)
+    block_ids = torch.randperm(num_blocks, generator=g)[:width].contiguous()
+    q = torch.randn(query_len, heads, head_dim, generator=g)
+    got = ops.paged_prefill_attention(q, k_cache, v_cache, block_ids, num_computed, head_dim**-0.5)
+    want = reference(q, k_cache, v_cache, block_ids, num_computed)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_prefill_attention_refuses_bad_inputs_by_name():
+    k = torch.zeros(4, 16, 2, 64)
+    ids = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="multiple of 2 KV heads"):
+        ops.paged_prefill_attention(torch.zeros(3, 3, 64), k, k, ids, 0, 1.0)
+    with pytest.raises(ValueError, match="do not hold 40 tokens"):
+        ops.paged_prefill_attention(torch.zeros(8, 4, 64), k, k, ids, 32, 1.0)
+    with pytest.raises(ValueError, match="head_dim % 16 == 0"):
+        k20 = torch.zeros(4, 16, 2, 20)
+        ops.paged_prefill_attention(torch.zeros(3, 4, 20), k20, k20, ids, 0, 1.0)
+    with pytest.raises(ValueError, match="both be fp32 or bf16"):
+        ops.paged_prefill_attention(torch.zeros(3, 4, 64), k, k.bfloat16(), ids, 0, 1.0)
