@@ -36,10 +36,12 @@ def wait_for(prefault: KVPrefault, blocks: int) -> None:
 
 
 def test_prefault_keeps_the_blocks_ahead_of_use_resident_and_leaves_the_rest():
-    # Blocks of 2 MiB: numpy asks for transparent huge pages on large buffers, so residency
-    # comes in 2 MiB steps; one block of slack at each boundary for their alignment.
+    # A fresh anonymous mapping: untouched pages (np.zeros in a long process may get memory
+    # calloc reuses, already resident). Blocks of 2 MiB: with transparent huge pages,
+    # residency comes in 2 MiB steps; one block of slack at each boundary for alignment.
     pools, num_blocks, block_bytes = 2, 24, 2 << 20
-    buffer = np.zeros(pools * num_blocks * block_bytes, dtype=np.uint8)
+    mapping = mmap.mmap(-1, pools * num_blocks * block_bytes)
+    buffer = np.frombuffer(mapping, dtype=np.uint8)
     per_block = block_bytes // PAGE
     pool_pages = num_blocks * per_block
 
