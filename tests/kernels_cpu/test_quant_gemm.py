@@ -165,3 +165,23 @@ def test_bf16_gemm_writes_strided_rows_and_keeps_results_across_thread_counts() 
     assert torch.equal(out, single)
     with pytest.raises(ValueError, match="multiple of 32"):
         ops.gemm_bf16(torch.randn(3, 48), w, ops.Q4_1, 100, 48)
+
+
+@pytest.mark.parametrize("wtype", sorted(TYPES))
+def test_the_avx2_build_matches_the_same_references_on_any_avx2_cpu(monkeypatch, wtype):
+    # On an AVX-512 CPU the native build takes the 16-lane paths: the 8-lane ones (the
+    # direct kernel to 6 rows, the dot-product tiles, the 6 x 16 panels from 10) run here.
+    from kernels_cpu.build import library_path
+
+    with open("/proc/cpuinfo") as f:
+        if " avx2" not in f.read():
+            pytest.skip("this CPU has no AVX2")
+    monkeypatch.setattr(ops, "_lib", ops.load_library(library_path(march="haswell")))
+    assert ops.simd_level() == "avx2"
+    n, k = 100, 576
+    w, deq = quantized_weight(wtype, n, k, seed=12)
+    for m in (1, 6, 8, 12, 33):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        ref = x.numpy().astype(np.float64) @ deq.astype(np.float64).T
+        err = np.abs(ops.gemm(x, w, wtype, n, k).numpy() - ref).max() / np.abs(ref).max()
+        assert err < 2e-6, (m, err)
