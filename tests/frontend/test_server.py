@@ -325,15 +325,17 @@ def test_tokenizing_a_huge_prompt_does_not_stall_other_requests(server, http):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         big = pool.submit(post_huge)
         time.sleep(0.3)  # the upload is read, tokenizing has begun
-        latencies = []
+        answered = 0  # /health calls begun and answered while the huge request was in flight
         while not big.done():
-            t0 = time.monotonic()
             assert http.get("/health").status_code == 200
-            latencies.append(time.monotonic() - t0)
+            answered += not big.done()
             time.sleep(0.05)
         r = big.result()
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # over the context
-    assert latencies and max(latencies) < 0.5, latencies
+    # Counted, not timed: were the event loop busy tokenizing, the first /health would be
+    # answered only once the tokenizing ended, with the huge request's reply right behind it.
+    # A slower machine tokenizes longer and answers more of them, never fewer.
+    assert answered >= 5, answered
 
 
 def test_unknown_model_route_and_method(http):
