@@ -83,28 +83,9 @@ void score_pass(const float* q, int64_t ldq, const float* kt, int64_t hd, float 
 
 void scores(int rows, const float* q, int64_t ldq, const float* kt, int64_t hd, float scale,
             float* s) {
-  const int passes = (rows + kPassRows - 1) / kPassRows;
-  const int base = rows / passes, extra = rows % passes;
-  for (int p = 0, i = 0; p < passes; ++p) {
-    const int n = base + (p < extra ? 1 : 0);
-    const float* qi = q + i * ldq;
-    float* si = s + i * kKB;
-    i += n;
-    switch (n) {
-      case 1: score_pass<1>(qi, ldq, kt, hd, scale, si); break;
-      case 2: score_pass<2>(qi, ldq, kt, hd, scale, si); break;
-      case 3: score_pass<3>(qi, ldq, kt, hd, scale, si); break;
-      case 4: score_pass<4>(qi, ldq, kt, hd, scale, si); break;
-      case 5: score_pass<5>(qi, ldq, kt, hd, scale, si); break;
-      case 6: score_pass<6>(qi, ldq, kt, hd, scale, si); break;
-      case 7: score_pass<7>(qi, ldq, kt, hd, scale, si); break;
-      case 8: score_pass<8>(qi, ldq, kt, hd, scale, si); break;
-      case 9: score_pass<9>(qi, ldq, kt, hd, scale, si); break;
-      case 10: score_pass<10>(qi, ldq, kt, hd, scale, si); break;
-      case 11: score_pass<11>(qi, ldq, kt, hd, scale, si); break;
-      default: score_pass<12>(qi, ldq, kt, hd, scale, si); break;
-    }
-  }
+  rs::even_passes<kPassRows>(rows, [&](auto n, int64_t i) {
+    score_pass<decltype(n)::value>(q + i * ldq, ldq, kt, hd, scale, s + i * kKB);
+  });
 }
 
 // o[r][d0 .. d0 + 16 W) += sum_t p[r][t] v_t for NR rows from r0 and nk keys of the tile

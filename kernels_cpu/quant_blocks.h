@@ -222,6 +222,31 @@ inline void transpose16x16(__m512i r[16]) {
 
 #endif
 
+// fn(std::integral_constant<int, r>{}) for a runtime r in [1, Max] (a kernel's row count as
+// a template argument, so its accumulators stay in registers).
+template <int Max, class Fn>
+inline void with_rows(int r, Fn&& fn) {
+  if constexpr (Max > 1) {
+    if (r < Max) return with_rows<Max - 1>(r, fn);
+  }
+  fn(std::integral_constant<int, Max>{});
+}
+
+// Rows [0, m) in passes of at most Max rows, as even as they go (32 rows of at most 12:
+// 11 11 10, not 12 12 8, whose last pass runs at two thirds of the rate):
+// fn(std::integral_constant<int, rows>{}, first row) per pass.
+template <int Max, class Fn>
+inline void even_passes(int64_t m, Fn&& fn) {
+  const int64_t passes = (m + Max - 1) / Max;
+  if (passes == 0) return;
+  const int64_t base = m / passes, extra = m % passes;
+  for (int64_t p = 0, i = 0; p < passes; ++p) {
+    const int rows = (int)(base + (p < extra ? 1 : 0));
+    with_rows<Max>(rows, [&](auto tag) { fn(tag, i); });
+    i += rows;
+  }
+}
+
 // Output rows [begin, end) in chunks of `chunk`, handed to threads as they come free (dynamic: on a
 // shared machine a thread that loses its core for a time slice holds up one chunk, not half
 // the product; a row's result is one thread's work either way, so it does not depend on

@@ -93,28 +93,10 @@ void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64
     pack_panel<WType>(w, k, r0, r1, panel.data());
     const int nv = (int)(r1 - r0);
     // Passes of at most kMaxRows rows, as even as they go (32 rows: 11 11 10).
-    const int64_t passes = (m + kMaxRows - 1) / kMaxRows;
-    const int64_t base = m / passes, extra = m % passes;
-    for (int64_t p = 0, i = 0; p < passes; ++p) {
-      const int64_t rows = base + (p < extra ? 1 : 0);
-      const uint16_t* xi = xb + i * k;
-      float* yi = y + i * ldy + r0;
-      i += rows;
-      switch (rows) {
-        case 1: panel_kernel<1>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        case 2: panel_kernel<2>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        case 3: panel_kernel<3>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        case 4: panel_kernel<4>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        case 5: panel_kernel<5>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        case 6: panel_kernel<6>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        case 7: panel_kernel<7>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        case 8: panel_kernel<8>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        case 9: panel_kernel<9>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        case 10: panel_kernel<10>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        case 11: panel_kernel<11>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-        default: panel_kernel<12>(xi, k, panel.data(), k / 2, yi, ldy, nv); break;
-      }
-    }
+    even_passes<kMaxRows>(m, [&](auto rows, int64_t i) {
+      panel_kernel<decltype(rows)::value>(xb + i * k, k, panel.data(), k / 2, y + i * ldy + r0,
+                                          ldy, nv);
+    });
   });
 }
 

@@ -300,22 +300,9 @@ void gemm_panels(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
     const int nv = (int)(r1 - r0);
     // Passes of at most kPanelRows rows, as even as they go (32 rows: 6 6 5 5 5 5, not five
     // of 6 and a 2-row pass at a third of the FMA rate).
-    const int64_t passes = (m + kPanelRows - 1) / kPanelRows;
-    const int64_t base = m / passes, extra = m % passes;
-    for (int64_t p = 0, i = 0; p < passes; ++p) {
-      const int64_t rows = base + (p < extra ? 1 : 0);
-      const float* xi = x + i * ldx;
-      float* yi = y + i * ldy + r0;
-      i += rows;
-      switch (rows) {
-        case 1: panel_kernel<1>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 2: panel_kernel<2>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 3: panel_kernel<3>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 4: panel_kernel<4>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 5: panel_kernel<5>(xi, ldx, pn, k, yi, ldy, nv); break;
-        default: panel_kernel<6>(xi, ldx, pn, k, yi, ldy, nv); break;
-      }
-    }
+    even_passes<kPanelRows>(m, [&](auto rows, int64_t i) {
+      panel_kernel<decltype(rows)::value>(x + i * ldx, ldx, pn, k, y + i * ldy + r0, ldy, nv);
+    });
   });
 }
 #endif
@@ -389,28 +376,9 @@ void gemm_panels_512(const uint8_t* w, int64_t n, int64_t k, const float* x, int
     float* pn = panel.data();
     pack_panel_f32<WType>(w, k, r0, r1, pn);
     const int nv = (int)(r1 - r0);
-    const int64_t passes = (m + kPanelRows512 - 1) / kPanelRows512;
-    const int64_t base = m / passes, extra = m % passes;
-    for (int64_t p = 0, i = 0; p < passes; ++p) {
-      const int64_t rows = base + (p < extra ? 1 : 0);
-      const float* xi = x + i * ldx;
-      float* yi = y + i * ldy + r0;
-      i += rows;
-      switch (rows) {
-        case 1: panel_kernel_512<1>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 2: panel_kernel_512<2>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 3: panel_kernel_512<3>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 4: panel_kernel_512<4>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 5: panel_kernel_512<5>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 6: panel_kernel_512<6>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 7: panel_kernel_512<7>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 8: panel_kernel_512<8>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 9: panel_kernel_512<9>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 10: panel_kernel_512<10>(xi, ldx, pn, k, yi, ldy, nv); break;
-        case 11: panel_kernel_512<11>(xi, ldx, pn, k, yi, ldy, nv); break;
-        default: panel_kernel_512<12>(xi, ldx, pn, k, yi, ldy, nv); break;
-      }
-    }
+    even_passes<kPanelRows512>(m, [&](auto rows, int64_t i) {
+      panel_kernel_512<decltype(rows)::value>(x + i * ldx, ldx, pn, k, y + i * ldy + r0, ldy, nv);
+    });
   });
 }
 #endif
