@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from engine_core.worker.model_runner import KVPrefault
+from engine_core.worker.host_memory import KVPrefault
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="madvise/mincore are Linux's")
 
