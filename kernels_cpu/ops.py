@@ -38,6 +38,7 @@ def load_library(path: str) -> ctypes.CDLL:
     args = [ctypes.c_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, ctypes.c_int]
     lib.rs_gemm.argtypes = lib.rs_gemm_f32.argtypes = lib.rs_gemm_bf16.argtypes = args
     lib.rs_has_bf16_gemm.restype = ctypes.c_int
+    lib.rs_bf16_amx.argtypes, lib.rs_bf16_amx.restype = [ctypes.c_int], ctypes.c_int
     lib.rs_dequant_rows.argtypes = [ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.rs_dequant_rows_bf16.argtypes = lib.rs_dequant_rows.argtypes
     lib.rs_simd_level.restype = ctypes.c_int
@@ -143,11 +144,22 @@ def has_bf16_gemm() -> bool:
     return lib is not None and bool(lib.rs_has_bf16_gemm())
 
 
+def bf16_amx(enable: bool | None = None) -> bool:
+    """Whether gemm_bf16 runs on AMX tiles (a CPU with AMX-BF16 whose kernel grants the tile
+    state), else on vdpbf16ps. enable switches the AMX path off or back on (for tests and
+    comparisons); the result is the state afterwards."""
+    lib = _load()
+    if lib is None:
+        return False
+    return bool(lib.rs_bf16_amx(-1 if enable is None else int(enable)))
+
+
 def gemm_bf16(
     x: torch.Tensor, w: torch.Tensor, wtype: int, n: int, k: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x [M, k] float32 @ W.T in bf16: x and the dequantized W rounded to bf16 (nearest even),
-    products summed in fp32 (vdpbf16ps); [M, n] float32. Needs has_bf16_gemm()."""
+    products summed in fp32 (AMX tiles where bf16_amx(), else vdpbf16ps); [M, n] float32.
+    Needs has_bf16_gemm()."""
     lib = _lib_or_raise()
     assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1
     m = x.shape[0]

@@ -136,11 +136,24 @@ needs_bf16_gemm = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(params=["amx", "vdpbf16ps"])
+def bf16_kernel(request):
+    """Each bf16 GEMM test on both kernels where this CPU has AMX; on vdpbf16ps only elsewhere."""
+    had_amx = ops.bf16_amx()
+    if request.param == "amx" and not had_amx:
+        pytest.skip("this CPU (or its kernel) gives no AMX tiles: vdpbf16ps is tested")
+    ops.bf16_amx(request.param == "amx")
+    yield request.param
+    ops.bf16_amx(had_amx)
+
+
 @needs_bf16_gemm
 @pytest.mark.parametrize("wtype", sorted(TYPES))
 @pytest.mark.parametrize("n,k", [(64, 32), (100, 576), (576, 1536), (70, 96)])
-@pytest.mark.parametrize("m", [1, 11, 12, 13, 33, 64])
-def test_bf16_gemm_is_the_product_of_the_bf16_rounded_operands(wtype, n, k, m) -> None:
+@pytest.mark.parametrize("m", [1, 11, 12, 13, 17, 33, 64])
+def test_bf16_gemm_is_the_product_of_the_bf16_rounded_operands(
+    bf16_kernel, wtype, n, k, m
+) -> None:
     w, deq = quantized_weight(wtype, n, k, seed=n + k + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     xb = x.bfloat16().double().numpy()
@@ -151,7 +164,9 @@ def test_bf16_gemm_is_the_product_of_the_bf16_rounded_operands(wtype, n, k, m) -
 
 
 @needs_bf16_gemm
-def test_bf16_gemm_writes_strided_rows_and_keeps_results_across_thread_counts() -> None:
+def test_bf16_gemm_writes_strided_rows_and_keeps_results_across_thread_counts(
+    bf16_kernel,
+) -> None:
     w, _ = quantized_weight(ops.Q4_1, 100, 128, seed=2)
     x = torch.randn(40, 256)[:, :128]
     out = torch.zeros(40, 160)[:, :100]
