@@ -151,9 +151,7 @@ def bf16_kernel(request):
 @pytest.mark.parametrize("wtype", sorted(TYPES))
 @pytest.mark.parametrize("n,k", [(64, 32), (100, 576), (576, 1536), (70, 96)])
 @pytest.mark.parametrize("m", [1, 11, 12, 13, 17, 33, 64])
-def test_bf16_gemm_is_the_product_of_the_bf16_rounded_operands(
-    bf16_kernel, wtype, n, k, m
-) -> None:
+def test_bf16_gemm_is_the_product_of_the_bf16_rounded_operands(bf16_kernel, wtype, n, k, m) -> None:
     w, deq = quantized_weight(wtype, n, k, seed=n + k + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     xb = x.bfloat16().double().numpy()
