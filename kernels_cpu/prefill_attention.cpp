@@ -203,9 +203,7 @@ void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
       const __m512 vm = _mm512_set1_ps(m_new);
       const __m512 p0 = exp16(_mm512_sub_ps(s0, vm)), p1 = exp16(_mm512_sub_ps(s1, vm));
       // Masked lanes: exp16 clamps -inf to exp(-87) ~ 1e-38, not 0: zero them.
-      const __mmask16 k0 = (__mmask16)(visible >= 16 ? 0xffff : (1u << visible) - 1);
-      const __mmask16 k1 =
-          (__mmask16)(visible >= 32 ? 0xffff : visible > 16 ? (1u << (visible - 16)) - 1 : 0);
+      const __mmask16 k0 = rs::first_lanes(visible), k1 = rs::first_lanes(visible - 16);
       const __m512 z0 = _mm512_maskz_mov_ps(k0, p0), z1 = _mm512_maskz_mov_ps(k1, p1);
       _mm512_storeu_ps(sr, z0);
       _mm512_storeu_ps(sr + 16, z1);

@@ -195,6 +195,12 @@ inline void dequant_block16x2(const uint8_t* w, int64_t b, __m512& lo, __m512& h
   }
 }
 
+// The first n of 16 lanes (none for n <= 0, all for n >= 16): a masked store's mask for the
+// valid columns of a 16-wide tile.
+inline __mmask16 first_lanes(int64_t n) {
+  return n <= 0 ? (__mmask16)0 : n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+}
+
 // r[i] lane j -> r[j] lane i, 32-bit lanes.
 inline void transpose16x16(__m512i r[16]) {
   __m512i t[16];

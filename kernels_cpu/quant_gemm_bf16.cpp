@@ -78,15 +78,13 @@ void panel_kernel(const uint16_t* xb, int64_t ldxb, const uint32_t* panel, int64
       a1[t] = _mm512_dpbf16_ps(a1[t], xv, w1);
     }
   }
-  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nv) - 1);
-  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xffff : nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1) : 0;
+  const __mmask16 m0 = first_lanes(nv), m1 = first_lanes(nv - 16);
 #pragma GCC unroll 12
   for (int t = 0; t < MT; ++t) {
     _mm512_mask_storeu_ps(y + t * ldy, m0, a0[t]);
     _mm512_mask_storeu_ps(y + t * ldy + 16, m1, a1[t]);
   }
 }
-
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // AMX (Intel Sapphire Rapids and later): the same product on tile multiplies, 2.5-4x the
@@ -154,7 +152,7 @@ inline void store_transposed(const float* c, float* y, int64_t ldy, int64_t m0, 
   __m512i r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + 16 * i);
   transpose16x16(r);
-  const __mmask16 mask = nv >= 16 ? (__mmask16)0xffff : nv <= 0 ? 0 : (__mmask16)((1u << nv) - 1);
+  const __mmask16 mask = first_lanes(nv);
   for (int i = 0; i < 16 && m0 + i < m; ++i) {
     _mm512_mask_storeu_ps(y + (m0 + i) * ldy, mask, _mm512_castsi512_ps(r[i]));
   }

@@ -356,8 +356,7 @@ void panel_kernel_512(const float* x, int64_t ldx, const float* panel, int64_t k
       a1[t] = _mm512_fmadd_ps(xb, w1, a1[t]);
     }
   }
-  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nv) - 1);
-  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xffff : nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1) : 0;
+  const __mmask16 m0 = first_lanes(nv), m1 = first_lanes(nv - 16);
 #pragma GCC unroll 12
   for (int t = 0; t < MT; ++t) {
     _mm512_mask_storeu_ps(y + t * ldy, m0, a0[t]);
