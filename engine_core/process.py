@@ -16,6 +16,8 @@ import traceback
 import msgspec
 import zmq
 
+from ipc import new_context
+
 logger = logging.getLogger("ringserve.process")
 
 
@@ -47,7 +49,7 @@ def start_child_process(log_name: str, death_signal: signal.Signals) -> None:
 
 def connect_handshake(addr: str) -> tuple[zmq.Context, zmq.Socket]:
     """A ZMQ context and a PAIR socket connected to the parent's handshake address."""
-    ctx = zmq.Context()
+    ctx = new_context()
     sock = ctx.socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 1000)  # a last reply still leaves after close()
     sock.connect(addr)

@@ -27,7 +27,7 @@ from engine_core.protocol import (
     EngineReady,
     UtilityRequest,
 )
-from ipc import MessageQueue, MessageQueueHandle, PeerDiedError
+from ipc import MessageQueue, MessageQueueHandle, PeerDiedError, new_context
 
 logger = logging.getLogger("ringserve.frontend")
 
@@ -59,7 +59,7 @@ class EngineCoreClient:
         self.output_queue: MessageQueue | None = None
         self._tmpdir = tempfile.mkdtemp(prefix="ringserve-")
         self.input_queue = MessageQueue(n_reader=1, max_chunk_bytes=1 << 20, max_chunks=16)
-        self._ctx = zmq.Context()
+        self._ctx = new_context()
         sock = self._ctx.socket(zmq.PAIR)
         sock.setsockopt(zmq.LINGER, 0)
         addr = f"ipc://{self._tmpdir}/handshake"

@@ -2,5 +2,6 @@
 
 from ipc.message_queue import MessageQueue, MessageQueueHandle
 from ipc.reader import PeerClosedError, PeerDiedError
+from ipc.zmq_context import new_context
 
-__all__ = ["MessageQueue", "MessageQueueHandle", "PeerClosedError", "PeerDiedError"]
+__all__ = ["MessageQueue", "MessageQueueHandle", "PeerClosedError", "PeerDiedError", "new_context"]

@@ -42,6 +42,7 @@ from ipc.shm_ring import (
     Layout,
 )
 from ipc.writer import RANK_TOPIC, WriterSide
+from ipc.zmq_context import new_context
 
 DEFAULT_SPIN_S = 100e-6
 _CLOSE_LINGER_MS = 2000  # how long close() waits for overflow payloads still in flight
@@ -161,7 +162,7 @@ class MessageQueue(WriterSide, ReaderSide):
         )
         self._writer_poller = select.poll()
         self._writer_poller.register(self._writer_fd, select.POLLIN)
-        self._ctx = zmq.Context(io_threads=1)
+        self._ctx = new_context(io_threads=1)
         self._pub = self._ctx.socket(zmq.XPUB)
         self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every reader's subscription
         self._pub.setsockopt(zmq.SNDHWM, 0)  # never drop: the ring bounds what is in flight
@@ -288,7 +289,7 @@ class MessageQueue(WriterSide, ReaderSide):
         if self._pidfd >= 0:
             self._poller.register(self._pidfd, select.POLLIN)
         self._liveness_s = PIDFD_LIVENESS_INTERVAL_S if self._pidfd >= 0 else LIVENESS_INTERVAL_S
-        self._ctx = zmq.Context(io_threads=1)
+        self._ctx = new_context(io_threads=1)
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.RCVHWM, 0)
         self._sub.setsockopt(zmq.LINGER, 0)

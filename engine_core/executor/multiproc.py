@@ -47,7 +47,7 @@ from engine_core.protocol import (
     WorkerShutdown,
     WorkerWarmup,
 )
-from ipc import MessageQueue, MessageQueueHandle, PeerDiedError
+from ipc import MessageQueue, MessageQueueHandle, PeerDiedError, new_context
 
 logger = logging.getLogger("ringserve.executor")
 
@@ -77,7 +77,7 @@ class MultiprocExecutor:
         self._running = self._closed = False
         self.result_queue: MessageQueue | None = None  # set once rank 0 has replied
         self._tmpdir = tempfile.mkdtemp(prefix="ringserve-tp-")
-        self._ctx = zmq.Context()
+        self._ctx = new_context()
         self._finalizer = weakref.finalize(self, _kill_workers, self.workers, self._tmpdir)
         try:
             self.broadcast = MessageQueue(
