@@ -28,8 +28,11 @@ endif
 	$(PY) -m kernels_cpu.build
 	touch $(STAMP)
 
+# What `make serve` adds before ARGS: tool_choice "auto" (an OpenAI client's default once it
+# sends tools) read with the hermes parser; ARGS can override either flag.
+SERVE_FLAGS ?= --enable-auto-tool-choice --tool-call-parser hermes
 serve: install
-	$(PY) -m frontend $(ARGS)
+	$(PY) -m frontend $(SERVE_FLAGS) $(ARGS)
 
 # N engine replicas on ports ROUTER_PORT+1.. behind the router on ROUTER_PORT (deploy/serve_replicas.sh).
 N ?= 2
