@@ -44,6 +44,7 @@ inline __m512i block_pairs(const uint8_t* w, int64_t b) {
 template <int WType>
 void pack_panel(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, uint32_t* panel) {
   const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
+  prefetch_bytes(w + r0 * row_bytes, (r1 - r0) * row_bytes);
   for (int half = 0; half < 2; ++half) {
     const int64_t first = r0 + 16 * half;
     for (int64_t b = 0; b < nb; ++b) {
