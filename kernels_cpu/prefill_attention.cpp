@@ -146,10 +146,67 @@ struct Args {
   float* out;  // [query_len, heads, hd]
 };
 
-// Task: queries [q0, q0 + kQB) of KV head g.
+// Task: queries [q0, q0 + kQB) of KV head g; its helpers first.
+
+// The keys t0 .. t0 + nk of a tile (padded to kKB with the last one): where each key's
+// and value's part of KV head g starts in the pools.
+template <class T>
+void tile_rows(const Args<T>& a, int64_t g, int64_t t0, int nk, const T** kp, const T** vp) {
+  const int64_t slot_stride = a.kv_heads * a.hd;
+  for (int i = 0; i < kKB; ++i) {
+    const int64_t t = t0 + (i < nk ? i : nk - 1);
+    const int64_t off = a.block_ids[t / a.block_size] * a.block_size * slot_stride +
+                        (t % a.block_size) * slot_stride + g * a.hd;
+    kp[i] = a.k_cache + off;
+    vp[i] = a.v_cache + off;
+  }
+}
+
+// One tile of one row (its scores sr[0..32), its query at position pos): the causal mask and
+// a step of the online softmax. Updates the running max m, rescales the output row o [hd] by
+// the returned alpha (the caller rescales its running sum), and leaves the tile's
+// probabilities, 0 for the keys the row does not see, in z0 and z1.
+inline float online_softmax(float* sr, int64_t pos, int64_t t0, int nk, bool mask, float& m,
+                            float* o, int64_t hd, __m512& z0, __m512& z1) {
+  // Keys of the tile this row sees: none for a query before the tile (a diagonal tile).
+  const int64_t seen = pos + 1 - t0;
+  const int visible = (int)(seen < 0 ? 0 : seen < nk ? seen : nk);
+  if (mask) {
+    for (int i = visible; i < kKB; ++i) sr[i] = -INFINITY;
+  }
+  const __m512 s0 = _mm512_loadu_ps(sr), s1 = _mm512_loadu_ps(sr + 16);
+  const float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+  const float m_new = mx > m ? mx : m;
+  const float alpha = std::exp(m - m_new);  // 0 on the first tile (m = -inf)
+  const __m512 vm = _mm512_set1_ps(m_new);
+  const __m512 p0 = exp16(_mm512_sub_ps(s0, vm)), p1 = exp16(_mm512_sub_ps(s1, vm));
+  // Masked lanes: exp16 clamps -inf to exp(-87) ~ 1e-38, not 0: zero them.
+  const __mmask16 k0 = rs::first_lanes(visible), k1 = rs::first_lanes(visible - 16);
+  z0 = _mm512_maskz_mov_ps(k0, p0), z1 = _mm512_maskz_mov_ps(k1, p1);
+  m = m_new;
+  if (alpha != 1.0f) {
+    const __m512 va = _mm512_set1_ps(alpha);
+    for (int64_t d = 0; d < hd; d += 16)
+      _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), va));
+  }
+  return alpha;
+}
+
+// out's rows of the task: o / l.
+template <class T>
+void store_rows(const Args<T>& a, int64_t q0, int64_t g, int rows, const float* o, const float* l) {
+  const int64_t hd = a.hd, G = a.heads / a.kv_heads;
+  for (int r = 0; r < rows; ++r) {
+    float* dst = a.out + ((q0 + r / G) * a.heads + g * G + r % G) * hd;
+    const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+    for (int64_t d = 0; d < hd; d += 16)
+      _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + d), inv));
+  }
+}
+
 template <class T>
 void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
-  const int64_t hd = a.hd, G = a.heads / a.kv_heads, slot_stride = a.kv_heads * hd;
+  const int64_t hd = a.hd, G = a.heads / a.kv_heads;
   const int nq = (int)(a.query_len - q0 < kQB ? a.query_len - q0 : kQB);
   const int rows = nq * (int)G;  // row r: query q0 + r / G, head g * G + r % G
   static thread_local std::vector<float> buf;
@@ -171,13 +228,7 @@ void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
   const T* vp[kKB];
   for (int64_t t0 = 0; t0 <= last_pos; t0 += kKB) {
     const int nk = (int)(last_pos + 1 - t0 < kKB ? last_pos + 1 - t0 : kKB);
-    for (int i = 0; i < kKB; ++i) {
-      const int64_t t = t0 + (i < nk ? i : nk - 1);
-      const int64_t off = a.block_ids[t / a.block_size] * a.block_size * slot_stride +
-                          (t % a.block_size) * slot_stride + g * hd;
-      kp[i] = a.k_cache + off;
-      vp[i] = a.v_cache + off;
-    }
+    tile_rows(a, g, t0, nk, kp, vp);
     // The tile kt [hd][32]: 16 x 16 transposes of the keys' rows (widened to fp32).
     for (int64_t d0 = 0; d0 < hd; d0 += 16) {
       for (int half = 0; half < 2; ++half) {
@@ -188,44 +239,20 @@ void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
       }
     }
     scores(rows, q, hd, kt, hd, a.scale, s);
-    // Causal mask and the online softmax, row by row.
-    const bool diagonal = t0 + kKB - 1 > first_pos;  // some key past some query's position
+    // Causal mask (where some key is past some query's position, or the tile is short)
+    // and the online softmax, row by row.
+    const bool mask = t0 + kKB - 1 > first_pos || nk < kKB;
     for (int r = 0; r < rows; ++r) {
       float* sr = s + r * kKB;
-      const int64_t pos = first_pos + r / G;
-      // Keys of the tile this row sees: none for a query before the tile (a diagonal tile).
-      const int64_t seen = pos + 1 - t0;
-      const int visible = (int)(seen < 0 ? 0 : seen < nk ? seen : nk);
-      if (diagonal || nk < kKB) {
-        for (int i = visible; i < kKB; ++i) sr[i] = -INFINITY;
-      }
-      const __m512 s0 = _mm512_loadu_ps(sr), s1 = _mm512_loadu_ps(sr + 16);
-      const float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
-      const float m_new = mx > m[r] ? mx : m[r];
-      const float alpha = std::exp(m[r] - m_new);  // 0 on the first tile (m = -inf)
-      const __m512 vm = _mm512_set1_ps(m_new);
-      const __m512 p0 = exp16(_mm512_sub_ps(s0, vm)), p1 = exp16(_mm512_sub_ps(s1, vm));
-      // Masked lanes: exp16 clamps -inf to exp(-87) ~ 1e-38, not 0: zero them.
-      const __mmask16 k0 = rs::first_lanes(visible), k1 = rs::first_lanes(visible - 16);
-      const __m512 z0 = _mm512_maskz_mov_ps(k0, p0), z1 = _mm512_maskz_mov_ps(k1, p1);
+      __m512 z0, z1;
+      const float alpha = online_softmax(sr, first_pos + r / G, t0, nk, mask, m[r], o + r * hd, hd, z0, z1);
       _mm512_storeu_ps(sr, z0);
       _mm512_storeu_ps(sr + 16, z1);
       l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
-      m[r] = m_new;
-      if (alpha != 1.0f) {
-        const __m512 va = _mm512_set1_ps(alpha);
-        for (int64_t d = 0; d < hd; d += 16)
-          _mm512_storeu_ps(o + r * hd + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + d), va));
-      }
     }
     accumulate_values(rows, s, vp, nk, hd, o);
   }
-  for (int r = 0; r < rows; ++r) {
-    float* dst = a.out + ((q0 + r / G) * a.heads + g * G + r % G) * hd;
-    const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-    for (int64_t d = 0; d < hd; d += 16)
-      _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + d), inv));
-  }
+  store_rows(a, q0, g, rows, o, l);
 }
 #if defined(__AVX512BF16__)
 // The task of a bf16 pool on a CPU with AVX512-BF16: the same tiles and online softmax, with
@@ -302,7 +329,7 @@ void values_rows_bf16(int rows, const uint32_t* pp, const uint32_t* vpair, int n
 // Task: queries [q0, q0 + kQB) of KV head g, over a bf16 pool; head_dim % 32 == 0, at most
 // 128 (the value pass holds a row's whole head_dim in registers).
 void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
-  const int64_t hd = a.hd, G = a.heads / a.kv_heads, slot_stride = a.kv_heads * hd;
+  const int64_t hd = a.hd, G = a.heads / a.kv_heads;
   const int64_t pairs = hd / 2, vecs = hd / 32;  // bf16 pairs and 32-bf16 vectors a row
   const int nq = (int)(a.query_len - q0 < kQB ? a.query_len - q0 : kQB);
   const int rows = nq * (int)G;  // row r: query q0 + r / G, head g * G + r % G
@@ -342,13 +369,7 @@ void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
   const uint16_t* vp[kKB];
   for (int64_t t0 = 0; t0 <= last_pos; t0 += kKB) {
     const int nk = (int)(last_pos + 1 - t0 < kKB ? last_pos + 1 - t0 : kKB);
-    for (int i = 0; i < kKB; ++i) {
-      const int64_t t = t0 + (i < nk ? i : nk - 1);
-      const int64_t off = a.block_ids[t / a.block_size] * a.block_size * slot_stride +
-                          (t % a.block_size) * slot_stride + g * hd;
-      kp[i] = a.k_cache + off;
-      vp[i] = a.v_cache + off;
-    }
+    tile_rows(a, g, t0, nk, kp, vp);
     // ktp [pairs][32]: 16 x 16 transposes of 32-bit lanes (a pair of dimensions each).
     for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
       for (int half = 0; half < 2; ++half) {
@@ -361,36 +382,17 @@ void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
     rs::even_passes<kPassRows>(rows, [&](auto n, int64_t i) {
       score_pass_bf16<decltype(n)::value>(qp + i * pairs, pairs, ktp, pairs, a.scale, s + i * kKB);
     });
-    const bool diagonal = t0 + kKB - 1 > first_pos;
+    const bool mask = t0 + kKB - 1 > first_pos || nk < kKB;
     for (int r = 0; r < rows; ++r) {
-      float* sr = s + r * kKB;
-      const int64_t pos = first_pos + r / G;
-      const int64_t seen = pos + 1 - t0;
-      const int visible = (int)(seen < 0 ? 0 : seen < nk ? seen : nk);
-      if (diagonal || nk < kKB) {
-        for (int i = visible; i < kKB; ++i) sr[i] = -INFINITY;
-      }
-      const __m512 s0 = _mm512_loadu_ps(sr), s1 = _mm512_loadu_ps(sr + 16);
-      const float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
-      const float m_new = mx > m[r] ? mx : m[r];
-      const float alpha = std::exp(m[r] - m_new);
-      const __m512 vm = _mm512_set1_ps(m_new);
-      const __m512 p0 = exp16(_mm512_sub_ps(s0, vm)), p1 = exp16(_mm512_sub_ps(s1, vm));
-      const __mmask16 k0 = rs::first_lanes(visible), k1 = rs::first_lanes(visible - 16);
-      const __m512 z0 = _mm512_maskz_mov_ps(k0, p0), z1 = _mm512_maskz_mov_ps(k1, p1);
-      // The sum of the probabilities as they enter P @ V: rounded to bf16.
-      const __m512bh pb = _mm512_cvtne2ps_pbh(z1, z0);
-      _mm512_storeu_si512(pp + r * 16, (__m512i)pb);
-      const __m512i pw = (__m512i)pb;
+      __m512 z0, z1;
+      const float alpha =
+          online_softmax(s + r * kKB, first_pos + r / G, t0, nk, mask, m[r], o + r * hd, hd, z0, z1);
+      // The probabilities as P @ V takes them, rounded to bf16 (pairs of keys), and their sum.
+      const __m512i pw = (__m512i)_mm512_cvtne2ps_pbh(z1, z0);
+      _mm512_storeu_si512(pp + r * 16, pw);
       const __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(pw, 16));
       const __m512 r1 = _mm512_castsi512_ps(_mm512_and_si512(pw, _mm512_set1_epi32((int)0xffff0000u)));
       l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(r0, r1));
-      m[r] = m_new;
-      if (alpha != 1.0f) {
-        const __m512 va = _mm512_set1_ps(alpha);
-        for (int64_t d = 0; d < hd; d += 16)
-          _mm512_storeu_ps(o + r * hd + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + d), va));
-      }
     }
     // vpair: key pairs (2j, 2j + 1) interleaved by dimension; a masked key's probability is
     // 0 and its value row a copy of a valid one (finite), so it adds nothing.
@@ -408,12 +410,7 @@ void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
     else if (hd == 96) values_rows_bf16<6>(rows, pp, vpair, npairs, hd, o);
     else values_rows_bf16<8>(rows, pp, vpair, npairs, hd, o);
   }
-  for (int r = 0; r < rows; ++r) {
-    float* dst = a.out + ((q0 + r / G) * a.heads + g * G + r % G) * hd;
-    const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-    for (int64_t d = 0; d < hd; d += 16)
-      _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + d), inv));
-  }
+  store_rows(a, q0, g, rows, o, l);
 }
 #endif
 
