@@ -27,7 +27,7 @@ SOURCES = (
     "small_ops.cpp",
     "model_step.cpp",
 )
-HEADERS = ("quant_blocks.h", "simd.h")
+HEADERS = ("quant_blocks.h", "panel_kernels.h", "simd.h")
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -25,13 +25,14 @@
 
 #include <omp.h>
 
+#include "panel_kernels.h"
 #include "quant_blocks.h"
 
 namespace {
 
 #if defined(__AVX512F__)
 constexpr int kQB = 8;        // queries a task
-constexpr int kKB = 32;       // keys a tile
+constexpr int kKB = rs::kPanelWidth;  // keys a tile: the score kernel's panel
 constexpr int kMaxG = 8;      // query heads a KV head
 constexpr int kPassRows = 12;
 
@@ -58,37 +59,6 @@ inline __m512 exp16(__m512 x) {
   const __m512i e = _mm512_slli_epi32(
       _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
-// s[r][0..32) = scale * q_r . k_t for MT rows of q (row stride ldq) and the tile kt [hd][32].
-template <int MT>
-void score_pass(const float* q, int64_t ldq, const float* kt, int64_t hd, float scale,
-                float* s) {
-  __m512 a0[MT], a1[MT];
-#pragma GCC unroll 12
-  for (int r = 0; r < MT; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < hd; ++d) {
-    const __m512 k0 = _mm512_loadu_ps(kt + d * kKB), k1 = _mm512_loadu_ps(kt + d * kKB + 16);
-#pragma GCC unroll 12
-    for (int r = 0; r < MT; ++r) {
-      const __m512 qv = _mm512_set1_ps(q[r * ldq + d]);
-      a0[r] = _mm512_fmadd_ps(qv, k0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(qv, k1, a1[r]);
-    }
-  }
-  const __m512 vs = _mm512_set1_ps(scale);
-#pragma GCC unroll 12
-  for (int r = 0; r < MT; ++r) {
-    _mm512_storeu_ps(s + r * kKB, _mm512_mul_ps(a0[r], vs));
-    _mm512_storeu_ps(s + r * kKB + 16, _mm512_mul_ps(a1[r], vs));
-  }
-}
-
-void scores(int rows, const float* q, int64_t ldq, const float* kt, int64_t hd, float scale,
-            float* s) {
-  rs::even_passes<kPassRows>(rows, [&](auto n, int64_t i) {
-    score_pass<decltype(n)::value>(q + i * ldq, ldq, kt, hd, scale, s + i * kKB);
-  });
 }
 
 // o[r][d0 .. d0 + 16 W) += sum_t p[r][t] v_t for NR rows from r0 and nk keys of the tile
@@ -162,19 +132,21 @@ void tile_rows(const Args<T>& a, int64_t g, int64_t t0, int nk, const T** kp, co
   }
 }
 
-// One tile of one row (its scores sr[0..32), its query at position pos): the causal mask and
-// a step of the online softmax. Updates the running max m, rescales the output row o [hd] by
-// the returned alpha (the caller rescales its running sum), and leaves the tile's
-// probabilities, 0 for the keys the row does not see, in z0 and z1.
-inline float online_softmax(float* sr, int64_t pos, int64_t t0, int nk, bool mask, float& m,
-                            float* o, int64_t hd, __m512& z0, __m512& z1) {
+// One tile of one row (its dot products sr[0..32), its query at position pos): the causal
+// mask, the scale and a step of the online softmax. Updates the running max m, rescales the
+// output row o [hd] by the returned alpha (the caller rescales its running sum), and leaves
+// the tile's probabilities, 0 for the keys the row does not see, in z0 and z1.
+inline float online_softmax(float* sr, float scale, int64_t pos, int64_t t0, int nk, bool mask,
+                            float& m, float* o, int64_t hd, __m512& z0, __m512& z1) {
   // Keys of the tile this row sees: none for a query before the tile (a diagonal tile).
   const int64_t seen = pos + 1 - t0;
   const int visible = (int)(seen < 0 ? 0 : seen < nk ? seen : nk);
   if (mask) {
     for (int i = visible; i < kKB; ++i) sr[i] = -INFINITY;
   }
-  const __m512 s0 = _mm512_loadu_ps(sr), s1 = _mm512_loadu_ps(sr + 16);
+  const __m512 vs = _mm512_set1_ps(scale);
+  const __m512 s0 = _mm512_mul_ps(_mm512_loadu_ps(sr), vs);
+  const __m512 s1 = _mm512_mul_ps(_mm512_loadu_ps(sr + 16), vs);
   const float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
   const float m_new = mx > m ? mx : m;
   const float alpha = std::exp(m - m_new);  // 0 on the first tile (m = -inf)
@@ -238,14 +210,16 @@ void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
         for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt + (d0 + i) * kKB + 16 * half, r[i]);
       }
     }
-    scores(rows, q, hd, kt, hd, a.scale, s);
+    rs::even_passes<kPassRows>(rows, [&](auto n, int64_t i) {
+      rs::panel_f32<decltype(n)::value>(q + i * hd, hd, kt, hd, s + i * kKB, kKB, kKB);
+    });
     // Causal mask (where some key is past some query's position, or the tile is short)
     // and the online softmax, row by row.
     const bool mask = t0 + kKB - 1 > first_pos || nk < kKB;
     for (int r = 0; r < rows; ++r) {
       float* sr = s + r * kKB;
       __m512 z0, z1;
-      const float alpha = online_softmax(sr, first_pos + r / G, t0, nk, mask, m[r], o + r * hd, hd, z0, z1);
+      const float alpha = online_softmax(sr, a.scale, first_pos + r / G, t0, nk, mask, m[r], o + r * hd, hd, z0, z1);
       _mm512_storeu_ps(sr, z0);
       _mm512_storeu_ps(sr + 16, z1);
       l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
@@ -261,32 +235,6 @@ void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
 // keys and values are bf16 already). Half the instructions of the fp32 task on each product
 // and half the transposing: a tile of keys is transposed as pairs of dimensions (32-bit
 // lanes of two bf16), and values go in as pairs of keys.
-
-// s[r][0..32) = scale * q_r . k_t for MT rows; qp: the rows' queries as bf16 pairs (row
-// stride ldq pairs); ktp [hd/2][32]: pair p of each key of the tile.
-template <int MT>
-void score_pass_bf16(const uint32_t* qp, int64_t ldq, const uint32_t* ktp, int64_t pairs,
-                     float scale, float* s) {
-  __m512 a0[MT], a1[MT];
-#pragma GCC unroll 12
-  for (int r = 0; r < MT; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(ktp + p * kKB);
-    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(ktp + p * kKB + 16);
-#pragma GCC unroll 12
-    for (int r = 0; r < MT; ++r) {
-      const __m512bh qv = (__m512bh)_mm512_set1_epi32((int)qp[r * ldq + p]);
-      a0[r] = _mm512_dpbf16_ps(a0[r], qv, k0);
-      a1[r] = _mm512_dpbf16_ps(a1[r], qv, k1);
-    }
-  }
-  const __m512 vs = _mm512_set1_ps(scale);
-#pragma GCC unroll 12
-  for (int r = 0; r < MT; ++r) {
-    _mm512_storeu_ps(s + r * kKB, _mm512_mul_ps(a0[r], vs));
-    _mm512_storeu_ps(s + r * kKB + 16, _mm512_mul_ps(a1[r], vs));
-  }
-}
 
 // o[r][0..64 W) += sum_t p[r][t] v_t for NR rows from r0: pp [rows][16] holds each row's
 // probabilities as bf16 pairs of keys (2j, 2j + 1); vpair [16][W][16]: for key pair j, the
@@ -380,13 +328,14 @@ void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
       }
     }
     rs::even_passes<kPassRows>(rows, [&](auto n, int64_t i) {
-      score_pass_bf16<decltype(n)::value>(qp + i * pairs, pairs, ktp, pairs, a.scale, s + i * kKB);
+      const uint16_t* qb = (const uint16_t*)(qp + i * pairs);  // rows of hd bf16
+      rs::panel_bf16<decltype(n)::value>(qb, hd, ktp, pairs, s + i * kKB, kKB, kKB);
     });
     const bool mask = t0 + kKB - 1 > first_pos || nk < kKB;
     for (int r = 0; r < rows; ++r) {
       __m512 z0, z1;
       const float alpha =
-          online_softmax(s + r * kKB, first_pos + r / G, t0, nk, mask, m[r], o + r * hd, hd, z0, z1);
+          online_softmax(s + r * kKB, a.scale, first_pos + r / G, t0, nk, mask, m[r], o + r * hd, hd, z0, z1);
       // The probabilities as P @ V takes them, rounded to bf16 (pairs of keys), and their sum.
       const __m512i pw = (__m512i)_mm512_cvtne2ps_pbh(z1, z0);
       _mm512_storeu_si512(pp + r * 16, pw);

@@ -20,6 +20,7 @@
 
 #include <omp.h>
 
+#include "panel_kernels.h"
 #include "quant_blocks.h"
 
 using namespace rs;
@@ -27,7 +28,7 @@ using namespace rs;
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 namespace {
 
-constexpr int kPanelCols = 32;
+constexpr int kPanelCols = kPanelWidth;
 constexpr int kMaxRows = 12;  // rows a pass: 24 accumulators, 2 panel vectors, 1 broadcast
 
 // Block b of a weight row as 16 pairs of bf16 (values 2p, 2p + 1 in pair p), each value
@@ -58,32 +59,6 @@ void pack_panel(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, uint32_t* p
         _mm512_storeu_si512(panel + (b * 16 + p) * kPanelCols + 16 * half, r[p]);
       }
     }
-  }
-}
-
-// y[t][j] = x_t . w_j for MT bf16 rows of x (row stride ldxb) and the
-// panel's columns j < nv.
-template <int MT>
-void panel_kernel(const uint16_t* xb, int64_t ldxb, const uint32_t* panel, int64_t pairs,
-                  float* y, int64_t ldy, int nv) {
-  __m512 a0[MT], a1[MT];
-#pragma GCC unroll 12
-  for (int t = 0; t < MT; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + p * kPanelCols);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + p * kPanelCols + 16);
-#pragma GCC unroll 12
-    for (int t = 0; t < MT; ++t) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(*(const int32_t*)(xb + t * ldxb + 2 * p));
-      a0[t] = _mm512_dpbf16_ps(a0[t], xv, w0);
-      a1[t] = _mm512_dpbf16_ps(a1[t], xv, w1);
-    }
-  }
-  const __mmask16 m0 = first_lanes(nv), m1 = first_lanes(nv - 16);
-#pragma GCC unroll 12
-  for (int t = 0; t < MT; ++t) {
-    _mm512_mask_storeu_ps(y + t * ldy, m0, a0[t]);
-    _mm512_mask_storeu_ps(y + t * ldy + 16, m1, a1[t]);
   }
 }
 
@@ -232,7 +207,7 @@ void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64
     const int nv = (int)(r1 - r0);
     // Passes of at most kMaxRows rows, as even as they go (32 rows: 11 11 10).
     even_passes<kMaxRows>(m, [&](auto rows, int64_t i) {
-      panel_kernel<decltype(rows)::value>(xb + i * k, k, panel.data(), k / 2, y + i * ldy + r0,
+      panel_bf16<decltype(rows)::value>(xb + i * k, k, panel.data(), k / 2, y + i * ldy + r0,
                                           ldy, nv);
     });
   });

@@ -12,6 +12,7 @@
 
 #include <omp.h>
 
+#include "panel_kernels.h"
 #include "quant_blocks.h"
 
 using namespace rs;
@@ -314,7 +315,7 @@ void gemm_panels(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
 // layout of quant_gemm_bf16.cpp's kernel, with fp32 FMAs). Against the dot-product tiles'
 // horizontal sums and dequantize + oneDNN's reordered weight (quant_layers.py), 3072 x 576
 // on 2 threads: see kPanelMinRows512.
-constexpr int kPanelCols512 = 32;
+constexpr int kPanelCols512 = kPanelWidth;
 constexpr int kPanelRows512 = 12;
 
 template <int WType>
@@ -341,30 +342,6 @@ void pack_panel_f32(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, float* 
   }
 }
 
-template <int MT>
-void panel_kernel_512(const float* x, int64_t ldx, const float* panel, int64_t k, float* y,
-                      int64_t ldy, int nv) {
-  __m512 a0[MT], a1[MT];
-#pragma GCC unroll 12
-  for (int t = 0; t < MT; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < k; ++c) {
-    const __m512 w0 = _mm512_loadu_ps(panel + c * kPanelCols512);
-    const __m512 w1 = _mm512_loadu_ps(panel + c * kPanelCols512 + 16);
-#pragma GCC unroll 12
-    for (int t = 0; t < MT; ++t) {
-      const __m512 xb = _mm512_set1_ps(x[t * ldx + c]);
-      a0[t] = _mm512_fmadd_ps(xb, w0, a0[t]);
-      a1[t] = _mm512_fmadd_ps(xb, w1, a1[t]);
-    }
-  }
-  const __mmask16 m0 = first_lanes(nv), m1 = first_lanes(nv - 16);
-#pragma GCC unroll 12
-  for (int t = 0; t < MT; ++t) {
-    _mm512_mask_storeu_ps(y + t * ldy, m0, a0[t]);
-    _mm512_mask_storeu_ps(y + t * ldy + 16, m1, a1[t]);
-  }
-}
-
 template <int WType>
 void gemm_panels_512(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
                      int64_t ldx, float* y, int64_t ldy, int nthreads, int64_t r_begin,
@@ -377,7 +354,7 @@ void gemm_panels_512(const uint8_t* w, int64_t n, int64_t k, const float* x, int
     pack_panel_f32<WType>(w, k, r0, r1, pn);
     const int nv = (int)(r1 - r0);
     even_passes<kPanelRows512>(m, [&](auto rows, int64_t i) {
-      panel_kernel_512<decltype(rows)::value>(x + i * ldx, ldx, pn, k, y + i * ldy + r0, ldy, nv);
+      panel_f32<decltype(rows)::value>(x + i * ldx, ldx, pn, k, y + i * ldy + r0, ldy, nv);
     });
   });
 }
