@@ -63,6 +63,8 @@ class Request:
         # Its drafts' running acceptance (decayed counts; see spec_decode/stats.py).
         self.spec_accepted = 0.0
         self.spec_trials = 0.0
+        # Its last verification, (drafts verified, accepted), until the drafter reads it.
+        self.spec_last_outcome: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -18,6 +18,7 @@ from engine_core.spec_decode.config import SpeculativeConfig
 from engine_core.spec_decode.switch import (
     EngineAcceptance,
     PositionAcceptance,
+    ProbabilityCalibration,
     StepCostModel,
     choose_from_gains,
     request_alpha,
@@ -43,6 +44,9 @@ class Drafter:
         self.cost = StepCostModel()
         self.acceptance = EngineAcceptance()
         self.positions = PositionAcceptance()
+        self.calibration = ProbabilityCalibration()
+        # Request id -> the conditional probabilities of the drafts it was given last.
+        self._pending_probs: dict[str, list[float]] = {}
         self._tracked: dict[str, Request] = {}
         self._log_totals = [0, 0, 0]  # drafts, draft tokens, accepted tokens
         self._log_per_pos: list[int] = []
@@ -62,6 +66,7 @@ class Drafter:
 
     def propose(self, scheduler: Scheduler) -> None:
         """Attach drafts to the running requests that should verify some next step."""
+        self._calibrate()
         self._forget_gone(scheduler)
         self._step_decoded = scheduler.spec.last_step_decoded
         counter = scheduler.spec.counter
@@ -115,15 +120,24 @@ class Drafter:
             # drafts are right up to a branch (an agent's JSON up to the argument that
             # changes) as accepting ~all drafts, and verifies long drafts past the branch that
             # are then thrown away. Its gains times the tree's p_j, the same choice on those.
+            # The tree's probabilities are calibrated first against what verification
+            # accepted at such probabilities (switch.ProbabilityCalibration).
             drafts: list[list[int]] = []
             gains: list[list[float]] = []
+            conditional: dict[str, list[float]] = {}
             for r, n, g in zip(decoding, chosen, first, strict=True):
                 tokens, probs = scored(r, n) if n > 0 else ([], [])
                 drafts.append(tokens)
-                gains.append([gj * p for gj, p in zip(g, probs, strict=False)])
+                prev = [1.0, *probs][: len(probs)]
+                qs = [p / q if q > 0 else 0.0 for p, q in zip(probs, prev, strict=True)]
+                conditional[r.request_id] = qs
+                calibrated = self.calibration.path(qs)
+                gains.append([gj * p for gj, p in zip(g, calibrated, strict=False)])
             kept = choose_from_gains(gains, num_tokens, budget - num_tokens, slope)
             for r, tokens, n in zip(decoding, drafts, kept, strict=True):
                 r.spec_token_ids = tokens[:n]
+                if n:
+                    self._pending_probs[r.request_id] = conditional[r.request_id][:n]
         for r in decoding:
             if not r.spec_token_ids:
                 # Not verified this step: its estimate drifts back to the engine's, so that
@@ -169,6 +183,16 @@ class Drafter:
         self._log_totals = [0, 0, 0]
         self._log_per_pos = []
         self._last_log = now
+
+    def _calibrate(self) -> None:
+        """What the last step's verifications accepted of drafts with known probabilities."""
+        for req_id, qs in self._pending_probs.items():
+            request = self._tracked.get(req_id)
+            outcome = request.spec_last_outcome if request is not None else None
+            if request is not None and outcome is not None:
+                self.calibration.observe(qs, *outcome)
+                request.spec_last_outcome = None
+        self._pending_probs.clear()
 
     def _forget_gone(self, scheduler: Scheduler) -> None:
         for req_id in [r for r in self._tracked if r not in scheduler.requests]:

@@ -54,6 +54,7 @@ class SpecDecodingCounter:
             self.position_accepted[j] += 1
         request.spec_accepted = request.spec_accepted * self.DECAY + num_accepted
         request.spec_trials = request.spec_trials * self.DECAY + trials
+        request.spec_last_outcome = (num_drafts, num_accepted)
 
     def fill(self, stats: SchedulerStats, reset: bool) -> None:
         stats.spec_num_drafts = self.num_drafts

@@ -21,6 +21,8 @@ many running requests regardless.
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 _PRIOR_SLOPE_RATIO = 1.0 / 64  # b / a before the engine has measured itself
 _PRIOR_ALPHA = 0.3  # cautious: a batch drafts at first only where acceptance proves high
 _PRIOR_WEIGHT = 2.0  # pseudo-trials of the engine-wide acceptance in each request's estimate
@@ -145,6 +147,58 @@ class PositionAcceptance:
                 rate = engine_alpha
             g *= min(alpha, rate)
             out.append(g)
+        return out
+
+
+class ProbabilityCalibration:
+    """How often drafts at a branch are accepted, by the probability their proposer gave them.
+
+    A suffix tree's frequencies are the chance of each continuation only where continuations
+    repeat. At a branch whose continuations were each seen once (an agent's tool call with a
+    new argument every time: two earlier cities under `"city": "`), the tree says 1/2 for the
+    next city and verification rejects it nearly every time. So every verified draft at a
+    branch (conditional probability q, its tree frequency given the drafts before it, below
+    1) falls in a bin of q, each bin counts (decayed) its trials and acceptances, and such a
+    draft's calibrated probability is its bin's rate with a prior of q itself: until a bin has
+    data, the tree's word stands. A draft with no other continuation (q = 1) keeps 1: how
+    often those are right is what the per-position rates already measure.
+    """
+
+    EDGES = (0.2, 0.4, 0.6, 0.8)  # bins [0, .2) ... [.8, 1)
+    SURE = 0.999
+    DECAY = 0.99
+    PRIOR = 2.0
+
+    def __init__(self) -> None:
+        self._trials = [0.0] * (len(self.EDGES) + 1)
+        self._accepted = [0.0] * (len(self.EDGES) + 1)
+
+    def observe(self, qs: list[float], num_verified: int, num_accepted: int) -> None:
+        """A verification of drafts with conditional probabilities qs: the first num_verified
+        were verified and the first num_accepted of those accepted."""
+        d = self.DECAY
+        for j, q in enumerate(qs[:num_verified]):
+            if j > num_accepted:
+                break  # drafts past the first rejection were never tried
+            if q >= self.SURE:
+                continue
+            b = bisect_right(self.EDGES, q)
+            self._trials[b] = self._trials[b] * d + 1.0
+            self._accepted[b] = self._accepted[b] * d + (1.0 if j < num_accepted else 0.0)
+
+    def rate(self, q: float) -> float:
+        if q >= self.SURE:
+            return 1.0
+        b = bisect_right(self.EDGES, q)
+        return (self._accepted[b] + self.PRIOR * q) / (self._trials[b] + self.PRIOR)
+
+    def path(self, qs: list[float]) -> list[float]:
+        """A draft's conditional probabilities -> its calibrated path probabilities."""
+        out: list[float] = []
+        acc = 1.0
+        for q in qs:
+            acc *= self.rate(q)
+            out.append(acc)
         return out
 
 

@@ -7,6 +7,7 @@ from engine_core.sched.request import Request
 from engine_core.spec_decode.stats import SpecDecodingCounter
 from engine_core.spec_decode.switch import (
     PositionAcceptance,
+    ProbabilityCalibration,
     StepCostModel,
     choose_drafts,
     choose_from_gains,
@@ -139,3 +140,84 @@ def test_an_engine_whose_drafts_all_failed_drafts_again_later():
         drafter.propose(sched)
     assert request.spec_token_ids == [6, 7, 5][: len(request.spec_token_ids)]
     assert drafter.acceptance.alpha > alpha_off
+
+
+def test_calibration_starts_at_the_proposers_word_and_learns_a_branch_that_never_repeats():
+    cal = ProbabilityCalibration()
+    assert cal.rate(0.5) == pytest.approx(0.5) and cal.rate(1.0) == pytest.approx(1.0)
+    for _ in range(20):  # a sure draft accepted, then a 1-in-2 one rejected every time
+        cal.observe([1.0, 0.5, 0.7, 0.7], num_verified=4, num_accepted=1)
+    assert cal.rate(0.5) < 0.1
+    # The drafts after the rejection were never tried: nothing learned about them.
+    assert cal.rate(0.7) == pytest.approx(0.7)
+    cal.observe([0.9, 0.7], num_verified=1, num_accepted=0)  # only the first was verified
+    assert cal.rate(0.7) == pytest.approx(0.7) and cal.rate(0.9) == pytest.approx(0.6)
+    # A draft with no other continuation is left to the per-position rates.
+    for _ in range(20):
+        cal.observe([1.0], num_verified=1, num_accepted=0)
+    assert cal.rate(1.0) == 1.0
+    assert cal.path([1.0, 0.5, 1.0]) == pytest.approx([1.0, cal.rate(0.5), cal.rate(0.5)])
+
+
+def _agent_loop_drafts(calibrate: bool) -> tuple[list[list[int]], dict[int, list[int]]]:
+    """Twelve tool calls, each the same but for one argument, new every time, as the engine
+    would verify them (a made-up model that emits the call): the drafts each request got
+    right after the argument's branch, and those the last request got at each position."""
+    from engine_core.config import EngineConfig
+    from engine_core.protocol import ModelRunnerOutput, SamplingParams
+    from engine_core.sched.scheduler import Scheduler
+    from engine_core.spec_decode import make_drafter
+
+    config = EngineConfig(
+        block_size=4, max_num_batched_tokens=64, speculative_config={"method": "suffix"}
+    )
+    sched = Scheduler(config, 256, 1024)
+    drafter = make_drafter(config)
+    assert drafter is not None
+    if not calibrate:
+        drafter.calibration.rate = lambda q: q
+    for n in range(1, 30):  # a measured step time: a row costs a third of a step's fixed cost
+        drafter.cost.observe(n, 0.003 * (3 + n))
+    # Two earlier exchanges in the prompt, each a question (30, 31) and its call 1 2 3
+    # <argument> 4 5 6 7 8 9, arguments 10 and 11; then a new question and the call's start.
+    call = [1, 2, 3, None, 4, 5, 6, 7, 8, 9]
+    at_branch = []
+    drafts_at: dict[int, list[int]] = {}
+    for i in range(12):
+        prompt = [30, *(t or 10 for t in call), 31, *(t or 11 for t in call), 40 + i, 1, 2]
+        target = [t or 20 + i for t in call[2:]]  # 3, a new argument, 4 5 6 7 8 9
+        request = Request(str(i), prompt, SamplingParams(max_tokens=len(target)), [0], 0.0, 4)
+        sched.add_request(request)
+        drafts_at = {}
+        while not request.is_finished:
+            out = sched.schedule()
+            pos = request.num_output_tokens
+            spec = out.scheduled_spec_decode_tokens.get(str(i), [])
+            drafts_at[pos] = list(spec)
+            emitted = []
+            for d in spec:
+                if d != target[pos + len(emitted)]:
+                    break
+                emitted.append(d)
+            emitted.append(target[pos + len(emitted)])
+            runner = ModelRunnerOutput(req_ids=[str(i)], sampled_token_ids=[emitted[0]])
+            if spec:
+                runner.emitted_token_ids = [emitted]
+            sched.update_from_output(out, runner)
+            drafter.propose(sched)
+            n = out.total_num_scheduled_tokens
+            drafter.observe_step(n, 0.003 * (3 + n))
+        assert request.output_token_ids == target
+        at_branch.append(drafts_at.get(1, []))
+    return at_branch, drafts_at
+
+
+def test_suffix_drafts_stop_at_a_branch_whose_continuation_is_new_every_time():
+    """An agent's tool call: the tree says 1/2 for each of the two earlier arguments at the
+    branch, so drafts go past it; once verification has rejected that a few times, they end
+    at the branch, while the sure part after it is still drafted."""
+    tree_word, _ = _agent_loop_drafts(calibrate=False)
+    assert all(d[:1] in ([10], [11]) for d in tree_word[4:]), tree_word
+    learned, last = _agent_loop_drafts(calibrate=True)
+    assert learned[4:] == [[]] * 8, learned
+    assert last.get(3), last  # after "4": drafts of the sure part
