@@ -232,7 +232,7 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
       });
       if (works) {
         int64_t b, e;
-        share(tasks, 1, my, all, b, e);
+        share(tasks, m->kv_heads, my, all, b, e);  // whole rows: attend_row's tasks
         int64_t base = 0;  // the first task of group g
         for (int64_t g = 0; g < num_groups && base < e; ++g) {
           const Group& G = groups[g];

@@ -11,13 +11,18 @@
 // With AVX-512 and head_dim % 16 == 0, up to 6 query heads a KV head (attend_group512):
 // four keys a round, each key's row read once for all the group's heads, and a value row
 // once for the whole head_dim (32 rows x 320 keys, 9 heads over 3, 2 threads, cache-resident:
-// 0.24 -> 0.20 ms fp32, 0.21 -> 0.16 ms bf16 against the 8-lane kernel).
+// 0.24 -> 0.20 ms fp32, 0.21 -> 0.16 ms bf16 against the 8-lane kernel). Threads take whole
+// rows where they can, and a row's KV heads then run as one task (attend_row), reading each
+// token's K and V rows of all KV heads, contiguous in the pools, in one stream (32 rows x
+// 100-600 keys, bf16, 9 heads over 3, 30 layers' own pools, 2 threads: 23.7-25.2 -> 17-19 ms
+// over blocks in order; the model's 32-row bf16 decode step at 336 keys, 62-63 -> 51-59 ms).
 // With AVX2 and head_dim % 8 == 0 (attend_group): scores eight keys at a time (independent
 // FMA chains, reduced together), every query head of the group on each value row, and the
 // keys and values a few rows ahead prefetched: a pair's part of a token's row is a 256-byte
 // stretch every kv_heads * head_dim floats, which the hardware prefetchers follow poorly
 // (32 rows x 320 keys, 9 heads over 3: 1.49 -> 0.65 ms on one thread). Otherwise the plain
 // loops below.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -235,42 +240,59 @@ inline __m128 reduce4(const __m512* a) {
 // each key's row loaded (and, from a bf16 pool, widened) once for every query head of the
 // group, G x 4 accumulators reduced four at a time. Values: the group's whole head_dim in
 // registers (G x head_dim / 16 accumulators, up to 24), so each value row is read once.
+constexpr int64_t kMaxRowHeads = 64;  // query heads of one row's task (attend_row)
+// How far ahead of the kernel's reads its prefetches go, in bytes of the pools: far enough
+// for DRAM's latency, near enough for the caches' outstanding misses (the pools of a step's
+// 30 layers are far larger than the caches; 32 rows x 100-600 keys, bf16, 9 heads over 3,
+// all layers, 2 threads, a row's KV heads in one task: keys 6, 9, 12 and 18 KB ahead took
+// 17.2-17.7, 17.4-17.9, 17.5-18.0 and 19.2-21.3 ms over blocks in order, 21.7-22.8,
+// 22.2-22.3, 23.3-24.7 and 26.8-27.1 ms over shuffled blocks; values 2-12 KB ahead, all
+// within the noise). A task of one KV head (128-byte rows) fetches 48 keys and 32 values
+// ahead, as before.
+constexpr int64_t kKeysAheadBytes = 6144;
+constexpr int64_t kValuesAheadBytes = 4096;
+
 template <int G, class T>
-void attend_group512(const float* qh, const T* k_cache, const T* v_cache, const int64_t* off,
-                     const float* brow, int64_t n, int64_t head_dim, float scale, float* s,
-                     int64_t ctx, float* o) {
+void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const int64_t* off,
+                     int64_t groups, const float* brow, int64_t n, int64_t head_dim, float scale,
+                     float* s, int64_t ctx, float* o) {
   constexpr int KB = 4;  // keys a round: G * 4 accumulators + 4 key vectors + 1 query
+  // A token's rows of the `groups` KV heads, contiguous in the pools.
+  const int64_t row_bytes = groups * head_dim * (int64_t)sizeof(T);
+  // Keys and values fetched this many tokens ahead (a whole number of rounds).
+  const int64_t k_ahead = std::max<int64_t>(KB, kKeysAheadBytes / row_bytes / KB * KB);
+  const int64_t v_ahead = std::max<int64_t>(1, kValuesAheadBytes / row_bytes);
   for (int64_t t0 = 0; t0 < n; t0 += KB) {
     const int valid = (int)(n - t0 < KB ? n - t0 : KB);
-    const T* kp[KB];
-    for (int i = 0; i < KB; ++i) kp[i] = k_cache + off[t0 + (i < valid ? i : valid - 1)];
-    // Keys twelve rounds ahead: far enough for DRAM's latency (the pools of a step's 30
-    // layers are far larger than the caches: 32 rows x 320 keys, bf16, all layers 14.1 ->
-    // 11.1 ms against three rounds; 16 rounds and more gain nothing).
-    for (int64_t i = t0 + 48; i < t0 + 48 + KB && i < n; ++i) {
+    for (int64_t i = t0 + k_ahead; i < t0 + k_ahead + KB && i < n; ++i) {
       const char* p = (const char*)(k_cache + off[i]);
-      for (int64_t b = 0; b < head_dim * (int64_t)sizeof(T); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
     }
-    __m512 acc[G][KB];
-    for (int j = 0; j < G; ++j)
-      for (int i = 0; i < KB; ++i) acc[j][i] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < head_dim; d += 16) {
-      __m512 kv[KB];
-      for (int i = 0; i < KB; ++i) kv[i] = load16(kp[i] + d);
+    for (int64_t g = 0; g < groups; ++g) {
+      const T* kp[KB];
+      for (int i = 0; i < KB; ++i) kp[i] = k_cache + off[t0 + (i < valid ? i : valid - 1)] + g * head_dim;
+      const float* qg = qh + g * G * head_dim;
+      __m512 acc[G][KB];
+      for (int j = 0; j < G; ++j)
+        for (int i = 0; i < KB; ++i) acc[j][i] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < head_dim; d += 16) {
+        __m512 kv[KB];
+        for (int i = 0; i < KB; ++i) kv[i] = load16(kp[i] + d);
+        for (int j = 0; j < G; ++j) {
+          const __m512 qd = _mm512_loadu_ps(qg + j * head_dim + d);
+          for (int i = 0; i < KB; ++i) acc[j][i] = _mm512_fmadd_ps(qd, kv[i], acc[j][i]);
+        }
+      }
       for (int j = 0; j < G; ++j) {
-        const __m512 qd = _mm512_loadu_ps(qh + j * head_dim + d);
-        for (int i = 0; i < KB; ++i) acc[j][i] = _mm512_fmadd_ps(qd, kv[i], acc[j][i]);
+        alignas(16) float tot[4];
+        _mm_store_ps(tot, reduce4(acc[j]));
+        float* sj = s + (g * G + j) * ctx + t0;
+        for (int i = 0; i < valid; ++i) sj[i] = tot[i] * scale + brow[t0 + i];
       }
     }
-    for (int j = 0; j < G; ++j) {
-      alignas(16) float tot[4];
-      _mm_store_ps(tot, reduce4(acc[j]));
-      float* sj = s + j * ctx + t0;
-      for (int i = 0; i < valid; ++i) sj[i] = tot[i] * scale + brow[t0 + i];
-    }
   }
-  float inv[G];
-  for (int j = 0; j < G; ++j) {
+  float inv[kMaxRowHeads];
+  for (int64_t j = 0; j < groups * G; ++j) {
     float* sj = s + j * ctx;
     float mx = -INFINITY;
     int64_t t = 0;
@@ -281,35 +303,49 @@ void attend_group512(const float* qh, const T* k_cache, const T* v_cache, const 
     const float sum = exp_and_sum(sj, n, mx);
     inv[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
   }
-  auto values = [&](auto cw_tag, int64_t d0) {
+  auto values = [&](auto cw_tag, int64_t g, int64_t d0) {
     constexpr int W = decltype(cw_tag)::value;
+    // The first pass over the values fetches every group's part of each row (the later
+    // groups' passes then read it from the caches).
+    const bool fetch = g == 0 && d0 == 0;
     __m512 acc[G][W];
     for (int j = 0; j < G; ++j)
       for (int c = 0; c < W; ++c) acc[j][c] = _mm512_setzero_ps();
+    const float* sg = s + g * G * ctx;
     for (int64_t t = 0; t < n; ++t) {
-      const T* vt = v_cache + off[t] + d0;
-      if (t + 32 < n) {
-        const char* p = (const char*)(v_cache + off[t + 32] + d0);
-        for (int64_t b = 0; b < W * 16 * (int64_t)sizeof(T); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+      const T* vt = v_cache + off[t] + g * head_dim + d0;
+      if (fetch && t + v_ahead < n) {
+        const char* p = (const char*)(v_cache + off[t + v_ahead]);
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
       }
       __m512 vv[W];
       for (int c = 0; c < W; ++c) vv[c] = load16(vt + 16 * c);
       for (int j = 0; j < G; ++j) {
-        const __m512 p = _mm512_set1_ps(s[j * ctx + t]);
+        const __m512 p = _mm512_set1_ps(sg[j * ctx + t]);
         for (int c = 0; c < W; ++c) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);
       }
     }
     for (int j = 0; j < G; ++j) {
-      const __m512 vinv = _mm512_set1_ps(inv[j]);
-      for (int c = 0; c < W; ++c)
-        _mm512_storeu_ps(o + j * head_dim + d0 + 16 * c, _mm512_mul_ps(acc[j][c], vinv));
+      const __m512 vinv = _mm512_set1_ps(inv[g * G + j]);
+      float* oj = o + (g * G + j) * head_dim + d0;
+      for (int c = 0; c < W; ++c) _mm512_storeu_ps(oj + 16 * c, _mm512_mul_ps(acc[j][c], vinv));
     }
   };
   // G * W accumulators + W value vectors + a broadcast within 32 registers.
   constexpr int CW = G <= 3 ? 4 : (G <= 5 ? 2 : 1);
-  int64_t d0 = 0;
-  for (; d0 + 16 * CW <= head_dim; d0 += 16 * CW) values(std::integral_constant<int, CW>{}, d0);
-  for (; d0 < head_dim; d0 += 16) values(std::integral_constant<int, 1>{}, d0);
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t d0 = 0;
+    for (; d0 + 16 * CW <= head_dim; d0 += 16 * CW) values(std::integral_constant<int, CW>{}, g, d0);
+    for (; d0 < head_dim; d0 += 16) values(std::integral_constant<int, 1>{}, g, d0);
+  }
+}
+
+// One KV head's task (the kernel of the group_fn table).
+template <int G, class T>
+void attend_group512(const float* qh, const T* k_cache, const T* v_cache, const int64_t* off,
+                     const float* brow, int64_t n, int64_t head_dim, float scale, float* s,
+                     int64_t ctx, float* o) {
+  attend_heads512<G, T>(qh, k_cache, v_cache, off, 1, brow, n, head_dim, scale, s, ctx, o);
 }
 #endif
 
@@ -370,35 +406,90 @@ struct AttnArgs {
 
 void generic_task(const AttnArgs<float>& a, int64_t r, int64_t g, float* s);
 
-// Task r * kv_heads + g: row r's query heads of KV head g. s: group * width * block_size floats.
+// Row r's keys up to its last unmasked one: how many (n), and where each key's row of KV
+// head g starts in either pool (elements), worked out once a task rather than by a division
+// by block_size at every key.
+template <class T>
+const int64_t* key_offsets(const AttnArgs<T>& a, int64_t r, int64_t g, int64_t& n) {
+  const int64_t block_size = a.block_size, ctx = a.width * block_size;
+  const int64_t slot_stride = a.kv_heads * a.head_dim;  // from one token's K row to the next
+  const float* brow = a.bias + r * ctx;
+  const int64_t* bt = a.block_ids + r * a.width;
+  n = ctx;
+  while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
+  static thread_local std::vector<int64_t> offsets;
+  if ((int64_t)offsets.size() < n) offsets.resize(n);
+  int64_t* off = offsets.data();
+  for (int64_t b = 0, t = 0; t < n; ++b) {
+    const int64_t base = bt[b] * block_size * slot_stride + g * a.head_dim;
+    for (int64_t i = 0; i < block_size && t < n; ++i, ++t) off[t] = base + i * slot_stride;
+  }
+  return off;
+}
+
+// Task r * kv_heads + g: row r's query heads of KV head g. s: heads * width * block_size floats.
 template <class T>
 void attend_task(const AttnArgs<T>& a, int64_t task, float* s) {
   const int64_t kv_heads = a.kv_heads;
   const int64_t r = task / kv_heads, g = task % kv_heads;
 #if defined(__AVX2__)
   const int64_t heads = a.heads, head_dim = a.head_dim;
-  const int64_t width = a.width, block_size = a.block_size;
-  const int64_t group = heads / kv_heads, ctx = width * block_size;
-  const int64_t slot_stride = kv_heads * head_dim;  // values from one token's K row to the next
-  const float* brow = a.bias + r * ctx;
-  const int64_t* bt = a.block_ids + r * width;
-  const float* qh = a.q + (r * heads + g * group) * head_dim;
+  const int64_t group = heads / kv_heads, ctx = a.width * a.block_size;
   if (const GroupFn<T> fast = group_fn<T>(group, head_dim)) {
-    int64_t n = ctx;  // keys up to the row's last unmasked one
-    while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
-    static thread_local std::vector<int64_t> offsets;
-    if ((int64_t)offsets.size() < n) offsets.resize(n);
-    int64_t* off = offsets.data();
-    for (int64_t b = 0, t = 0; t < n; ++b) {
-      const int64_t base = bt[b] * block_size * slot_stride + g * head_dim;
-      for (int64_t i = 0; i < block_size && t < n; ++i, ++t) off[t] = base + i * slot_stride;
-    }
-    fast(qh, a.k_cache, a.v_cache, off, brow, n, head_dim, a.scale, s, ctx,
-         a.out + (r * heads + g * group) * head_dim);
+    int64_t n;
+    const int64_t* off = key_offsets(a, r, g, n);
+    fast(a.q + (r * heads + g * group) * head_dim, a.k_cache, a.v_cache, off, a.bias + r * ctx,
+         n, head_dim, a.scale, s, ctx, a.out + (r * heads + g * group) * head_dim);
     return;
   }
 #endif
   if constexpr (std::is_same_v<T, float>) generic_task(a, r, g, s);
+}
+
+#if defined(__AVX512F__)
+// All of row r's KV heads in one task: a token's rows of every KV head are contiguous in the
+// pools, so the row's keys and values stream through in order, where a task a KV head reads a
+// third of each token's stretch (with 3 KV heads) and leaves the rest to the next task.
+// False where the shape has no such kernel.
+template <class T>
+bool attend_row(const AttnArgs<T>& a, int64_t r, float* s) {
+  const int64_t heads = a.heads, head_dim = a.head_dim, kv_heads = a.kv_heads;
+  const int64_t group = heads / kv_heads, ctx = a.width * a.block_size;
+  if (head_dim % 16 != 0 || heads > kMaxRowHeads) return false;
+  using Fn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, const float*,
+                      int64_t, int64_t, float, float*, int64_t, float*);
+  Fn fn = nullptr;
+  switch (group) {
+    case 1: fn = attend_heads512<1, T>; break;
+    case 2: fn = attend_heads512<2, T>; break;
+    case 3: fn = attend_heads512<3, T>; break;
+    case 4: fn = attend_heads512<4, T>; break;
+    case 5: fn = attend_heads512<5, T>; break;
+    case 6: fn = attend_heads512<6, T>; break;
+    default: return false;
+  }
+  int64_t n;
+  const int64_t* off = key_offsets(a, r, 0, n);
+  fn(a.q + r * heads * head_dim, a.k_cache, a.v_cache, off, kv_heads, a.bias + r * ctx, n,
+     head_dim, a.scale, s, ctx, a.out + r * heads * head_dim);
+  return true;
+}
+#endif
+
+// Tasks [begin, end): whole rows in one task each where the kernel has it (attend_row).
+template <class T>
+void run_tasks(const AttnArgs<T>& a, int64_t begin, int64_t end, float* s) {
+  for (int64_t task = begin; task < end;) {
+#if defined(__AVX512F__)
+    if (task % a.kv_heads == 0 && task + a.kv_heads <= end &&
+        attend_row(a, task / a.kv_heads, s)) {
+      task += a.kv_heads;
+      continue;
+    }
+#endif
+    attend_task(a, task, s);
+    ++task;
+  }
 }
 
 // The plain loops of a fp32 pool's task (a shape or build without the vector path).
@@ -450,9 +541,13 @@ int paged_decode_attention(const float* q, const T* k_cache, const T* v_cache,
   const int64_t ctx = width * block_size;
 #pragma omp parallel num_threads(nthreads) if (rows * kv_heads > 1 && rows * ctx >= 512)
   {
-    std::vector<float> scores(heads / kv_heads * ctx);
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < rows * kv_heads; ++task) attend_task(a, task, scores.data());
+    std::vector<float> scores(heads * ctx);
+    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t tasks = rows * kv_heads;
+    // Contiguous shares, split between rows where they can be (attend_row's whole rows).
+    const int64_t b = rows >= nth ? rows * t / nth * kv_heads : tasks * t / nth;
+    const int64_t e = rows >= nth ? rows * (t + 1) / nth * kv_heads : tasks * (t + 1) / nth;
+    run_tasks(a, b, e, scores.data());
   }
   return 0;
 }
@@ -468,9 +563,9 @@ int paged_decode_attention_tasks(const float* q, const T* k_cache, const T* v_ca
   const AttnArgs<T> a{q,    k_cache,  v_cache,  block_ids,  bias,  rows, width,
                       heads, kv_heads, head_dim, block_size, scale, out};
   static thread_local std::vector<float> scores;
-  const int64_t need = heads / kv_heads * width * block_size;
+  const int64_t need = heads * width * block_size;
   if ((int64_t)scores.size() < need) scores.resize(need);
-  for (int64_t task = task_begin; task < task_end; ++task) attend_task(a, task, scores.data());
+  run_tasks(a, task_begin, task_end, scores.data());
   return 0;
 }
 

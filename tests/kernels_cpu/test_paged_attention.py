@@ -93,3 +93,35 @@ def test_decode_attention_refuses_a_bf16_pool_of_a_shape_its_vector_path_lacks(l
     assert not ops.bf16_attention_supported(4, 2, 20)
     with pytest.raises(ValueError, match="bf16 cache takes head_dim % 8 == 0"):
         ops.paged_decode_attention(torch.zeros(2, 4, 20), k, k, ids, bias, 1.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_is_the_same_however_threads_split_rows_and_kv_heads(
+    library, threads, rows, dtype
+):
+    """Threads take whole rows (a row's KV heads in one task) or, with fewer rows than
+    threads, single KV heads of a row: either way the reference's result."""
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    if dtype == torch.bfloat16 and not ops.bf16_attention_supported(heads, kv_heads, head_dim):
+        pytest.skip("the scalar build reads fp32 pools only")
+    g = torch.Generator().manual_seed(rows * 10 + threads)
+    num_blocks = 100
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    context = np.array([300, 3, 33, 16, 101])[:rows]  # 2+ rows: over 512 pairs, threaded
+    width = int(-(-context.max() // block_size))
+    tables = torch.randperm(num_blocks, generator=g)[: rows * width].view(rows, width)
+    pad = torch.arange(width * block_size)[None, :] >= torch.from_numpy(context)[:, None]
+    bias = torch.zeros(rows, width * block_size).masked_fill_(pad, float("-inf"))
+    q = torch.randn(rows, heads, head_dim, generator=g)
+    ids = tables.reshape(-1).contiguous()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = ops.paged_decode_attention(q, k_cache, v_cache, ids, bias, head_dim**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    ref = reference(q, k_cache.float(), v_cache.float(), ids, bias)
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
