@@ -52,7 +52,7 @@ def load_library(path: str) -> ctypes.CDLL:
     )
     lib.rs_paged_decode_attention_bf16.argtypes = lib.rs_paged_decode_attention.argtypes
     lib.rs_paged_prefill_attention.argtypes = (
-        [_ptr] * 4 + [_i64] * 6 + [ctypes.c_float, _ptr, ctypes.c_int]
+        [_ptr, _i64] + [_ptr] * 3 + [_i64] * 6 + [ctypes.c_float, _ptr, ctypes.c_int]
     )
     lib.rs_paged_prefill_attention_bf16.argtypes = lib.rs_paged_prefill_attention.argtypes
     lib.rs_has_prefill_attention.restype = ctypes.c_int
@@ -335,17 +335,23 @@ def paged_prefill_attention(
     num_computed ..) over its keys in the paged cache, read in place (the row's own keys
     already written): query i sees keys 0 .. num_computed + i.
 
-    k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim] fp32 or bf16; block_ids
-    int64: the row's block table, enough blocks for num_computed + query_len tokens. Needs
-    prefill_attention_supported. Returns [query_len, heads, head_dim] fp32.
+    q fp32 with each token's heads contiguous (any stride between tokens: a view of the QKV
+    projection's output is read where it is); k_cache/v_cache [num_blocks, block_size,
+    kv_heads, head_dim] fp32 or bf16; block_ids int64: the row's block table, enough blocks
+    for num_computed + query_len tokens. Needs prefill_attention_supported. Returns
+    [query_len, heads, head_dim] fp32 (in `out`, contiguous, if given).
     """
     lib = _lib_or_raise()
     query_len, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"k_cache and v_cache must both be fp32 or bf16, got {k_cache.dtype}.")
+    if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != head_dim:
+        raise ValueError(
+            f"q must be float32 with each token's heads contiguous, got {q.dtype} with "
+            f"strides {q.stride()}."
+        )
     for name, t, dtype in (
-        ("q", q, torch.float32),
         ("k_cache", k_cache, k_cache.dtype),
         ("v_cache", v_cache, k_cache.dtype),
         ("block_ids", block_ids, torch.int64),
@@ -359,6 +365,9 @@ def paged_prefill_attention(
         )
     if out is None:
         out = torch.empty(query_len, heads, head_dim, dtype=torch.float32)
+    elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous float32 {tuple(q.shape)}.")
+    ldq = q.stride(0) if query_len > 1 else heads * head_dim
     fn = (
         lib.rs_paged_prefill_attention_bf16
         if k_cache.dtype == torch.bfloat16
@@ -366,6 +375,7 @@ def paged_prefill_attention(
     )
     rc = fn(
         q.data_ptr(),
+        ldq,
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         block_ids.data_ptr(),

@@ -108,7 +108,8 @@ void accumulate_values(int rows, const float* p, const T* const* vp, int nk, int
 
 template <class T>
 struct Args {
-  const float* q;  // [query_len, heads, hd]
+  const float* q;  // [query_len, heads, hd], a token's heads ldq floats after the last's
+  int64_t ldq;
   const T *k_cache, *v_cache;
   const int64_t* block_ids;
   int64_t num_computed, query_len, heads, kv_heads, hd, block_size;
@@ -189,7 +190,7 @@ void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
   float* s = kt + hd * kKB;
   float* o = s + rows * kKB;
   for (int r = 0; r < rows; ++r) {
-    const float* src = a.q + ((q0 + r / G) * a.heads + g * G + r % G) * hd;
+    const float* src = a.q + (q0 + r / G) * a.ldq + (g * G + r % G) * hd;
     for (int64_t d = 0; d < hd; ++d) q[r * hd + d] = src[d];
     for (int64_t d = 0; d < hd; ++d) o[r * hd + d] = 0.0f;
   }
@@ -295,7 +296,7 @@ void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
   uint32_t* pp = ktp + pairs * kKB;
   uint32_t* vpair = pp + rows * 16;
   for (int r = 0; r < rows; ++r) {
-    const float* src = a.q + ((q0 + r / G) * a.heads + g * G + r % G) * hd;
+    const float* src = a.q + (q0 + r / G) * a.ldq + (g * G + r % G) * hd;
     for (int64_t d = 0; d < hd; d += 32) {
       const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + d + 16), _mm512_loadu_ps(src + d));
       _mm512_storeu_si512(qp + r * pairs + d / 2, (__m512i)b);
@@ -366,15 +367,16 @@ void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
 #endif
 
 template <class T>
-int prefill_attention(const float* q, const T* k_cache, const T* v_cache,
+int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_cache,
                       const int64_t* block_ids, int64_t num_computed, int64_t query_len,
                       int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
                       float scale, float* out, int nthreads) {
   if (kv_heads < 1 || heads % kv_heads != 0 || nthreads < 1 || query_len < 1) return 1;
+  if (ldq < heads * head_dim) return 3;
 #if defined(__AVX512F__)
   if (head_dim % 16 != 0 || heads / kv_heads > kMaxG) return 2;
-  const Args<T> a{q,        k_cache,  v_cache,  block_ids,  num_computed, query_len, heads,
-                  kv_heads, head_dim, block_size, scale,     out};
+  const Args<T> a{q,         ldq,        k_cache, v_cache, block_ids, num_computed, query_len,
+                  heads,     kv_heads,   head_dim, block_size, scale, out};
   const int64_t qblocks = (query_len + kQB - 1) / kQB, tasks = qblocks * kv_heads;
   [[maybe_unused]] const bool bf16_dots = head_dim % 32 == 0 && head_dim <= 128;
   // Later query blocks see more keys: dynamic scheduling, the longest first.
@@ -393,7 +395,7 @@ int prefill_attention(const float* q, const T* k_cache, const T* v_cache,
   }
   return 0;
 #else
-  (void)q, (void)k_cache, (void)v_cache, (void)block_ids, (void)num_computed, (void)head_dim,
+  (void)q, (void)ldq, (void)k_cache, (void)v_cache, (void)block_ids, (void)num_computed, (void)head_dim,
       (void)block_size, (void)scale, (void)out;
   return 2;
 #endif
@@ -412,23 +414,26 @@ int rs_has_prefill_attention() {
 #endif
 }
 
-// q, out [query_len, heads, head_dim] fp32; pools as the decode kernel's; block_ids: the row's
-// block table (enough blocks for num_computed + query_len tokens). 0 on success; 1: heads not
-// a multiple of kv_heads (or no queries); 2: a shape or build the kernel does not take.
-int rs_paged_prefill_attention(const float* q, const float* k_cache, const float* v_cache,
+// q [query_len, heads, head_dim] fp32 with ldq floats from one token's to the next's (a view
+// of the QKV projection's output, not copied out of it), out the same, contiguous; pools as
+// the decode kernel's; block_ids: the row's block table (enough blocks for num_computed +
+// query_len tokens). 0 on success; 1: heads not a multiple of kv_heads (or no queries); 2: a
+// shape or build the kernel does not take; 3: ldq below heads * head_dim.
+int rs_paged_prefill_attention(const float* q, int64_t ldq, const float* k_cache,
+                               const float* v_cache,
                                const int64_t* block_ids, int64_t num_computed, int64_t query_len,
                                int64_t heads, int64_t kv_heads, int64_t head_dim,
                                int64_t block_size, float scale, float* out, int nthreads) {
-  return prefill_attention(q, k_cache, v_cache, block_ids, num_computed, query_len, heads,
+  return prefill_attention(q, ldq, k_cache, v_cache, block_ids, num_computed, query_len, heads,
                            kv_heads, head_dim, block_size, scale, out, nthreads);
 }
 
-int rs_paged_prefill_attention_bf16(const float* q, const uint16_t* k_cache,
+int rs_paged_prefill_attention_bf16(const float* q, int64_t ldq, const uint16_t* k_cache,
                                     const uint16_t* v_cache, const int64_t* block_ids,
                                     int64_t num_computed, int64_t query_len, int64_t heads,
                                     int64_t kv_heads, int64_t head_dim, int64_t block_size,
                                     float scale, float* out, int nthreads) {
-  return prefill_attention(q, k_cache, v_cache, block_ids, num_computed, query_len, heads,
+  return prefill_attention(q, ldq, k_cache, v_cache, block_ids, num_computed, query_len, heads,
                            kv_heads, head_dim, block_size, scale, out, nthreads);
 }
 

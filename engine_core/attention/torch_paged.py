@@ -289,7 +289,7 @@ def attend(
         _decode_attention(q[rows], k_cache, v_cache, group, out[rows])
     for row in meta.prefills:
         rows = slice(row.query_start, row.query_start + row.query_len)
-        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, row)
+        _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, row, out[rows])
     return out.view(num_tokens, num_heads * head_dim)
 
 
@@ -350,7 +350,9 @@ def _prefill_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     row: PrefillRow,
-) -> torch.Tensor:
+    out: torch.Tensor,
+) -> None:
+    """One prefill row's attention, into out [query_len, heads, head_dim] (contiguous)."""
     num_heads, kv_heads = q.shape[1], k.shape[1]
     if (
         q.device.type == "cpu"
@@ -359,10 +361,12 @@ def _prefill_attention(
         and cpu_ops.prefill_attention_supported(num_heads, kv_heads, q.shape[2])
     ):
         # kernels_cpu's flash attention reads the row's keys in the cache, cached prefix and
-        # all, where SDPA needs them gathered (kernels_cpu/prefill_attention.cpp).
-        return cpu_ops.paged_prefill_attention(
-            q.contiguous(), k_cache, v_cache, row.block_ids, row.num_computed, q.shape[2] ** -0.5
+        # all, where SDPA needs them gathered (kernels_cpu/prefill_attention.cpp); q where
+        # the QKV projection left it, the result straight into out.
+        cpu_ops.paged_prefill_attention(
+            q, k_cache, v_cache, row.block_ids, row.num_computed, q.shape[2] ** -0.5, out
         )
+        return
     if row.num_computed == 0:
         # Nothing cached before this chunk: its own K/V, as the cache now holds them (a bf16
         # cache beside fp32 activations: rounded the same way, so later chunks and decode
@@ -383,4 +387,4 @@ def _prefill_attention(
         is_causal=causal,
         enable_gqa=kv_heads != num_heads,
     )
-    return o.squeeze(0).transpose(0, 1)
+    out.copy_(o.squeeze(0).transpose(0, 1))

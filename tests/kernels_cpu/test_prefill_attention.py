@@ -83,3 +83,26 @@ def test_prefill_attention_refuses_bad_inputs_by_name():
         ops.paged_prefill_attention(torch.zeros(3, 4, 20), k20, k20, ids, 0, 1.0)
     with pytest.raises(ValueError, match="both be fp32 or bf16"):
         ops.paged_prefill_attention(torch.zeros(3, 4, 64), k, k.bfloat16(), ids, 0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_reads_q_inside_the_qkv_output_and_writes_into_out(dtype):
+    """q as the model has it, a view of the QKV projection's output (tokens 12 heads apart),
+    gives what a contiguous copy gives, written into the caller's out."""
+    heads, kv_heads, head_dim, query_len = 9, 3, 64, 40
+    g = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(8, 16, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(8, 16, kv_heads, head_dim, generator=g).to(dtype)
+    block_ids = torch.tensor([5, 2, 7], dtype=torch.int64)
+    qkv = torch.randn(query_len, heads + 2 * kv_heads, head_dim, generator=g)
+    q = qkv[:, :heads]
+    assert not q.is_contiguous()
+    want = ops.paged_prefill_attention(q.contiguous(), k_cache, v_cache, block_ids, 3, 0.125)
+    out = torch.full((query_len, heads, head_dim), float("nan"))
+    got = ops.paged_prefill_attention(q, k_cache, v_cache, block_ids, 3, 0.125, out)
+    assert got is out
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="each token's heads contiguous"):
+        ops.paged_prefill_attention(q.transpose(0, 1), k_cache, v_cache, block_ids, 3, 0.125)
+    with pytest.raises(ValueError, match="out must be contiguous float32"):
+        ops.paged_prefill_attention(q, k_cache, v_cache, block_ids, 3, 0.125, out[:, :4])
