@@ -247,8 +247,8 @@ constexpr int64_t kMaxRowHeads = 64;  // query heads of one row's task (attend_r
 // all layers, 2 threads, a row's KV heads in one task: keys 6, 9, 12 and 18 KB ahead took
 // 17.2-17.7, 17.4-17.9, 17.5-18.0 and 19.2-21.3 ms over blocks in order, 21.7-22.8,
 // 22.2-22.3, 23.3-24.7 and 26.8-27.1 ms over shuffled blocks; values 2-12 KB ahead, all
-// within the noise). A task of one KV head (128-byte rows) fetches 48 keys and 32 values
-// ahead, as before.
+// within the noise). A task of one KV head over a bf16 pool (128-byte rows) fetches 48 keys
+// and 32 values ahead, as before; over a fp32 pool the same bytes, half as many tokens.
 constexpr int64_t kKeysAheadBytes = 6144;
 constexpr int64_t kValuesAheadBytes = 4096;
 
