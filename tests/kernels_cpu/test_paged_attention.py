@@ -26,6 +26,22 @@ def reference(q, k_cache, v_cache, block_ids, bias):
     return o.reshape(rows, heads, hd)
 
 
+def make_case(g, heads, kv_heads, head_dim, block_size, num_blocks, context, dtype=None):
+    """Random pools, one block table a row (shuffled blocks) and the mask of each row's
+    context lengths: (q, k_cache, v_cache, block_ids, bias)."""
+    rows = len(context)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    if dtype is not None:
+        k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    width = int(-(-context.max() // block_size))
+    tables = torch.randperm(num_blocks, generator=g)[: rows * width].view(rows, width)
+    pad = torch.arange(width * block_size)[None, :] >= torch.from_numpy(context)[:, None]
+    bias = torch.zeros(rows, width * block_size).masked_fill_(pad, float("-inf"))
+    q = torch.randn(rows, heads, head_dim, generator=g)
+    return q, k_cache, v_cache, tables.reshape(-1).contiguous(), bias
+
+
 # Group sizes 3, 1, 4, 6 and 8 (the vector kernels' value tiles of 4, 2 and 1 vectors; 8: the
 # 8-lane kernel on an AVX-512 build too), head_dims that leave a part tile (32, 48, 40: the
 # 8-lane kernel), and one that is not a multiple of 8 (the scalar path).
@@ -38,16 +54,10 @@ def test_decode_attention_reads_the_cache_in_place_like_gather_then_sdpa(
     library, heads, kv_heads, head_dim, block_size
 ):
     g = torch.Generator().manual_seed(heads * block_size + head_dim)
-    num_blocks, rows = 40, 5
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     context = np.array([1, block_size, 3 * block_size + 1, 7, 2 * block_size])
-    width = int(-(-context.max() // block_size))
-    tables = torch.randperm(num_blocks, generator=g)[: rows * width].view(rows, width)
-    pad = torch.arange(width * block_size)[None, :] >= torch.from_numpy(context)[:, None]
-    bias = torch.zeros(rows, width * block_size).masked_fill_(pad, float("-inf"))
-    q = torch.randn(rows, heads, head_dim, generator=g)
-    ids = tables.reshape(-1).contiguous()
+    q, k_cache, v_cache, ids, bias = make_case(
+        g, heads, kv_heads, head_dim, block_size, 40, context
+    )
     got = ops.paged_decode_attention(q, k_cache, v_cache, ids, bias, head_dim**-0.5)
     torch.testing.assert_close(got, reference(q, k_cache, v_cache, ids, bias), atol=2e-6, rtol=1e-5)
 
@@ -107,16 +117,10 @@ def test_decode_attention_is_the_same_however_threads_split_rows_and_kv_heads(
     if dtype == torch.bfloat16 and not ops.bf16_attention_supported(heads, kv_heads, head_dim):
         pytest.skip("the scalar build reads fp32 pools only")
     g = torch.Generator().manual_seed(rows * 10 + threads)
-    num_blocks = 100
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
     context = np.array([300, 3, 33, 16, 101])[:rows]  # 2+ rows: over 512 pairs, threaded
-    width = int(-(-context.max() // block_size))
-    tables = torch.randperm(num_blocks, generator=g)[: rows * width].view(rows, width)
-    pad = torch.arange(width * block_size)[None, :] >= torch.from_numpy(context)[:, None]
-    bias = torch.zeros(rows, width * block_size).masked_fill_(pad, float("-inf"))
-    q = torch.randn(rows, heads, head_dim, generator=g)
-    ids = tables.reshape(-1).contiguous()
+    q, k_cache, v_cache, ids, bias = make_case(
+        g, heads, kv_heads, head_dim, block_size, 100, context, dtype
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
