@@ -232,7 +232,7 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
       });
       if (works) {
         int64_t b, e;
-        // Whole rows (attend_row's tasks) where there are enough for every thread; fewer
+        // Whole rows (attend_heads' tasks) where there are enough for every thread; fewer
         // rows than threads (a single stream) split their KV heads.
         share(tasks, tasks >= all * m->kv_heads ? m->kv_heads : 1, my, all, b, e);
         int64_t base = 0;  // the first task of group g

@@ -8,11 +8,11 @@
 // SDPA takes, so both paths attend to exactly the same keys. Threads split the (row, KV head)
 // pairs; each pair runs over the row's keys up to its last unmasked one, in two passes:
 // scores for the head's query heads, then a softmax-weighted sum of the values.
-// With AVX-512 and head_dim % 16 == 0, up to 6 query heads a KV head (attend_group512):
+// With AVX-512 and head_dim % 16 == 0, up to 6 query heads a KV head (attend_heads512):
 // four keys a round, each key's row read once for all the group's heads, and a value row
 // once for the whole head_dim (32 rows x 320 keys, 9 heads over 3, 2 threads, cache-resident:
 // 0.24 -> 0.20 ms fp32, 0.21 -> 0.16 ms bf16 against the 8-lane kernel). Threads take whole
-// rows where they can, and a row's KV heads then run as one task (attend_row), reading each
+// rows where they can, and a row's KV heads then run as one task (attend_heads), reading each
 // token's K and V rows of all KV heads, contiguous in the pools, in one stream (32 rows x
 // 100-600 keys, bf16, 9 heads over 3, 30 layers' own pools, 2 threads: 23.7-25.2 -> 17-19 ms
 // over blocks in order; the model's 32-row bf16 decode step at 336 keys, 62-63 -> 51-59 ms).
@@ -240,7 +240,7 @@ inline __m128 reduce4(const __m512* a) {
 // each key's row loaded (and, from a bf16 pool, widened) once for every query head of the
 // group, G x 4 accumulators reduced four at a time. Values: the group's whole head_dim in
 // registers (G x head_dim / 16 accumulators, up to 24), so each value row is read once.
-constexpr int64_t kMaxRowHeads = 64;  // query heads of one row's task (attend_row)
+constexpr int64_t kMaxRowHeads = 64;  // query heads of one row's task (attend_heads)
 // How far ahead of the kernel's reads its prefetches go, in bytes of the pools: far enough
 // for DRAM's latency, near enough for the caches' outstanding misses (the pools of a step's
 // 30 layers are far larger than the caches; 32 rows x 100-600 keys, bf16, 9 heads over 3,
@@ -340,13 +340,6 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
   }
 }
 
-// One KV head's task (the kernel of the group_fn table).
-template <int G, class T>
-void attend_group512(const float* qh, const T* k_cache, const T* v_cache, const int64_t* off,
-                     const float* brow, int64_t n, int64_t head_dim, float scale, float* s,
-                     int64_t ctx, float* o) {
-  attend_heads512<G, T>(qh, k_cache, v_cache, off, 1, brow, n, head_dim, scale, s, ctx, o);
-}
 #endif
 
 template <class T>
@@ -356,19 +349,6 @@ using GroupFn = void (*)(const float*, const T*, const T*, const int64_t*, const
 template <class T>
 GroupFn<T> group_fn(int64_t group, int64_t head_dim) {
   if (head_dim % 8 != 0) return nullptr;
-#if defined(__AVX512F__)
-  if (head_dim % 16 == 0) {
-    switch (group) {
-      case 1: return attend_group512<1, T>;
-      case 2: return attend_group512<2, T>;
-      case 3: return attend_group512<3, T>;
-      case 4: return attend_group512<4, T>;
-      case 5: return attend_group512<5, T>;
-      case 6: return attend_group512<6, T>;
-      default: break;  // 7, 8: the 8-lane kernel's register budget
-    }
-  }
-#endif
   switch (group) {
     case 1: return attend_group<1, T>;
     case 2: return attend_group<2, T>;
@@ -427,11 +407,53 @@ const int64_t* key_offsets(const AttnArgs<T>& a, int64_t r, int64_t g, int64_t& 
   return off;
 }
 
+#if defined(__AVX512F__)
+template <class T>
+using HeadsFn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, const float*,
+                         int64_t, int64_t, float, float*, int64_t, float*);
+
+// The AVX-512 kernel for `group` query heads a KV head, or null where there is none.
+template <class T>
+HeadsFn<T> heads512_fn(int64_t group, int64_t head_dim) {
+  if (head_dim % 16 != 0) return nullptr;
+  switch (group) {
+    case 1: return attend_heads512<1, T>;
+    case 2: return attend_heads512<2, T>;
+    case 3: return attend_heads512<3, T>;
+    case 4: return attend_heads512<4, T>;
+    case 5: return attend_heads512<5, T>;
+    case 6: return attend_heads512<6, T>;
+    default: return nullptr;  // 7, 8: the 8-lane kernel's register budget
+  }
+}
+
+// Row r's KV heads [g0, g0 + groups) in one task with the AVX-512 kernel; false where the
+// shape has none. All of a row's KV heads at once (groups = kv_heads): a token's rows of every
+// KV head are contiguous in the pools, so the row's keys and values stream through in order,
+// where a task a KV head reads a third of each token's stretch (with 3 KV heads) and leaves
+// the rest to the next task.
+template <class T>
+bool attend_heads(const AttnArgs<T>& a, int64_t r, int64_t g0, int64_t groups, float* s) {
+  const int64_t heads = a.heads, head_dim = a.head_dim, group = heads / a.kv_heads;
+  const HeadsFn<T> fn = heads512_fn<T>(group, head_dim);
+  if (fn == nullptr || groups * group > kMaxRowHeads) return false;
+  const int64_t ctx = a.width * a.block_size, first = (r * heads + g0 * group) * head_dim;
+  int64_t n;
+  const int64_t* off = key_offsets(a, r, g0, n);
+  fn(a.q + first, a.k_cache, a.v_cache, off, groups, a.bias + r * ctx, n, head_dim, a.scale, s,
+     ctx, a.out + first);
+  return true;
+}
+#endif
+
 // Task r * kv_heads + g: row r's query heads of KV head g. s: heads * width * block_size floats.
 template <class T>
 void attend_task(const AttnArgs<T>& a, int64_t task, float* s) {
   const int64_t kv_heads = a.kv_heads;
   const int64_t r = task / kv_heads, g = task % kv_heads;
+#if defined(__AVX512F__)
+  if (attend_heads(a, r, g, 1, s)) return;
+#endif
 #if defined(__AVX2__)
   const int64_t heads = a.heads, head_dim = a.head_dim;
   const int64_t group = heads / kv_heads, ctx = a.width * a.block_size;
@@ -446,43 +468,13 @@ void attend_task(const AttnArgs<T>& a, int64_t task, float* s) {
   if constexpr (std::is_same_v<T, float>) generic_task(a, r, g, s);
 }
 
-#if defined(__AVX512F__)
-// All of row r's KV heads in one task: a token's rows of every KV head are contiguous in the
-// pools, so the row's keys and values stream through in order, where a task a KV head reads a
-// third of each token's stretch (with 3 KV heads) and leaves the rest to the next task.
-// False where the shape has no such kernel.
-template <class T>
-bool attend_row(const AttnArgs<T>& a, int64_t r, float* s) {
-  const int64_t heads = a.heads, head_dim = a.head_dim, kv_heads = a.kv_heads;
-  const int64_t group = heads / kv_heads, ctx = a.width * a.block_size;
-  if (head_dim % 16 != 0 || heads > kMaxRowHeads) return false;
-  using Fn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, const float*,
-                      int64_t, int64_t, float, float*, int64_t, float*);
-  Fn fn = nullptr;
-  switch (group) {
-    case 1: fn = attend_heads512<1, T>; break;
-    case 2: fn = attend_heads512<2, T>; break;
-    case 3: fn = attend_heads512<3, T>; break;
-    case 4: fn = attend_heads512<4, T>; break;
-    case 5: fn = attend_heads512<5, T>; break;
-    case 6: fn = attend_heads512<6, T>; break;
-    default: return false;
-  }
-  int64_t n;
-  const int64_t* off = key_offsets(a, r, 0, n);
-  fn(a.q + r * heads * head_dim, a.k_cache, a.v_cache, off, kv_heads, a.bias + r * ctx, n,
-     head_dim, a.scale, s, ctx, a.out + r * heads * head_dim);
-  return true;
-}
-#endif
-
-// Tasks [begin, end): whole rows in one task each where the kernel has it (attend_row).
+// Tasks [begin, end): whole rows in one task each where the kernel has it (attend_heads).
 template <class T>
 void run_tasks(const AttnArgs<T>& a, int64_t begin, int64_t end, float* s) {
   for (int64_t task = begin; task < end;) {
 #if defined(__AVX512F__)
     if (task % a.kv_heads == 0 && task + a.kv_heads <= end &&
-        attend_row(a, task / a.kv_heads, s)) {
+        attend_heads(a, task / a.kv_heads, 0, a.kv_heads, s)) {
       task += a.kv_heads;
       continue;
     }
@@ -544,7 +536,7 @@ int paged_decode_attention(const float* q, const T* k_cache, const T* v_cache,
     std::vector<float> scores(heads * ctx);
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t tasks = rows * kv_heads;
-    // Contiguous shares, split between rows where they can be (attend_row's whole rows).
+    // Contiguous shares, split between rows where they can be (attend_heads' whole rows).
     const int64_t b = rows >= nth ? rows * t / nth * kv_heads : tasks * t / nth;
     const int64_t e = rows >= nth ? rows * (t + 1) / nth * kv_heads : tasks * (t + 1) / nth;
     run_tasks(a, b, e, scores.data());
