@@ -226,6 +226,15 @@ def dequantize(
     return out
 
 
+def _attention_out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """An attention kernel's output: `out` checked (contiguous fp32 of q's shape), or new."""
+    if out is None:
+        return torch.empty(q.shape, dtype=torch.float32)
+    if out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous float32 {tuple(q.shape)}.")
+    return out
+
+
 def bf16_attention_supported(heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether paged_decode_attention reads bf16 pools for this shape (its vector path)."""
     return (
@@ -274,10 +283,7 @@ def paged_decode_attention(
             raise ValueError(f"{name} must be contiguous {dtype}, got {t.dtype}.")
     if bias.numel() != rows * width * block_size:
         raise ValueError(f"bias has {bias.numel()} elements, expected {rows * width * block_size}.")
-    if out is None:
-        out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
-    elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous float32 {tuple(q.shape)}.")
+    out = _attention_out(q, out)
     fn = (
         lib.rs_paged_decode_attention_bf16
         if kv_dtype == torch.bfloat16
@@ -363,10 +369,7 @@ def paged_prefill_attention(
             f"{block_ids.numel()} blocks of {block_size} do not hold "
             f"{num_computed + query_len} tokens."
         )
-    if out is None:
-        out = torch.empty(query_len, heads, head_dim, dtype=torch.float32)
-    elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous float32 {tuple(q.shape)}.")
+    out = _attention_out(q, out)
     ldq = q.stride(0) if query_len > 1 else heads * head_dim
     fn = (
         lib.rs_paged_prefill_attention_bf16

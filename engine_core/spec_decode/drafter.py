@@ -188,9 +188,8 @@ class Drafter:
         """What the last step's verifications accepted of drafts with known probabilities."""
         for req_id, qs in self._pending_probs.items():
             request = self._tracked.get(req_id)
-            outcome = request.spec_last_outcome if request is not None else None
-            if request is not None and outcome is not None:
-                self.calibration.observe(qs, *outcome)
+            if request is not None and request.spec_last_outcome is not None:
+                self.calibration.observe(qs, *request.spec_last_outcome)
                 request.spec_last_outcome = None
         self._pending_probs.clear()
 
