@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from engine_core.protocol import FinishReason, SchedulerStats
@@ -45,6 +46,10 @@ class Drafter:
         self.acceptance = EngineAcceptance()
         self.positions = PositionAcceptance()
         self.calibration = ProbabilityCalibration()
+        # A proposer that knows its drafts' probabilities (suffix: the tree's frequencies).
+        self._scored: Callable[[Request, int], tuple[list[int], list[float]]] | None = getattr(
+            proposer, "propose_with_probs", None
+        )
         # Request id -> the conditional probabilities of the drafts it was given last.
         self._pending_probs: dict[str, list[float]] = {}
         self._tracked: dict[str, Request] = {}
@@ -76,7 +81,8 @@ class Drafter:
         else:
             self.acceptance.relax()
         self._seen = (acc, trials)
-        self.positions.observe(counter.position_trials, counter.position_accepted)
+        if self._scored is None:  # a scored proposer's rates are kept by _calibrate
+            self.positions.observe(counter.position_trials, counter.position_accepted)
         running = scheduler.running
         # Structured requests draft too: the EngineCore cuts their drafts where the grammar
         # refuses one, and their bitmask has a row per draft position.
@@ -109,8 +115,7 @@ class Drafter:
             for a, m in zip(alphas, max_drafts, strict=True)
         ]
         chosen = choose_from_gains(first, num_tokens, budget - num_tokens, slope)
-        scored = getattr(self.proposer, "propose_with_probs", None)
-        if scored is None:
+        if self._scored is None:
             for r, n in zip(decoding, chosen, strict=True):
                 if n > 0:
                     r.spec_token_ids = self.proposer.propose(r, n)
@@ -126,7 +131,7 @@ class Drafter:
             gains: list[list[float]] = []
             conditional: dict[str, list[float]] = {}
             for r, n, g in zip(decoding, chosen, first, strict=True):
-                tokens, probs = scored(r, n) if n > 0 else ([], [])
+                tokens, probs = self._scored(r, n) if n > 0 else ([], [])
                 drafts.append(tokens)
                 prev = [1.0, *probs][: len(probs)]
                 qs = [p / q if q > 0 else 0.0 for p, q in zip(probs, prev, strict=True)]
@@ -185,13 +190,34 @@ class Drafter:
         self._last_log = now
 
     def _calibrate(self) -> None:
-        """What the last step's verifications accepted of drafts with known probabilities."""
+        """What the last step's verifications accepted of drafts with known probabilities.
+
+        A draft at a branch (q < 1) goes to the calibration of its q; a sure one to the rate
+        of its position. Each rejection is then counted once: were the branch's rejections
+        also in the per-position rates (as the counter's totals have them), a draft past a
+        branch would pay for it twice, in its position's rate and in the calibrated q.
+        """
+        sure = ProbabilityCalibration.SURE
+        trials: list[int] = []
+        accepted: list[int] = []
         for req_id, qs in self._pending_probs.items():
             request = self._tracked.get(req_id)
-            if request is not None and request.spec_last_outcome is not None:
-                self.calibration.observe(qs, *request.spec_last_outcome)
-                request.spec_last_outcome = None
+            if request is None or request.spec_last_outcome is None:
+                continue
+            num_verified, num_accepted = request.spec_last_outcome
+            request.spec_last_outcome = None
+            self.calibration.observe(qs, num_verified, num_accepted)
+            tried = min(num_verified, num_accepted + 1, len(qs))  # up to the first rejection
+            if len(trials) < tried:
+                trials.extend([0] * (tried - len(trials)))
+                accepted.extend([0] * (tried - len(accepted)))
+            for j in range(tried):
+                if qs[j] >= sure:
+                    trials[j] += 1
+                    accepted[j] += j < num_accepted
         self._pending_probs.clear()
+        if trials:
+            self.positions.add(trials, accepted)
 
     def _forget_gone(self, scheduler: Scheduler) -> None:
         for req_id in [r for r in self._tracked if r not in scheduler.requests]:

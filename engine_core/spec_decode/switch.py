@@ -122,17 +122,22 @@ class PositionAcceptance:
     def observe(self, trials: list[int], accepted: list[int]) -> None:
         """The counter's never-reset per-position totals; the growth since last is new."""
         old_t, old_a = self._seen
+        if trials == old_t:
+            return
+        self.add(
+            [t - (old_t[j] if j < len(old_t) else 0) for j, t in enumerate(trials)],
+            [a - (old_a[j] if j < len(old_a) else 0) for j, a in enumerate(accepted)],
+        )
+        self._seen = (list(trials), list(accepted))
+
+    def add(self, trials: list[int], accepted: list[int]) -> None:
+        """One step's new trials and acceptances per position (the counts decay first)."""
         if len(self._trials) < len(trials):
             self._trials.extend([0.0] * (len(trials) - len(self._trials)))
             self._accepted.extend([0.0] * (len(trials) - len(self._accepted)))
-        if trials == old_t:
-            return
         for j, (t, a) in enumerate(zip(trials, accepted, strict=True)):
-            dt = t - (old_t[j] if j < len(old_t) else 0)
-            da = a - (old_a[j] if j < len(old_a) else 0)
-            self._trials[j] = self._trials[j] * self.DECAY + dt
-            self._accepted[j] = self._accepted[j] * self.DECAY + da
-        self._seen = (list(trials), list(accepted))
+            self._trials[j] = self._trials[j] * self.DECAY + t
+            self._accepted[j] = self._accepted[j] * self.DECAY + a
 
     def gains(self, alpha: float, k: int, engine_alpha: float) -> list[float]:
         """Expected acceptance of drafts 1..k of a request whose own estimate is alpha."""
@@ -161,7 +166,9 @@ class ProbabilityCalibration:
     1) falls in a bin of q, each bin counts (decayed) its trials and acceptances, and such a
     draft's calibrated probability is its bin's rate with a prior of q itself: until a bin has
     data, the tree's word stands. A draft with no other continuation (q = 1) keeps 1: how
-    often those are right is what the per-position rates already measure.
+    often those are right is what the per-position rates measure, which for such a proposer
+    count only those drafts (Drafter._calibrate), so that a rejection at a branch is counted
+    once, here, and not also against every draft at its position.
     """
 
     EDGES = (0.2, 0.4, 0.6, 0.8)  # bins [0, .2) ... [.8, 1)

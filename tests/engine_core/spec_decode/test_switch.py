@@ -221,3 +221,37 @@ def test_suffix_drafts_stop_at_a_branch_whose_continuation_is_new_every_time():
     learned, last = _agent_loop_drafts(calibrate=True)
     assert learned[4:] == [[]] * 8, learned
     assert last.get(3), last  # after "4": drafts of the sure part
+
+
+def test_a_rejection_at_a_branch_counts_against_the_branch_only():
+    """Suffix drafts: a sure draft, then a 1-in-2 branch the model never takes, then sure ones.
+    The branch's rejections lower its calibrated q, not the rate of its position; a sure
+    draft rejected at that position does lower it."""
+    from engine_core.config import EngineConfig
+    from engine_core.sched.scheduler import Scheduler
+    from engine_core.spec_decode import make_drafter
+
+    config = EngineConfig(block_size=4, speculative_config={"method": "suffix"})
+    sched = Scheduler(config, 256, 1024)
+    drafter = make_drafter(config)
+    assert drafter is not None
+    request = Request("a", [1, 2, 3], SamplingParams(), [0], 0.0, 4)
+    sched.add_request(request)
+    sched.schedule()
+    drafter.propose(sched)  # tracks the running request
+
+    def verify(qs: list[float], num_accepted: int) -> None:
+        # As after a step: the drafter gave these drafts, the scheduler counted the outcome.
+        drafter._pending_probs["a"] = qs
+        sched.spec.counter.observe(request, len(qs), num_accepted)
+        drafter.propose(sched)
+
+    for _ in range(30):
+        verify([1.0, 0.5, 1.0, 1.0], num_accepted=1)
+    assert drafter.calibration.rate(0.5) < 0.1
+    gains = drafter.positions.gains(alpha=1.0, k=3, engine_alpha=0.5)
+    # Position 0: 30 sure drafts accepted; position 1: no sure draft seen, the prior.
+    assert gains[0] > 0.9 and gains[1] == pytest.approx(gains[0] * 0.5)
+    for _ in range(30):
+        verify([1.0, 1.0], num_accepted=1)  # now a sure draft rejected at position 1
+    assert drafter.positions.gains(alpha=1.0, k=2, engine_alpha=0.5)[1] < 0.1 * gains[0]
