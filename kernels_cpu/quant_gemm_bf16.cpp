@@ -42,10 +42,13 @@ inline __m512i block_pairs(const uint8_t* w, int64_t b) {
 }
 
 // Weight rows [r0, r1) (at most 32) into panel [k / 2][32] pairs; columns past r1 zero.
+// Rows [r1, ahead) are the next panels': asked for now, they arrive while this one packs.
 template <int WType>
-void pack_panel(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, uint32_t* panel) {
+void pack_panel(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, uint32_t* panel,
+                int64_t ahead) {
   const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
   prefetch_bytes(w + r0 * row_bytes, (r1 - r0) * row_bytes);
+  if (ahead > r1) prefetch_bytes(w + r1 * row_bytes, (ahead - r1) * row_bytes);
   for (int half = 0; half < 2; ++half) {
     const int64_t first = r0 + 16 * half;
     for (int64_t b = 0; b < nb; ++b) {
@@ -199,11 +202,12 @@ void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if (use_amx()) return gemm_amx<WType>(w, n, k, xb, m, y, ldy, nthreads, r_begin, r_end);
 #endif
-  for_row_chunks(r_begin, r_end, kPanelCols, nthreads, worth_threads(n, k, m, nthreads),
-                 [&](int64_t r0, int64_t r1) {
+  const bool parallel = worth_threads(n, k, m, nthreads);
+  for_row_chunks(r_begin, r_end, kPanelCols, nthreads, parallel, [&](int64_t r0, int64_t r1) {
     static thread_local std::vector<uint32_t> panel;
     if ((int64_t)panel.size() < k / 2 * kPanelCols) panel.resize(k / 2 * kPanelCols);
-    pack_panel<WType>(w, k, r0, r1, panel.data());
+    const int64_t ahead = r1 + kPanelCols * (parallel ? nthreads : 1);
+    pack_panel<WType>(w, k, r0, r1, panel.data(), ahead < r_end ? ahead : r_end);
     const int nv = (int)(r1 - r0);
     // Passes of at most kMaxRows rows, as even as they go (32 rows: 11 11 10).
     even_passes<kMaxRows>(m, [&](auto rows, int64_t i) {

@@ -318,10 +318,13 @@ void gemm_panels(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
 constexpr int kPanelCols512 = kPanelWidth;
 constexpr int kPanelRows512 = 12;
 
+// Rows [r1, ahead) are the next panels' (prefetched while this one packs).
 template <int WType>
-void pack_panel_f32(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, float* panel) {
+void pack_panel_f32(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, float* panel,
+                    int64_t ahead) {
   const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
   prefetch_bytes(w + r0 * row_bytes, (r1 - r0) * row_bytes);
+  if (ahead > r1) prefetch_bytes(w + r1 * row_bytes, (ahead - r1) * row_bytes);
   for (int half = 0; half < 2; ++half) {
     const int64_t first = r0 + 16 * half;
     for (int64_t b = 0; b < nb; ++b) {
@@ -346,12 +349,13 @@ template <int WType>
 void gemm_panels_512(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
                      int64_t ldx, float* y, int64_t ldy, int nthreads, int64_t r_begin,
                      int64_t r_end) {
-  for_row_chunks(r_begin, r_end, kPanelCols512, nthreads, worth_threads(n, k, m, nthreads),
-                 [&](int64_t r0, int64_t r1) {
+  const bool parallel = worth_threads(n, k, m, nthreads);
+  for_row_chunks(r_begin, r_end, kPanelCols512, nthreads, parallel, [&](int64_t r0, int64_t r1) {
     static thread_local std::vector<float> panel;
     if ((int64_t)panel.size() < k * kPanelCols512) panel.resize(k * kPanelCols512);
     float* pn = panel.data();
-    pack_panel_f32<WType>(w, k, r0, r1, pn);
+    const int64_t ahead = r1 + kPanelCols512 * (parallel ? nthreads : 1);
+    pack_panel_f32<WType>(w, k, r0, r1, pn, ahead < r_end ? ahead : r_end);
     const int nv = (int)(r1 - r0);
     even_passes<kPanelRows512>(m, [&](auto rows, int64_t i) {
       panel_f32<decltype(rows)::value>(x + i * ldx, ldx, pn, k, y + i * ldy + r0, ldy, nv);
