@@ -7,6 +7,7 @@ message per step on its output MessageQueue.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -48,8 +49,13 @@ class EngineCore:
     """Owns the scheduler and the model executor; one `step()` is one forward pass."""
 
     def __init__(self, config: EngineConfig) -> None:
+        # The step's token budget settled once, so that the scheduler, the model runner and
+        # any TP worker (sent this config) plan the same steps.
+        budget = config.resolved_max_num_batched_tokens()
+        config = dataclasses.replace(config, max_num_batched_tokens=budget)
         self.config = config
         self.startup_log: list[str] = []
+        self._log(f"step token budget: {budget} tokens ({config.usage_context} defaults)")
         t0 = time.perf_counter()
         self.executor: Executor = make_executor(config)
         self._log(f"model loaded in {time.perf_counter() - t0:.2f} s")

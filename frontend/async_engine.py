@@ -30,6 +30,7 @@ class AsyncLLM:
     def __init__(
         self, model: str | None = None, *, startup_timeout: float = 300.0, **engine_args: Any
     ) -> None:
+        engine_args.setdefault("usage_context", "server")  # an online engine, as the server
         self.config = EngineConfig(model=model, **engine_args)
         self.startup_timeout = startup_timeout
         self._engine: _ServerEngine | None = None

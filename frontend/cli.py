@@ -214,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerArgs]
     # Flags left out keep EngineConfig's defaults, so that there is one place for them.
     engine_kwargs = {k: getattr(ns, k) for k in _ENGINE_FLAGS if getattr(ns, k) is not None}
     try:
-        config = EngineConfig(**engine_kwargs)
+        config = EngineConfig(usage_context="server", **engine_kwargs)
         server = ServerArgs(
             host=ns.host,
             port=ns.port,

@@ -312,3 +312,26 @@ def test_gguf_file_loads_the_same_model_as_its_hf_directory(make_tiny_llama, tmp
 
 
 # ------------------------------------------------------------------------------ paged attention
+
+
+def test_a_server_on_the_cpu_plans_steps_of_1024_tokens_unless_told(make_tiny_llama):
+    """The usage context picks the default step budget; the engine settles it once, for the
+    scheduler and the model runner alike; a budget given is kept; a bad context is named."""
+    from engine_core.core import EngineCore
+
+    path = make_tiny_llama("llama")
+    for kw, budget in (
+        ({"usage_context": "server"}, 1024),
+        ({"usage_context": "llm"}, 2048),
+        ({"usage_context": "server", "max_num_batched_tokens": 300}, 300),
+    ):
+        core = EngineCore(EngineConfig(model=path, device="cpu", max_model_len=256, **kw))
+        try:
+            assert core.config.max_num_batched_tokens == budget
+            assert core.scheduler.max_num_batched_tokens == budget
+            assert core.executor.runner.max_num_batched_tokens == budget
+            assert f"step token budget: {budget} tokens" in core.startup_log[0]
+        finally:
+            core.shutdown()
+    with pytest.raises(ValueError, match="usage_context.*'batch'"):
+        EngineConfig(usage_context="batch")

@@ -284,6 +284,11 @@ def test_command_line_uses_vllm_flag_names():
     assert (server.served_model_name, server.max_queue_len) == ("m", 4)
     defaults, server = parse_args([])
     assert defaults.enable_prefix_caching is True and server.host == "127.0.0.1"
+    # A server's step budget: 1024 tokens on a CPU, vLLM's 2048 on a GPU (config.py says why).
+    assert defaults.usage_context == "server" and defaults.max_num_batched_tokens is None
+    assert defaults.resolved_max_num_batched_tokens(on_cpu=True) == 1024
+    assert defaults.resolved_max_num_batched_tokens(on_cpu=False) == 2048
+    assert config.resolved_max_num_batched_tokens(on_cpu=True) == 512  # the flag wins
     assert server.port == 8000 and server.api_key is None and server.max_queue_len is None
 
 
@@ -296,6 +301,7 @@ def test_command_line_uses_vllm_flag_names():
         (["--max-queue-len", "-1"], "max_queue_len"),
         (["--api-key", ""], "api_key"),
         (["--dtype", "int3"], "--dtype"),
+        (["--max-num-batched-tokens", "0"], "max_num_batched_tokens"),
     ],
 )
 def test_bad_command_line_values_exit_naming_them(argv, word, capsys):
