@@ -146,7 +146,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
     e.add_argument("--max-num-seqs", type=int, default=None)
-    e.add_argument("--max-num-batched-tokens", type=int, default=None)
+    e.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens one engine step may run (default 1024 for a server on a CPU, 2048 otherwise)",
+    )
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--block-size", type=int, default=None)
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
