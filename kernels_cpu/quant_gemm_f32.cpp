@@ -43,15 +43,13 @@ constexpr int64_t kPanelMinRows512 = 9;
 template <int WType, int MT>
 void dot_row_f32(const uint8_t* w, int64_t nb, const float* const* xs, const float* const* sums,
                  float* out) {
-  float extra[MT];
-  for (int t = 0; t < MT; ++t) extra[t] = 0.0f;
 #if defined(__AVX512F__)
   // The block dequantized once (the panel kernels' values, dequant_row's), then two FMAs a
   // row, where scaling each row's sum of q * x cost a multiply, two FMAs and a scalar FMA a
   // row (2 threads, 30 layers' Q4_1 weights, one process taking turns with the old build:
   // 1 row 8.4-9.0 -> 7.5-7.9 ms with quant_blocks.h's table lookup, 6 rows 15.8 -> 14.3).
   // Two accumulators a row: a row's FMAs are two independent chains.
-  (void)sums, (void)extra;
+  (void)sums;
   __m512 acc0[MT], acc1[MT];
   for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
@@ -65,8 +63,9 @@ void dot_row_f32(const uint8_t* w, int64_t nb, const float* const* xs, const flo
   }
   for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
 #elif defined(__AVX2__)
+  float extra[MT];  // offset * sum(x) over the blocks
   __m256 acc[MT];
-  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps(), extra[t] = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
     __m256 q[4];
     float dw, offset;
@@ -84,8 +83,8 @@ void dot_row_f32(const uint8_t* w, int64_t nb, const float* const* xs, const flo
   }
   for (int t = 0; t < MT; ++t) out[t] = hsum(acc[t]) + extra[t];
 #else
-  float acc[MT];
-  for (int t = 0; t < MT; ++t) acc[t] = 0.0f;
+  float acc[MT], extra[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = extra[t] = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
     float q[32], dw, offset;
     widen_block_scalar<WType>(w, b, q, dw, offset);
@@ -136,10 +135,12 @@ template <int WType>
 void gemm_direct(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
                  float* y, int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
   const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
+#if defined(__AVX512F__)
+  const float* sums = nullptr;  // the AVX-512 kernels run on dequantized blocks: no sums of x
+#else
   static thread_local std::vector<float> block_sums;
   if ((int64_t)block_sums.size() < m * nb) block_sums.resize(m * nb);
   float* sums = block_sums.data();
-#if !defined(__AVX512F__)  // the AVX-512 kernels run on dequantized blocks: no sums of x
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + i * ldx + b * QK;
@@ -151,7 +152,7 @@ void gemm_direct(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
 #endif
   const float* xs[kDirectRows];
   const float* ss[kDirectRows];
-  for (int t = 0; t < m; ++t) xs[t] = x + t * ldx, ss[t] = sums + t * nb;
+  for (int t = 0; t < m; ++t) xs[t] = x + t * ldx, ss[t] = sums ? sums + t * nb : nullptr;
   for_row_chunks(r_begin, r_end, 16, nthreads, worth_threads(n, k, m, nthreads), [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
     // Weight rows are asked for kAhead rows before they are read (the chunk's first ones at
