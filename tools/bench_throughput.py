@@ -109,12 +109,14 @@ def run_vllm(args, workload) -> dict:
     import tempfile
 
     from tools.hf_reference import dequantized_hf_dir
+    from tools.peers import peer_env
 
-    env = dict(os.environ)
     # The settings ../shared/peers/README.md gives for vLLM's CPU build on these machines.
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env = peer_env(
+        VLLM_CPU_KVCACHE_SPACE="2",
+        VLLM_CPU_OMP_THREADS_BIND=f"0-{(os.cpu_count() or 1) - 1}",
+        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, script = os.path.join(tmp, "spec.json"), os.path.join(tmp, "run_vllm.py")
         with open(spec_path, "w") as f:

@@ -17,6 +17,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from tools.cpu_noise import CpuNoise
+from tools.peers import peer_env
 
 
 def _free_port() -> int:
@@ -62,7 +63,9 @@ def run_llamacpp(
     cmd += ["--port", str(port), "--host", "127.0.0.1", "--no-warmup"]
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_healthy(url, proc, timeout=120)
         startup = time.perf_counter() - t0
