@@ -12,9 +12,9 @@
 // row one query token: decode rows, and the short rows torch_paged.py splits per token); a
 // step with a longer prefill row stays on the Python path.
 //
-// Threads: the whole step is one OpenMP parallel region. Each GEMM's output columns and the
-// attention's (row, KV head) tasks are split between its threads, the small ops run on the
-// first, and the threads meet at a spinning barrier between ops. Opening a region per op,
+// Threads: the whole step is one OpenMP parallel region. Each GEMM's output columns, the
+// attention's rows (by their keys; a single row's KV heads) and the small ops' rows are split
+// between its threads, and the threads meet at a spinning barrier between ops. Opening a region per op,
 // as the kernels' own entry points do, costs a wake-up of the sleeping threads each time
 // (OMP_WAIT_POLICY=PASSIVE, engine_core/__init__.py): 51 us a region on this VM against
 // 0.5 us spinning, ~150 regions a step. The barrier spins a bounded time, then sleeps, so
@@ -27,6 +27,7 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -175,6 +176,39 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
   }
   int64_t tasks = 0;  // attention tasks of all groups: (row, KV head) pairs
   for (int64_t g = 0; g < num_groups; ++g) tasks += (groups[g].end - groups[g].start) * m->kv_heads;
+  // Where each thread's rows of attention start (rows[t], rows[nthreads] = all rows), split by
+  // the keys the rows attend to rather than by their count: the step's rows come sorted by
+  // context length, so an even count gave the second thread the long ones (batch32's decode
+  // steps, 32 rows of 33-640 keys: 7.9 against 15.2 ms a step, the first thread waiting).
+  // A row costs its keys plus a constant for its own setup.
+  std::vector<int64_t> row_start(nthreads + 1, 0);
+  {
+    std::vector<int64_t> cost;
+    cost.reserve(tokens);
+    int64_t total = 0;
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const Group& G = groups[g];
+      const int64_t ctx = G.width * m->block_size;
+      for (int64_t r = 0; r < G.end - G.start; ++r) {
+        const float* brow = G.bias + r * ctx;
+        int64_t n = ctx;
+        while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
+        cost.push_back(n + 16);
+        total += n + 16;
+      }
+    }
+    const int64_t rows = (int64_t)cost.size();
+    int64_t r = 0, sum = 0;
+    for (int t = 1; t < nthreads; ++t) {
+      // the first row at which the running cost reaches t / nthreads of the total
+      while (r < rows && (sum + cost[r]) * nthreads <= total * t) sum += cost[r++];
+      if (r < rows && (sum + cost[r]) * nthreads - total * t < total * t - sum * nthreads) {
+        sum += cost[r++];  // the row that crosses the mark goes to the side it is mostly on
+      }
+      row_start[t] = r;
+    }
+    row_start[nthreads] = rows;
+  }
   SpinBarrier barrier(nthreads);
   std::atomic<int> failed{0};
 #pragma omp parallel num_threads(nthreads)
@@ -200,8 +234,14 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
       }
       sync();
     };
-    auto first = [&](auto&& fn) {  // a small op on the first thread
-      if (t == 0) fn();
+    // A small op's rows [r0, r1): split between the threads when there is a row for each (a
+    // row's result is the same whichever thread computes it), else all on the first thread.
+    // On the first thread alone, 32-row decode steps spent 2.9-3.8 ms a step in them while
+    // the other waited.
+    int64_t own0 = 0, own1 = t == 0 ? tokens : 0;
+    if (bar != nullptr && tokens >= nth) share(tokens, 1, t, nth, own0, own1);
+    auto rows_op = [&](auto&& fn) {
+      if (own0 < own1) fn(own0, own1);
       sync();
     };
     for (int64_t l = 0; l < m->num_layers; ++l) {
@@ -211,13 +251,15 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
       float* v_cache = k_cache + pool;
       uint16_t* k_cache16 = (uint16_t*)kv + (2 * l) * pool;
       uint16_t* v_cache16 = k_cache16 + pool;
-      first([&] {
-        rs_add_rms_norm(h, l ? res : nullptr, L.input_norm, normed, res, tokens, hidden, m->eps, 1);
+      rows_op([&](int64_t r0, int64_t r1) {
+        rs_add_rms_norm(h + r0 * hidden, l ? res + r0 * hidden : nullptr, L.input_norm,
+                        normed + r0 * hidden, res + r0 * hidden, r1 - r0, hidden, m->eps, 1);
       });
       gemm(L.wtype_qkv, L.qkv, qkv_width, hidden, normed, qkv);
-      first([&] {
-        rs_rope(qkv, tokens, m->heads + m->kv_heads, hd, qkv_width, cos, sin, 1);
-        for (int64_t i = 0; i < tokens; ++i) {
+      rows_op([&](int64_t r0, int64_t r1) {
+        rs_rope(qkv + r0 * qkv_width, r1 - r0, m->heads + m->kv_heads, hd, qkv_width,
+                cos + r0 * (hd / 2), sin + r0 * (hd / 2), 1);
+        for (int64_t i = r0; i < r1; ++i) {
           const float* row = qkv + i * qkv_width;
           if (m->kv_bf16) {  // rounded to nearest even, as torch's index_copy_ into bf16
             rs::fp32_to_bf16(row + q_width, kv_width, k_cache16 + slots[i] * kv_width);
@@ -234,7 +276,12 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
         int64_t b, e;
         // Whole rows (attend_heads' tasks) where there are enough for every thread; fewer
         // rows than threads (a single stream) split their KV heads.
-        share(tasks, tasks >= all * m->kv_heads ? m->kv_heads : 1, my, all, b, e);
+        if (tasks >= all * m->kv_heads) {
+          b = (bar != nullptr ? row_start[my] : 0) * m->kv_heads;
+          e = (bar != nullptr ? row_start[my + 1] : row_start[nthreads]) * m->kv_heads;
+        } else {
+          share(tasks, 1, my, all, b, e);
+        }
         int64_t base = 0;  // the first task of group g
         for (int64_t g = 0; g < num_groups && base < e; ++g) {
           const Group& G = groups[g];
@@ -258,9 +305,14 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
       }
       sync();
       gemm(L.wtype_o, L.o, hidden, q_width, attn, h);
-      first([&] { rs_add_rms_norm(h, res, L.post_norm, normed, res, tokens, hidden, m->eps, 1); });
+      rows_op([&](int64_t r0, int64_t r1) {
+        rs_add_rms_norm(h + r0 * hidden, res + r0 * hidden, L.post_norm, normed + r0 * hidden,
+                        res + r0 * hidden, r1 - r0, hidden, m->eps, 1);
+      });
       gemm(L.wtype_gate_up, L.gate_up, 2 * inter, hidden, normed, gate_up);
-      first([&] { rs_silu_and_mul(gate_up, act, tokens, inter, 1); });
+      rows_op([&](int64_t r0, int64_t r1) {
+        rs_silu_and_mul(gate_up + r0 * 2 * inter, act + r0 * inter, r1 - r0, inter, 1);
+      });
       gemm(L.wtype_down, L.down, hidden, inter, act, h);
     }
   }
