@@ -54,6 +54,19 @@ int rs_paged_decode_attention_tasks(const float* q, const float* k_cache, const 
                                     int64_t width, int64_t heads, int64_t kv_heads,
                                     int64_t head_dim, int64_t block_size, float scale, float* out,
                                     int64_t task_begin, int64_t task_end);
+int rs_decode_row_parts();
+int rs_decode_row_split(const float* bias, int64_t width, int64_t block_size, int64_t heads,
+                        int64_t kv_heads, int64_t head_dim, int bf16);
+int rs_decode_row_part(const float* q, const float* k_cache, const float* v_cache,
+                       const int64_t* block_ids, const float* bias, int64_t width, int64_t heads,
+                       int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                       int part, float* parts);
+int rs_decode_row_part_bf16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                            const int64_t* block_ids, const float* bias, int64_t width,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim,
+                            int64_t block_size, float scale, int part, float* parts);
+void rs_decode_row_merge(const float* parts, int64_t heads, int64_t head_dim, int64_t h0,
+                         int64_t h1, float* out);
 int rs_paged_decode_attention_tasks_bf16(const float* q, const uint16_t* k_cache,
                                          const uint16_t* v_cache, const int64_t* block_ids,
                                          const float* bias, int64_t rows, int64_t width,
@@ -159,7 +172,17 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
   const int64_t qkv_width = q_width + 2 * kv_width;
   const int64_t pool = kv_blocks * m->block_size * kv_width;  // floats of one K or V pool
   static thread_local std::vector<float> scratch;
-  const int64_t need = tokens * (2 * hidden + qkv_width + 2 * q_width + 2 * inter + inter);
+  // A single row's attention in key ranges, merged (paged_attention.cpp's rs_decode_row_*):
+  // one part a thread rather than its 3 KV heads over 2 threads.
+  const int row_parts =
+      tokens == 1 && num_groups == 1 &&
+              rs_decode_row_split(groups[0].bias, groups[0].width, m->block_size, m->heads,
+                                  m->kv_heads, m->head_dim, (int)m->kv_bf16)
+          ? rs_decode_row_parts()
+          : 0;
+  const int64_t parts_size = row_parts * m->heads * (m->head_dim + 2);
+  const int64_t need =
+      tokens * (2 * hidden + qkv_width + 2 * q_width + 2 * inter + inter) + parts_size;
   if ((int64_t)scratch.size() < need) scratch.resize(need);
   float* res = scratch.data();
   float* normed = res + tokens * hidden;
@@ -168,6 +191,7 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
   float* attn = q + tokens * q_width;
   float* gate_up = attn + tokens * q_width;
   float* act = gate_up + tokens * 2 * inter;
+  float* parts = act + tokens * inter;
   for (int64_t l = 0; l < m->num_layers; ++l) {
     const Layer& L = m->layers[l];
     for (int64_t t : {L.wtype_qkv, L.wtype_o, L.wtype_gate_up, L.wtype_down}) {
@@ -272,7 +296,23 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
           std::memcpy(q + i * q_width, row, q_width * sizeof(float));
         }
       });
-      if (works) {
+      if (row_parts > 0) {
+        const Group& G = groups[0];
+        for (int p = my; works && p < row_parts; p += all) {
+          if (m->kv_bf16 ? rs_decode_row_part_bf16(q, k_cache16, v_cache16, G.block_ids, G.bias,
+                                                   G.width, m->heads, m->kv_heads, hd,
+                                                   m->block_size, m->scale, p, parts)
+                         : rs_decode_row_part(q, k_cache, v_cache, G.block_ids, G.bias, G.width,
+                                              m->heads, m->kv_heads, hd, m->block_size,
+                                              m->scale, p, parts)) {
+            failed.store(1);
+          }
+        }
+        sync();
+        int64_t h0, h1;
+        share(m->heads, 1, my, all, h0, h1);
+        if (works && h0 < h1) rs_decode_row_merge(parts, m->heads, hd, h0, h1, attn);
+      } else if (works) {
         int64_t b, e;
         // Whole rows (attend_heads' tasks) where there are enough for every thread; fewer
         // rows than threads (a single stream) split their KV heads.

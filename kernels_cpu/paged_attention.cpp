@@ -257,10 +257,12 @@ constexpr int64_t kMaxRowHeads = 64;  // query heads of one row's task (attend_h
 constexpr int64_t kKeysAheadBytes = 6144;
 constexpr int64_t kValuesAheadBytes = 4096;
 
+// stats (null: not wanted): each query head's softmax max and sum, [heads][2], for a caller
+// that merges this result with another range of the same row's keys (attend_row_part).
 template <int G, class T>
 void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const int64_t* off,
                      int64_t groups, const float* brow, int64_t n, int64_t head_dim, float scale,
-                     float* s, int64_t ctx, float* o) {
+                     float* s, int64_t ctx, float* o, float* stats) {
   constexpr int KB = 4;  // keys a round: G * 4 accumulators + 4 key vectors + 1 query
   // A token's rows of the `groups` KV heads, contiguous in the pools.
   const int64_t row_bytes = groups * head_dim * (int64_t)sizeof(T);
@@ -307,6 +309,7 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
     for (; t < n; ++t) mx = sj[t] > mx ? sj[t] : mx;
     const float sum = exp_and_sum(sj, n, mx);
     inv[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    if (stats != nullptr) stats[2 * j] = mx, stats[2 * j + 1] = sum;
   }
   auto values = [&](auto cw_tag, int64_t g, int64_t d0) {
     constexpr int W = decltype(cw_tag)::value;
@@ -415,7 +418,7 @@ const int64_t* key_offsets(const AttnArgs<T>& a, int64_t r, int64_t g, int64_t& 
 #if defined(__AVX512F__)
 template <class T>
 using HeadsFn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, const float*,
-                         int64_t, int64_t, float, float*, int64_t, float*);
+                         int64_t, int64_t, float, float*, int64_t, float*, float*);
 
 // The AVX-512 kernel for `group` query heads a KV head, or null where there is none.
 template <class T>
@@ -446,8 +449,69 @@ bool attend_heads(const AttnArgs<T>& a, int64_t r, int64_t g0, int64_t groups, f
   int64_t n;
   const int64_t* off = key_offsets(a, r, g0, n);
   fn(a.q + first, a.k_cache, a.v_cache, off, groups, a.bias + r * ctx, n, head_dim, a.scale, s,
-     ctx, a.out + first);
+     ctx, a.out + first, nullptr);
   return true;
+}
+
+// A single row's keys in kRowParts ranges, merged: a one-row step (a single stream's decode)
+// has only its KV heads to split between threads otherwise, 3 over 2 threads with this model
+// (one thread reading twice the other's keys; 0.95 against 1.45 ms a step over 384 keys).
+// Every one-row attention of kRowSplitKeys keys or more takes this way, however many threads
+// run it (the parts are fixed, not one a thread), so its result does not depend on the thread
+// count, and the one-call step (model_step.cpp) and the op-by-op path agree bit for bit.
+constexpr int kRowParts = 2;
+constexpr int64_t kRowSplitKeys = 64;
+
+// Row 0's keys up to its last unmasked one: how many.
+inline int64_t row_keys(const float* brow, int64_t ctx) {
+  int64_t n = ctx;
+  while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
+  return n;
+}
+
+// Whether a one-row attention of n keys over this shape is split into parts.
+template <class T>
+bool row_split(const AttnArgs<T>& a, int64_t n) {
+  return a.rows == 1 && n >= kRowSplitKeys && a.heads <= kMaxRowHeads &&
+         heads512_fn<T>(a.heads / a.kv_heads, a.head_dim) != nullptr;
+}
+
+// Part p of row 0's keys (the keys [n p / parts, n (p + 1) / parts), whole rounds of 4):
+// every query head's output over them into o [heads, head_dim], normalized by the part's own
+// sum, and the part's max and sum into stats [heads][2].
+template <class T>
+void attend_row_part(const AttnArgs<T>& a, int p, float* s, float* o, float* stats) {
+  const int64_t ctx = a.width * a.block_size;
+  int64_t n;
+  const int64_t* off = key_offsets(a, 0, 0, n);
+  const int64_t k0 = n * p / kRowParts / 4 * 4;
+  const int64_t k1 = p + 1 == kRowParts ? n : n * (p + 1) / kRowParts / 4 * 4;
+  const HeadsFn<T> fn = heads512_fn<T>(a.heads / a.kv_heads, a.head_dim);
+  fn(a.q, a.k_cache, a.v_cache, off + k0, a.kv_heads, a.bias + k0, k1 - k0, a.head_dim, a.scale,
+     s, ctx, o, stats);
+}
+
+// Query heads [h0, h1) of the parts merged into out: each part's output weighted by its sum
+// at the overall max (a part that saw only masked keys has sum 0 and weighs nothing).
+inline void merge_row_parts(const float* o, const float* stats, int64_t heads, int64_t head_dim,
+                            int64_t h0, int64_t h1, float* out) {
+  for (int64_t h = h0; h < h1; ++h) {
+    float mx = -INFINITY;
+    for (int p = 0; p < kRowParts; ++p) mx = std::max(mx, stats[(p * heads + h) * 2]);
+    float w[kRowParts], total = 0.0f;
+    for (int p = 0; p < kRowParts; ++p) {
+      const float sum = stats[(p * heads + h) * 2 + 1];
+      w[p] = sum > 0.0f ? sum * std::exp(stats[(p * heads + h) * 2] - mx) : 0.0f;
+      total += w[p];
+    }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    float* dst = out + h * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      float acc = 0.0f;
+      for (int p = 0; p < kRowParts; ++p) acc += w[p] * o[(p * heads + h) * head_dim + d];
+      dst[d] = acc * inv;
+    }
+  }
 }
 #endif
 
@@ -536,6 +600,21 @@ int paged_decode_attention(const float* q, const T* k_cache, const T* v_cache,
   const AttnArgs<T> a{q,    k_cache,  v_cache,  block_ids,  bias,  rows, width,
                       heads, kv_heads, head_dim, block_size, scale, out};
   const int64_t ctx = width * block_size;
+#if defined(__AVX512F__)
+  if (rows == 1 && row_split(a, row_keys(bias, ctx))) {  // one row's keys in parts, merged
+    std::vector<float> parts(kRowParts * heads * (head_dim + 2));
+    float* stats = parts.data() + kRowParts * heads * head_dim;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (ctx >= 512)
+    for (int p = 0; p < kRowParts; ++p) {
+      static thread_local std::vector<float> scores;
+      if ((int64_t)scores.size() < heads * ctx) scores.resize(heads * ctx);
+      attend_row_part(a, p, scores.data(), parts.data() + p * heads * head_dim,
+                      stats + p * heads * 2);
+    }
+    merge_row_parts(parts.data(), stats, heads, head_dim, 0, heads, out);
+    return 0;
+  }
+#endif
 #pragma omp parallel num_threads(nthreads) if (rows * kv_heads > 1 && rows * ctx >= 512)
   {
     std::vector<float> scores(heads * ctx);
@@ -564,6 +643,30 @@ int paged_decode_attention_tasks(const float* q, const T* k_cache, const T* v_ca
   if ((int64_t)scores.size() < need) scores.resize(need);
   run_tasks(a, task_begin, task_end, scores.data());
   return 0;
+}
+
+// Part `part` of a one-row attention split into kRowParts (see attend_row_part); 2 where
+// the row is not split (row_split), and nothing is written.
+template <class T>
+int decode_row_part(const float* q, const T* k_cache, const T* v_cache, const int64_t* block_ids,
+                    const float* bias, int64_t width, int64_t heads, int64_t kv_heads,
+                    int64_t head_dim, int64_t block_size, float scale, int part, float* parts) {
+#if defined(__AVX512F__)
+  if (kv_heads < 1 || heads % kv_heads != 0 || part < 0 || part >= kRowParts) return 1;
+  const AttnArgs<T> a{q,    k_cache,  v_cache,  block_ids,  bias,  1, width,
+                      heads, kv_heads, head_dim, block_size, scale, nullptr};
+  const int64_t ctx = width * block_size;
+  if (!row_split(a, row_keys(bias, ctx))) return 2;
+  static thread_local std::vector<float> scores;
+  if ((int64_t)scores.size() < heads * ctx) scores.resize(heads * ctx);
+  attend_row_part(a, part, scores.data(), parts + part * heads * head_dim,
+                  parts + kRowParts * heads * head_dim + part * heads * 2);
+  return 0;
+#else
+  (void)q, (void)k_cache, (void)v_cache, (void)block_ids, (void)bias, (void)width, (void)heads,
+      (void)kv_heads, (void)head_dim, (void)block_size, (void)scale, (void)part, (void)parts;
+  return 2;
+#endif
 }
 
 }  // namespace
@@ -612,6 +715,67 @@ int rs_paged_decode_attention_tasks_bf16(const float* q, const uint16_t* k_cache
   return paged_decode_attention_tasks(q, k_cache, v_cache, block_ids, bias, rows, width, heads,
                                       kv_heads, head_dim, block_size, scale, out, task_begin,
                                       task_end);
+}
+
+// A one-row attention as model_step.cpp's threads split it: part `part` (0 .. parts - 1, from
+// rs_decode_row_parts) into `parts` ([parts][heads][head_dim] outputs, then [parts][heads][2]
+// max and sum); 2 where this row is not split (run its tasks instead). Then
+// rs_decode_row_merge for query heads [h0, h1) into out [heads, head_dim]. The same parts and
+// merge as rs_paged_decode_attention's for one row: the same result bit for bit.
+int rs_decode_row_parts() {
+#if defined(__AVX512F__)
+  return kRowParts;
+#else
+  return 0;
+#endif
+}
+
+// Whether a one-row attention with this mask row (bias [width * block_size]) and shape is
+// split into parts (bf16: over a bf16 pool).
+int rs_decode_row_split(const float* bias, int64_t width, int64_t block_size, int64_t heads,
+                        int64_t kv_heads, int64_t head_dim, int bf16) {
+#if defined(__AVX512F__)
+  if (kv_heads < 1 || heads % kv_heads != 0) return 0;
+  const int64_t n = row_keys(bias, width * block_size);
+  if (bf16) {
+    if (!bf16_supported(heads, kv_heads, head_dim)) return 0;
+    const AttnArgs<uint16_t> a{nullptr, nullptr, nullptr, nullptr, bias, 1, width,
+                               heads, kv_heads, head_dim, block_size, 0.0f, nullptr};
+    return row_split(a, n) ? 1 : 0;
+  }
+  const AttnArgs<float> a{nullptr, nullptr, nullptr, nullptr, bias, 1, width,
+                          heads, kv_heads, head_dim, block_size, 0.0f, nullptr};
+  return row_split(a, n) ? 1 : 0;
+#else
+  (void)bias, (void)width, (void)block_size, (void)heads, (void)kv_heads, (void)head_dim, (void)bf16;
+  return 0;
+#endif
+}
+
+int rs_decode_row_part(const float* q, const float* k_cache, const float* v_cache,
+                       const int64_t* block_ids, const float* bias, int64_t width, int64_t heads,
+                       int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                       int part, float* parts) {
+  return decode_row_part(q, k_cache, v_cache, block_ids, bias, width, heads, kv_heads, head_dim,
+                         block_size, scale, part, parts);
+}
+
+int rs_decode_row_part_bf16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                            const int64_t* block_ids, const float* bias, int64_t width,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim,
+                            int64_t block_size, float scale, int part, float* parts) {
+  if (!bf16_supported(heads, kv_heads, head_dim)) return 2;
+  return decode_row_part(q, k_cache, v_cache, block_ids, bias, width, heads, kv_heads, head_dim,
+                         block_size, scale, part, parts);
+}
+
+void rs_decode_row_merge(const float* parts, int64_t heads, int64_t head_dim, int64_t h0,
+                         int64_t h1, float* out) {
+#if defined(__AVX512F__)
+  merge_row_parts(parts, parts + kRowParts * heads * head_dim, heads, head_dim, h0, h1, out);
+#else
+  (void)parts, (void)heads, (void)head_dim, (void)h0, (void)h1, (void)out;
+#endif
 }
 
 }  // extern "C"

@@ -129,3 +129,33 @@ def test_decode_attention_is_the_same_however_threads_split_rows_and_kv_heads(
         torch.set_num_threads(before)
     ref = reference(q, k_cache.float(), v_cache.float(), ids, bias)
     torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("context", [63, 64, 65, 130, 301])
+def test_one_row_is_split_in_key_ranges_and_merged_the_same_for_any_thread_count(
+    library, dtype, context
+):
+    """A single row of 64 keys or more is attended in two key ranges, merged by their softmax
+    maxima and sums (so 2 threads share one row's keys, not its 3 KV heads): the reference's
+    result, and bit for bit the same with 1, 2 or 3 threads."""
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    if dtype == torch.bfloat16 and not ops.bf16_attention_supported(heads, kv_heads, head_dim):
+        pytest.skip("the scalar build reads fp32 pools only")
+    g = torch.Generator().manual_seed(context)
+    q, k_cache, v_cache, ids, bias = make_case(
+        g, heads, kv_heads, head_dim, block_size, 40, np.array([context]), dtype
+    )
+    q = q * 3  # peaked softmaxes: the two ranges' maxima differ
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(ops.paged_decode_attention(q, k_cache, v_cache, ids, bias, head_dim**-0.5))
+    finally:
+        torch.set_num_threads(before)
+    ref = reference(q, k_cache.float(), v_cache.float(), ids, bias)
+    # atol 1e-5: scores 3x the other tests' (exp's rounding grows with them, on every build)
+    torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

@@ -62,8 +62,9 @@ def check_steps(model, steps) -> None:
 
 
 def steps_over(rng, vocab: int):
-    """Prefills (op by op), then decode steps of 1 and 11 rows (two decode groups), a verify
-    step (decode rows + a row of 1 + 5 drafts), and a step with a long prefill (op by op)."""
+    """Prefills (op by op), then decode steps of 1 row (over 40 keys, and over 71: a single
+    row's keys split in two parts, merged) and of 11 rows (two decode groups), a verify step
+    (decode rows + a row of 1 + 5 drafts), and a step with a long prefill (op by op)."""
 
     def seq(rng, n: int) -> list[int]:
         return [int(t) for t in rng.integers(0, vocab, n)]
@@ -72,6 +73,7 @@ def steps_over(rng, vocab: int):
     prefill = [(seq(rng, n), 0, blocks(first, n + 40)) for first, n in (a, b, c)]
     steps = [([row], False) for row in prefill]
     steps.append(([(seq(rng, 1), a[1], blocks(a[0], a[1] + 1))], True))
+    steps.append(([(seq(rng, 1), c[1], blocks(c[0], c[1] + 1))], True))
     many = [(seq(rng, 1), 3 + i, blocks(30 + 3 * i, 4 + i)) for i in range(8)]
     many += [
         (seq(rng, 1), a[1] + 1, blocks(a[0], a[1] + 2)),
