@@ -269,6 +269,11 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
   // Keys and values fetched this many tokens ahead (a whole number of rounds).
   const int64_t k_ahead = std::max<int64_t>(KB, kKeysAheadBytes / row_bytes / KB * KB);
   const int64_t v_ahead = std::max<int64_t>(1, kValuesAheadBytes / row_bytes);
+  // The first keys the loop's own prefetches do not reach, asked for before it starts.
+  for (int64_t i = 0; i < k_ahead && i < n; ++i) {
+    const char* p = (const char*)(k_cache + off[i]);
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+  }
   for (int64_t t0 = 0; t0 < n; t0 += KB) {
     const int valid = (int)(n - t0 < KB ? n - t0 : KB);
     for (int64_t i = t0 + k_ahead; i < t0 + k_ahead + KB && i < n; ++i) {
@@ -297,6 +302,11 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
         for (int i = 0; i < valid; ++i) sj[i] = tot[i] * scale + brow[t0 + i];
       }
     }
+  }
+  // Likewise the first values, asked for while the softmax runs.
+  for (int64_t i = 0; i < v_ahead && i < n; ++i) {
+    const char* p = (const char*)(v_cache + off[i]);
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
   }
   float inv[kMaxRowHeads];
   for (int64_t j = 0; j < groups * G; ++j) {
