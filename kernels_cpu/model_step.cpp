@@ -13,12 +13,13 @@
 // step with a longer prefill row stays on the Python path.
 //
 // Threads: the whole step is one OpenMP parallel region. Each GEMM's output columns, the
-// attention's rows (by their keys; a single row's KV heads) and the small ops' rows are split
-// between its threads, and the threads meet at a spinning barrier between ops. Opening a region per op,
-// as the kernels' own entry points do, costs a wake-up of the sleeping threads each time
-// (OMP_WAIT_POLICY=PASSIVE, engine_core/__init__.py): 51 us a region on this VM against
-// 0.5 us spinning, ~150 regions a step. The barrier spins a bounded time, then sleeps, so
-// a thread whose partner lost its core gives the core back (SpinBarrier).
+// attention's rows (by the keys they attend to; a single row's keys in two ranges) and the
+// small ops' rows are split between its threads, and the threads meet at a spinning barrier
+// between ops. Opening a region per op, as the kernels' own entry points do, costs a wake-up
+// of the sleeping threads each time (OMP_WAIT_POLICY=PASSIVE, engine_core/__init__.py): 51 us
+// a region on this VM against 0.5 us spinning, ~150 regions a step. The barrier spins a
+// bounded time, then sleeps, so a thread whose partner lost its core gives the core back
+// (SpinBarrier).
 #include <immintrin.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>

@@ -757,7 +757,8 @@ int rs_decode_row_split(const float* bias, int64_t width, int64_t block_size, in
                           heads, kv_heads, head_dim, block_size, 0.0f, nullptr};
   return row_split(a, n) ? 1 : 0;
 #else
-  (void)bias, (void)width, (void)block_size, (void)heads, (void)kv_heads, (void)head_dim, (void)bf16;
+  (void)bias, (void)width, (void)block_size, (void)heads, (void)kv_heads, (void)head_dim,
+      (void)bf16;
   return 0;
 #endif
 }
