@@ -7,7 +7,9 @@
 // caller's additive bias [rows, width * block_size] (0 or -inf), the same one torch's masked
 // SDPA takes, so both paths attend to exactly the same keys. Threads split the (row, KV head)
 // pairs; each pair runs over the row's keys up to its last unmasked one, in two passes:
-// scores for the head's query heads, then a softmax-weighted sum of the values.
+// scores for the head's query heads, then a softmax-weighted sum of the values. A lone row
+// of 64+ keys (AVX-512) runs as two ranges of its keys merged by their softmax maxima and
+// sums (attend_row_part), so two threads share it evenly.
 // With AVX-512 and head_dim % 16 == 0, up to 6 query heads a KV head (attend_heads512):
 // four keys a round, each key's row read once for all the group's heads, and a value row
 // once for the whole head_dim (32 rows x 320 keys, 9 heads over 3, 2 threads, cache-resident:
