@@ -172,7 +172,7 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
   const int64_t q_width = m->heads * hd, kv_width = m->kv_heads * hd;
   const int64_t qkv_width = q_width + 2 * kv_width;
   const int64_t pool = kv_blocks * m->block_size * kv_width;  // floats of one K or V pool
-  static thread_local std::vector<float> scratch;
+  static thread_local rs::AlignedVector<float> scratch;
   // A single row's attention in key ranges, merged (paged_attention.cpp's rs_decode_row_*):
   // one part a thread rather than its 3 KV heads over 2 threads.
   const int row_parts =
@@ -181,18 +181,19 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
                                   m->kv_heads, m->head_dim, (int)m->kv_bf16)
           ? rs_decode_row_parts()
           : 0;
-  const int64_t parts_size = row_parts * m->heads * (m->head_dim + 2);
-  const int64_t need =
-      tokens * (2 * hidden + qkv_width + 2 * q_width + 2 * inter + inter) + parts_size;
+  // The step's buffers, each starting on a cache line (rs::whole_lines).
+  const int64_t sizes[] = {tokens * hidden,    tokens * hidden,    tokens * qkv_width,
+                           tokens * q_width,   tokens * q_width,   tokens * 2 * inter,
+                           tokens * inter,     row_parts * m->heads * (m->head_dim + 2)};
+  int64_t need = 0;
+  for (int64_t n : sizes) need += rs::whole_lines<float>(n);
   if ((int64_t)scratch.size() < need) scratch.resize(need);
-  float* res = scratch.data();
-  float* normed = res + tokens * hidden;
-  float* qkv = normed + tokens * hidden;
-  float* q = qkv + tokens * qkv_width;
-  float* attn = q + tokens * q_width;
-  float* gate_up = attn + tokens * q_width;
-  float* act = gate_up + tokens * 2 * inter;
-  float* parts = act + tokens * inter;
+  float* buffers[8];
+  for (int i = 0, at = 0; i < 8; at += (int)rs::whole_lines<float>(sizes[i]), ++i) {
+    buffers[i] = scratch.data() + at;
+  }
+  float *res = buffers[0], *normed = buffers[1], *qkv = buffers[2], *q = buffers[3];
+  float *attn = buffers[4], *gate_up = buffers[5], *act = buffers[6], *parts = buffers[7];
   for (int64_t l = 0; l < m->num_layers; ++l) {
     const Layer& L = m->layers[l];
     for (int64_t t : {L.wtype_qkv, L.wtype_o, L.wtype_gate_up, L.wtype_down}) {

@@ -614,11 +614,11 @@ int paged_decode_attention(const float* q, const T* k_cache, const T* v_cache,
   const int64_t ctx = width * block_size;
 #if defined(__AVX512F__)
   if (rows == 1 && row_split(a, row_keys(bias, ctx))) {  // one row's keys in parts, merged
-    std::vector<float> parts(kRowParts * heads * (head_dim + 2));
+    AlignedVector<float> parts(kRowParts * heads * (head_dim + 2));
     float* stats = parts.data() + kRowParts * heads * head_dim;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (ctx >= 512)
     for (int p = 0; p < kRowParts; ++p) {
-      static thread_local std::vector<float> scores;
+      static thread_local AlignedVector<float> scores;
       if ((int64_t)scores.size() < heads * ctx) scores.resize(heads * ctx);
       attend_row_part(a, p, scores.data(), parts.data() + p * heads * head_dim,
                       stats + p * heads * 2);
@@ -629,7 +629,7 @@ int paged_decode_attention(const float* q, const T* k_cache, const T* v_cache,
 #endif
 #pragma omp parallel num_threads(nthreads) if (rows * kv_heads > 1 && rows * ctx >= 512)
   {
-    std::vector<float> scores(heads * ctx);
+    AlignedVector<float> scores(heads * ctx);
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t tasks = rows * kv_heads;
     // Contiguous shares, split between rows where they can be (attend_heads' whole rows).
@@ -650,7 +650,7 @@ int paged_decode_attention_tasks(const float* q, const T* k_cache, const T* v_ca
   if (!std::is_same_v<T, float> && !bf16_supported(heads, kv_heads, head_dim)) return 2;
   const AttnArgs<T> a{q,    k_cache,  v_cache,  block_ids,  bias,  rows, width,
                       heads, kv_heads, head_dim, block_size, scale, out};
-  static thread_local std::vector<float> scores;
+  static thread_local AlignedVector<float> scores;
   const int64_t need = heads * width * block_size;
   if ((int64_t)scores.size() < need) scores.resize(need);
   run_tasks(a, task_begin, task_end, scores.data());
@@ -669,7 +669,7 @@ int decode_row_part(const float* q, const T* k_cache, const T* v_cache, const in
                       heads, kv_heads, head_dim, block_size, scale, nullptr};
   const int64_t ctx = width * block_size;
   if (!row_split(a, row_keys(bias, ctx))) return 2;
-  static thread_local std::vector<float> scores;
+  static thread_local AlignedVector<float> scores;
   if ((int64_t)scores.size() < heads * ctx) scores.resize(heads * ctx);
   attend_row_part(a, part, scores.data(), parts + part * heads * head_dim,
                   parts + kRowParts * heads * head_dim + part * heads * 2);

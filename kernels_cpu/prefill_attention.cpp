@@ -182,7 +182,7 @@ void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
   const int64_t hd = a.hd, G = a.heads / a.kv_heads;
   const int nq = (int)(a.query_len - q0 < kQB ? a.query_len - q0 : kQB);
   const int rows = nq * (int)G;  // row r: query q0 + r / G, head g * G + r % G
-  static thread_local std::vector<float> buf;
+  static thread_local rs::AlignedVector<float> buf;
   const int64_t need = rows * hd /*q*/ + hd * kKB /*kt*/ + rows * kKB /*s*/ + rows * hd /*o*/;
   if ((int64_t)buf.size() < need) buf.resize(need);
   float* q = buf.data();
@@ -282,8 +282,8 @@ void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
   const int64_t pairs = hd / 2, vecs = hd / 32;  // bf16 pairs and 32-bf16 vectors a row
   const int nq = (int)(a.query_len - q0 < kQB ? a.query_len - q0 : kQB);
   const int rows = nq * (int)G;  // row r: query q0 + r / G, head g * G + r % G
-  static thread_local std::vector<float> fbuf;
-  static thread_local std::vector<uint32_t> ubuf;
+  static thread_local rs::AlignedVector<float> fbuf;
+  static thread_local rs::AlignedVector<uint32_t> ubuf;
   const int64_t fneed = rows * kKB /*s*/ + rows * hd /*o*/;
   const int64_t uneed = rows * pairs /*q*/ + pairs * kKB /*ktp*/ + rows * 16 /*pp*/ +
                         (kKB / 2) * hd /*vpair*/;

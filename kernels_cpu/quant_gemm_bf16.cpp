@@ -95,7 +95,7 @@ void load_tile_config() {  // eight tiles of 16 rows x 64 bytes
 
 // Rows of x (bf16, rows of k) as [m / 16][k / 2][16] pairs; rows past m zero.
 uint32_t* vnni_rows(const uint16_t* xb, int64_t m, int64_t k) {
-  static thread_local std::vector<uint32_t> buf;
+  static thread_local AlignedVector<uint32_t> buf;
   const int64_t mb_count = (m + 15) / 16, kp = k / 2;
   if ((int64_t)buf.size() < mb_count * kp * 16) buf.resize(mb_count * kp * 16);
   for (int64_t mb = 0; mb < mb_count; ++mb) {
@@ -146,7 +146,7 @@ void gemm_amx(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64_
 #pragma omp parallel num_threads(nthreads) if (parallel)
   {
     load_tile_config();
-    static thread_local std::vector<uint16_t> panel;
+    static thread_local AlignedVector<uint16_t> panel;
     if ((int64_t)panel.size() < kPanelCols * k) panel.resize(kPanelCols * k);
     const uint16_t* a = panel.data();
     alignas(64) float c[4][256];
@@ -204,7 +204,7 @@ void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64
 #endif
   const bool parallel = worth_threads(n, k, m, nthreads);
   for_row_chunks(r_begin, r_end, kPanelCols, nthreads, parallel, [&](int64_t r0, int64_t r1) {
-    static thread_local std::vector<uint32_t> panel;
+    static thread_local AlignedVector<uint32_t> panel;
     if ((int64_t)panel.size() < k / 2 * kPanelCols) panel.resize(k / 2 * kPanelCols);
     const int64_t ahead = r1 + kPanelCols * (parallel ? nthreads : 1);
     pack_panel<WType>(w, k, r0, r1, panel.data(), ahead < r_end ? ahead : r_end);
@@ -219,7 +219,7 @@ void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64
 
 // x [m, k] (row stride ldx) rounded to bf16 into this thread's buffer, rows of k.
 uint16_t* bf16_rows(const float* x, int64_t m, int64_t k, int64_t ldx, int nthreads) {
-  static thread_local std::vector<uint16_t> xbuf;
+  static thread_local AlignedVector<uint16_t> xbuf;
   if ((int64_t)xbuf.size() < m * k) xbuf.resize(m * k);
   uint16_t* xb = xbuf.data();
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && m * k >= (1 << 16))

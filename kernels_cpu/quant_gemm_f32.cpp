@@ -266,7 +266,7 @@ inline void micro_kernel_cols(int nt, const float* x, int64_t ldx, const float* 
 // which stays in its L2 cache; the tile's rows past r1 - r0 zeroed when zero_rest.
 template <int WType>
 float* dequant_tile(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, bool zero_rest) {
-  static thread_local std::vector<float> tile;
+  static thread_local AlignedVector<float> tile;
   if ((int64_t)tile.size() < kTileRows * k) tile.resize(kTileRows * k);
   float* wt = tile.data();
   const int64_t row_bytes = k / QK * block_bytes(WType);
@@ -343,7 +343,7 @@ void gemm_panels(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
   for_row_chunks(r_begin, r_end, kTileRows, nthreads, worth_threads(n, k, m, nthreads),
                  [&](int64_t r0, int64_t r1) {
     const float* wt = dequant_tile<WType>(w, k, r0, r1, true);
-    static thread_local std::vector<float> panel;
+    static thread_local AlignedVector<float> panel;
     if ((int64_t)panel.size() < kTileRows * k) panel.resize(kTileRows * k);
     float* pn = panel.data();
     for (int64_t c = 0; c < k; c += 8) {  // k: whole blocks of 32
@@ -403,7 +403,7 @@ void gemm_panels_512(const uint8_t* w, int64_t n, int64_t k, const float* x, int
                      int64_t r_end) {
   const bool parallel = worth_threads(n, k, m, nthreads);
   for_row_chunks(r_begin, r_end, kPanelCols512, nthreads, parallel, [&](int64_t r0, int64_t r1) {
-    static thread_local std::vector<float> panel;
+    static thread_local AlignedVector<float> panel;
     if ((int64_t)panel.size() < k * kPanelCols512) panel.resize(k * kPanelCols512);
     float* pn = panel.data();
     const int64_t ahead = r1 + kPanelCols512 * (parallel ? nthreads : 1);
