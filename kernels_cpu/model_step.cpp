@@ -28,7 +28,6 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -55,6 +54,7 @@ int rs_paged_decode_attention_tasks(const float* q, const float* k_cache, const 
                                     int64_t width, int64_t heads, int64_t kv_heads,
                                     int64_t head_dim, int64_t block_size, float scale, float* out,
                                     int64_t task_begin, int64_t task_end);
+int64_t rs_decode_row_keys(const float* bias, int64_t ctx);
 int rs_decode_row_parts();
 int rs_decode_row_split(const float* bias, int64_t width, int64_t block_size, int64_t heads,
                         int64_t kv_heads, int64_t head_dim, int bf16);
@@ -216,9 +216,7 @@ int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t 
       const Group& G = groups[g];
       const int64_t ctx = G.width * m->block_size;
       for (int64_t r = 0; r < G.end - G.start; ++r) {
-        const float* brow = G.bias + r * ctx;
-        int64_t n = ctx;
-        while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
+        const int64_t n = rs_decode_row_keys(G.bias + r * ctx, ctx);
         cost.push_back(n + 16);
         total += n + 16;
       }

@@ -409,14 +409,19 @@ void generic_task(const AttnArgs<float>& a, int64_t r, int64_t g, float* s);
 // Row r's keys up to its last unmasked one: how many (n), and where each key's row of KV
 // head g starts in either pool (elements), worked out once a task rather than by a division
 // by block_size at every key.
+// A row's keys up to its last unmasked one (brow: its bias, ctx long): how many.
+inline int64_t row_keys(const float* brow, int64_t ctx) {
+  int64_t n = ctx;
+  while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
+  return n;
+}
+
 template <class T>
 const int64_t* key_offsets(const AttnArgs<T>& a, int64_t r, int64_t g, int64_t& n) {
   const int64_t block_size = a.block_size, ctx = a.width * block_size;
   const int64_t slot_stride = a.kv_heads * a.head_dim;  // from one token's K row to the next
-  const float* brow = a.bias + r * ctx;
   const int64_t* bt = a.block_ids + r * a.width;
-  n = ctx;
-  while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
+  n = row_keys(a.bias + r * ctx, ctx);
   static thread_local std::vector<int64_t> offsets;
   if ((int64_t)offsets.size() < n) offsets.resize(n);
   int64_t* off = offsets.data();
@@ -474,18 +479,12 @@ bool attend_heads(const AttnArgs<T>& a, int64_t r, int64_t g0, int64_t groups, f
 constexpr int kRowParts = 2;
 constexpr int64_t kRowSplitKeys = 64;
 
-// Row 0's keys up to its last unmasked one: how many.
-inline int64_t row_keys(const float* brow, int64_t ctx) {
-  int64_t n = ctx;
-  while (n > 0 && std::isinf(brow[n - 1]) && brow[n - 1] < 0) --n;
-  return n;
-}
-
-// Whether a one-row attention of n keys over this shape is split into parts.
+// Whether a one-row attention of n keys over this shape (heads a multiple of kv_heads) is
+// split into parts.
 template <class T>
-bool row_split(const AttnArgs<T>& a, int64_t n) {
-  return a.rows == 1 && n >= kRowSplitKeys && a.heads <= kMaxRowHeads &&
-         heads512_fn<T>(a.heads / a.kv_heads, a.head_dim) != nullptr;
+bool row_split(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t n) {
+  return n >= kRowSplitKeys && heads <= kMaxRowHeads &&
+         heads512_fn<T>(heads / kv_heads, head_dim) != nullptr;
 }
 
 // Part p of row 0's keys (the keys [n p / parts, n (p + 1) / parts), whole rounds of 4):
@@ -613,7 +612,8 @@ int paged_decode_attention(const float* q, const T* k_cache, const T* v_cache,
                       heads, kv_heads, head_dim, block_size, scale, out};
   const int64_t ctx = width * block_size;
 #if defined(__AVX512F__)
-  if (rows == 1 && row_split(a, row_keys(bias, ctx))) {  // one row's keys in parts, merged
+  // One row of enough keys: its keys in parts, merged (attend_row_part).
+  if (rows == 1 && row_split<T>(heads, kv_heads, head_dim, row_keys(bias, ctx))) {
     AlignedVector<float> parts(kRowParts * heads * (head_dim + 2));
     float* stats = parts.data() + kRowParts * heads * head_dim;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (ctx >= 512)
@@ -665,10 +665,11 @@ int decode_row_part(const float* q, const T* k_cache, const T* v_cache, const in
                     int64_t head_dim, int64_t block_size, float scale, int part, float* parts) {
 #if defined(__AVX512F__)
   if (kv_heads < 1 || heads % kv_heads != 0 || part < 0 || part >= kRowParts) return 1;
+  if (!std::is_same_v<T, float> && !bf16_supported(heads, kv_heads, head_dim)) return 2;
+  const int64_t ctx = width * block_size;
+  if (!row_split<T>(heads, kv_heads, head_dim, row_keys(bias, ctx))) return 2;
   const AttnArgs<T> a{q,    k_cache,  v_cache,  block_ids,  bias,  1, width,
                       heads, kv_heads, head_dim, block_size, scale, nullptr};
-  const int64_t ctx = width * block_size;
-  if (!row_split(a, row_keys(bias, ctx))) return 2;
   static thread_local AlignedVector<float> scores;
   if ((int64_t)scores.size() < heads * ctx) scores.resize(heads * ctx);
   attend_row_part(a, part, scores.data(), parts + part * heads * head_dim,
@@ -742,6 +743,10 @@ int rs_decode_row_parts() {
 #endif
 }
 
+// Keys of a row with this mask row (bias [ctx]) up to its last unmasked one: the count the
+// kernels attend over (model_step.cpp weighs its rows by it).
+int64_t rs_decode_row_keys(const float* bias, int64_t ctx) { return row_keys(bias, ctx); }
+
 // Whether a one-row attention with this mask row (bias [width * block_size]) and shape is
 // split into parts (bf16: over a bf16 pool).
 int rs_decode_row_split(const float* bias, int64_t width, int64_t block_size, int64_t heads,
@@ -750,14 +755,10 @@ int rs_decode_row_split(const float* bias, int64_t width, int64_t block_size, in
   if (kv_heads < 1 || heads % kv_heads != 0) return 0;
   const int64_t n = row_keys(bias, width * block_size);
   if (bf16) {
-    if (!bf16_supported(heads, kv_heads, head_dim)) return 0;
-    const AttnArgs<uint16_t> a{nullptr, nullptr, nullptr, nullptr, bias, 1, width,
-                               heads, kv_heads, head_dim, block_size, 0.0f, nullptr};
-    return row_split(a, n) ? 1 : 0;
+    return bf16_supported(heads, kv_heads, head_dim) &&
+           row_split<uint16_t>(heads, kv_heads, head_dim, n);
   }
-  const AttnArgs<float> a{nullptr, nullptr, nullptr, nullptr, bias, 1, width,
-                          heads, kv_heads, head_dim, block_size, 0.0f, nullptr};
-  return row_split(a, n) ? 1 : 0;
+  return row_split<float>(heads, kv_heads, head_dim, n) ? 1 : 0;
 #else
   (void)bias, (void)width, (void)block_size, (void)heads, (void)kv_heads, (void)head_dim,
       (void)bf16;
@@ -777,7 +778,6 @@ int rs_decode_row_part_bf16(const float* q, const uint16_t* k_cache, const uint1
                             const int64_t* block_ids, const float* bias, int64_t width,
                             int64_t heads, int64_t kv_heads, int64_t head_dim,
                             int64_t block_size, float scale, int part, float* parts) {
-  if (!bf16_supported(heads, kv_heads, head_dim)) return 2;
   return decode_row_part(q, k_cache, v_cache, block_ids, bias, width, heads, kv_heads, head_dim,
                          block_size, scale, part, parts);
 }

@@ -163,12 +163,6 @@ inline void fp32_to_bf16(const float* x, int64_t n, uint16_t* out) {
 }
 
 #if defined(__AVX512F__)
-// Two 8-lane halves as one 16-lane vector (AVX512F's insert works on doubles).
-inline __m512 join256(__m256 lo, __m256 hi) {
-  return _mm512_castpd_ps(
-      _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
-}
-
 // Block b of a weight row dequantized as dequant_row does (the same fp32 values): values
 // 0-15 in lo, 16-31 in hi.
 template <int WType>
