@@ -17,7 +17,11 @@
 // entry points return 2 and the caller keeps torch's SDPA. A bf16 pool on an AVX512-BF16
 // build with head_dim 32, 64, 96 or 128 takes prefill_task_bf16: both products in bf16
 // (vdpbf16ps), as the bf16 GEMMs beside it (2 threads, one row's causal attention over 30
-// layers, 9 heads over 3: 512 tokens 69-71 -> 50-51 ms, 1024 tokens 261-266 -> 176-207 ms).
+// layers, 9 heads over 3: 512 tokens 69-71 -> 50-51 ms, 1024 tokens 261-266 -> 176-207 ms),
+// except on a build for a CPU with AMX: Intel's cores run vdpbf16ps on one port where they
+// run FMAs on two, and the fp32 task over the widened bf16 pool is faster there (an Emerald
+// Rapids VM, 2 threads, 30 layers: 8 rows of 256 tokens 209 -> 165-184 ms, 4 rows of 512
+// 372-382 -> 293-304 ms).
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -229,7 +233,7 @@ void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
   }
   store_rows(a, q0, g, rows, o, l);
 }
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
 // The task of a bf16 pool on a CPU with AVX512-BF16: the same tiles and online softmax, with
 // both products in bf16 (vdpbf16ps, fp32 sums), as the bf16 GEMMs beside it compute: the
 // queries rounded to bf16 for the scores, the probabilities rounded to bf16 for P @ V (the
@@ -383,7 +387,7 @@ int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic) if (nthreads > 1 && tasks > 1)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t qb = qblocks - 1 - t / kv_heads, g = t % kv_heads;
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
     if constexpr (std::is_same_v<T, uint16_t>) {
       if (bf16_dots) {
         prefill_task_bf16(a, qb * kQB, g);
@@ -408,6 +412,16 @@ extern "C" {
 // Whether this build has the kernel (AVX-512).
 int rs_has_prefill_attention() {
 #if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Whether a bf16 pool's products are bf16 here (vdpbf16ps: an AVX512-BF16 build for a CPU
+// without AMX), else fp32 over the widened pool.
+int rs_prefill_attention_bf16_products() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(__AMX_BF16__)
   return 1;
 #else
   return 0;

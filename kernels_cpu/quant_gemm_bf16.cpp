@@ -11,6 +11,7 @@
 // MT activation rows x 32 columns, 2 * MT fp32 accumulators, one broadcast pair of x a row
 // and two panel loads a k pair. Without AVX512-BF16 the entry point returns 3 and the caller
 // takes the oneDNN path.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -191,6 +192,108 @@ void gemm_amx(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64_
   }
 }
 
+// From this many rows of x, the roles turn: the rows of x are the A tiles as they are (bf16
+// rows of k), the weight is the B tiles, packed once per call in the vdpbf16ps panels'
+// layout ([k / 2][32] pairs: a panel's columns 0-15 and 16-31 are two B tiles, rows 128
+// bytes apart), and each C tile [16 rows of x][16 columns] goes straight into y. gemm_amx
+// above re-reads all of x (bf16, k values a row) for each panel of 32 columns and transposes
+// each C tile on its way out: past a few hundred rows x leaves the L2 cache (2,048 rows of
+// 576 are 2.4 MB) and both costs grow with the rows, where this one's transposing pack is
+// paid once per weight row. A 2-core Emerald Rapids VM, 2 threads, 30 layers' Q4_1 weights
+// (tools/bench_quant.py's shapes), the two paths in turn: 2,048 rows 450 -> 369 ms, 512 rows
+// 97 -> 89 ms, 256 rows even (53 ms), 128 rows 31 -> 34 ms.
+constexpr int64_t kAmxManyRows = 256;
+// x's rows in chunks of at most this many bytes (bf16), kept in L2 while the panels pass.
+constexpr int64_t kXChunkBytes = 512 << 10;
+// Packed weight columns at most this many bytes at a time (the LM head's 49,152 columns are
+// packed and used in parts).
+constexpr int64_t kPackedBytes = 8 << 20;
+
+// A C tile's rows of x [i0, m) and columns [c0, n) from c (the tile stored as 16 x 16) into y.
+inline void store_partial(const float* c, float* y, int64_t ldy, int64_t i0, int64_t m,
+                          int64_t c0, int64_t n) {
+  if (i0 >= m || c0 >= n) return;
+  const __mmask16 mask = first_lanes(n - c0);
+  for (int64_t i = 0; i < 16 && i0 + i < m; ++i) {
+    _mm512_mask_storeu_ps(y + (i0 + i) * ldy + c0, mask, _mm512_loadu_ps(c + 16 * i));
+  }
+}
+
+// C tile T (rows of x i0.., columns c0..) into y: straight where it is whole, else through c.
+// (A macro: the tile intrinsics take the tile's number as a literal.)
+#define RS_STORE_C(T, i0, c0)                                    \
+  do {                                                           \
+    if ((i0) + 16 <= m && (c0) + 16 <= n) {                      \
+      _tile_stored(T, y + (i0) * ldy + (c0), ldy * 4);           \
+    } else {                                                     \
+      _tile_stored(T, c, 64);                                    \
+      store_partial(c, y, ldy, (i0), m, (c0), n);                \
+    }                                                            \
+  } while (0)
+
+// y [m, n] for m >= kAmxManyRows; xb has m rows of k rounded up to 32 rows, the extra rows zero.
+template <int WType>
+void gemm_amx_many_rows(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64_t m,
+                        float* y, int64_t ldy, int nthreads) {
+  const int64_t nb = k / QK, panel_words = k / 2 * kPanelCols;
+  const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
+  const int64_t group = std::max<int64_t>(1, kPackedBytes / (panel_words * 4));
+  int64_t chunk_rows = std::max<int64_t>(32, kXChunkBytes / (k * 2) / 32 * 32);
+  const int64_t chunks = (m + chunk_rows - 1) / chunk_rows;
+  static thread_local AlignedVector<uint32_t> packed;
+  const int64_t cap = std::min(group, panels) * panel_words;
+  if ((int64_t)packed.size() < cap) packed.resize(cap);
+  uint32_t* pk = packed.data();
+  for (int64_t g0 = 0; g0 < panels; g0 += group) {
+    const int64_t g1 = std::min(panels, g0 + group), gp = g1 - g0;
+    // Tasks: a chunk of x's rows times a run of the group's panels; runs split so that each
+    // thread has at least two tasks to take.
+    const int64_t runs = std::min(gp, std::max<int64_t>(1, (2 * nthreads + chunks - 1) / chunks));
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp for schedule(static)
+      for (int64_t p = g0; p < g1; ++p) {
+        const int64_t r0 = p * kPanelCols, r1 = std::min(n, r0 + kPanelCols);
+        pack_panel<WType>(w, k, r0, r1, pk + (p - g0) * panel_words, 0);
+      }
+      load_tile_config();
+      alignas(64) float c[256];
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < chunks * runs; ++t) {
+        const int64_t i_begin = t / runs * chunk_rows, i_end = std::min(m, i_begin + chunk_rows);
+        const int64_t p_begin = g0 + gp * (t % runs) / runs, p_end = g0 + gp * (t % runs + 1) / runs;
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          const uint32_t* panel = pk + (p - g0) * panel_words;
+          const int64_t c0 = p * kPanelCols;
+          for (int64_t i0 = i_begin; i0 < i_end; i0 += 32) {
+            const uint16_t* a0 = xb + i0 * k;
+            const uint16_t* a1 = a0 + 16 * k;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t s = 0; s < nb; ++s) {
+              _tile_loadd(4, a0 + s * QK, k * 2);
+              _tile_loadd(5, a1 + s * QK, k * 2);
+              _tile_loadd(6, panel + s * 16 * kPanelCols, kPanelCols * 4);
+              _tile_loadd(7, panel + s * 16 * kPanelCols + 16, kPanelCols * 4);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+            RS_STORE_C(0, i0, c0);
+            RS_STORE_C(1, i0, c0 + 16);
+            RS_STORE_C(2, i0 + 16, c0);
+            RS_STORE_C(3, i0 + 16, c0 + 16);
+          }
+        }
+      }
+      _tile_release();
+    }
+  }
+}
+
 bool use_amx() { return g_amx_enabled && amx_permitted(); }
 #else
 bool use_amx() { return false; }
@@ -200,7 +303,12 @@ template <int WType>
 void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64_t m, float* y,
                int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (use_amx()) return gemm_amx<WType>(w, n, k, xb, m, y, ldy, nthreads, r_begin, r_end);
+  if (use_amx()) {
+    if (m >= kAmxManyRows && r_begin == 0 && r_end == n) {
+      return gemm_amx_many_rows<WType>(w, n, k, xb, m, y, ldy, nthreads);
+    }
+    return gemm_amx<WType>(w, n, k, xb, m, y, ldy, nthreads, r_begin, r_end);
+  }
 #endif
   const bool parallel = worth_threads(n, k, m, nthreads);
   for_row_chunks(r_begin, r_end, kPanelCols, nthreads, parallel, [&](int64_t r0, int64_t r1) {
@@ -220,8 +328,11 @@ void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64
 // x [m, k] (row stride ldx) rounded to bf16 into this thread's buffer, rows of k.
 uint16_t* bf16_rows(const float* x, int64_t m, int64_t k, int64_t ldx, int nthreads) {
   static thread_local AlignedVector<uint16_t> xbuf;
-  if ((int64_t)xbuf.size() < m * k) xbuf.resize(m * k);
+  // Rows rounded up to 32, the extra ones zero: AMX's A tiles read x 16 rows at a time.
+  const int64_t padded = (m + 31) / 32 * 32;
+  if ((int64_t)xbuf.size() < padded * k) xbuf.resize(padded * k);
   uint16_t* xb = xbuf.data();
+  std::memset(xb + m * k, 0, (padded - m) * k * 2);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && m * k >= (1 << 16))
   for (int64_t i = 0; i < m; ++i) fp32_to_bf16(x + i * ldx, k, xb + i * k);
   return xb;

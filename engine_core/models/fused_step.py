@@ -4,7 +4,7 @@ The quantized CPU path's decode steps: every linear a QuantizedLinear (the GGUF 
 --quantization int8/int4), fp32 activations, one process, the native attention backend,
 and a step whose attention rows are all single-query (decode rows, and the short rows of
 drafts that torch_paged.py splits per token) with at most GEMM_MAX_ROWS tokens (with bf16
-matmuls, fewer than BF16_MIN_ROWS: the call's GEMMs are the fp32 ones). The call
+matmuls, fewer than the layers' bf16_min_rows: the call's GEMMs are the fp32 ones). The call
 runs the same kernels as the layers' Python in the same order, so its hidden states are the
 Python path's bit for bit (tests/engine_core/worker/test_fused_step.py); it saves the
 interpreter and dispatch time around them (~30% of a single-stream step on this CPU).
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine_core.models.quant_layers import BF16_MIN_ROWS, GEMM_MAX_ROWS, QuantizedLinear
+from engine_core.models.quant_layers import GEMM_MAX_ROWS, QuantizedLinear
 from kernels_cpu import ops
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ def build(model: LlamaForCausalLM) -> LlamaLayers | None:
     # With bf16 matmuls (QuantizedLinear.matmul_dtype) the call multiplies the same steps in
     # bf16 with the same kernel; without that kernel it leaves them to the Python path.
     bf16 = any(lin.matmul_dtype != torch.float32 for lin in _linears(model))
+    min_rows = min(lin.bf16_min_rows for lin in _linears(model))
     bf16_kernel = bf16 and ops.has_bf16_gemm()
     first = model.layers[0].self_attn
     plan = LlamaLayers(
@@ -65,9 +66,9 @@ def build(model: LlamaForCausalLM) -> LlamaLayers | None:
         head_dim=first.head_dim,
         intermediate=model.tp.intermediate_size,
         eps=model.norm.eps,
-        bf16_min_rows=BF16_MIN_ROWS if bf16_kernel else 0,
+        bf16_min_rows=min_rows if bf16_kernel else 0,
     )
-    plan.max_rows = BF16_MIN_ROWS - 1 if bf16 and not bf16_kernel else GEMM_MAX_ROWS
+    plan.max_rows = min_rows - 1 if bf16 and not bf16_kernel else GEMM_MAX_ROWS
     logger.info("decoder layers run as one kernels_cpu call on decode steps")
     return plan
 

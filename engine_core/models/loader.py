@@ -9,7 +9,8 @@ cache included: a step then costs what fp32 does. CUDA, and a plain checkpoint o
 avx512_bf16 or AMX, store and compute in the dtype itself when dtype="bfloat16" is asked for.
 A quantized model on such a CPU (the GGUF's blocks, AWQ/GPTQ, --quantization int8/int4)
 keeps fp32 activations, which kernels_cpu's kernels take, and bf16 becomes its quantized
-layers' matmul dtype: steps of BF16_MIN_ROWS rows or more (batched decodes, prefill chunks)
+layers' matmul dtype: steps of bf16_min_rows() rows or more (batched decodes, prefill chunks;
+13 rows, 6 where the bf16 GEMM runs on AMX tiles)
 multiply bf16-rounded activations and weights with fp32 sums at twice the fp32 rate
 (QuantizedLinear.matmul_dtype), and its KV cache stores bf16, which the paged attention
 reads widened to fp32 (LoadedModel.matmul_dtype and kv_cache_dtype say which).
@@ -40,7 +41,7 @@ from engine_core.models.gguf_quant import load_gguf_quantized, quantize_model_rt
 from engine_core.models.hf_quant import HFQuantWeights, load_hf_quantized, read_quant_config
 from engine_core.models.llama import LlamaForCausalLM, Shard
 from engine_core.models.model_config import ModelConfig
-from engine_core.models.quant_layers import BF16_MIN_ROWS, QuantizedLinear
+from engine_core.models.quant_layers import QuantizedLinear, bf16_min_rows
 from kernels_cpu import ops as kernels_cpu_ops
 
 __all__ = [
@@ -179,9 +180,11 @@ def load_model(
         model.pack_weights()
     kv_cache_dtype = compute_dtype
     if matmul_dtype != compute_dtype:
+        min_rows = bf16_min_rows()
         for module in model.modules():
             if isinstance(module, QuantizedLinear):
                 module.matmul_dtype = matmul_dtype
+                module.bf16_min_rows = min_rows
         # The cache in bf16 too where the paged attention kernel reads it: half the bytes a
         # decode step's attention streams, the same fp32 math on the rounded keys and values.
         heads, kv_heads = model_config.num_heads, model_config.num_kv_heads
@@ -189,7 +192,7 @@ def load_model(
             kv_cache_dtype = matmul_dtype
         logger.info(
             "bf16 matmuls for steps of %d rows or more; fp32 activations; %s KV cache",
-            BF16_MIN_ROWS,
+            min_rows,
             "bf16" if kv_cache_dtype == torch.bfloat16 else "fp32",
         )
     model.eval()

@@ -34,6 +34,16 @@ GEMM_MAX_ROWS = 1 << 30 if _CAPABILITY in ("AVX2", "AVX512") else 256  # 256: th
 # With matmul_dtype bfloat16, steps of this many rows or more multiply in bf16 (fewer stay
 # fp32, where the register kernel is as fast: 3072 x 576 at 5 rows 0.11 ms either way).
 BF16_MIN_ROWS = 13
+# The same where the bf16 GEMM runs on AMX tiles, whose dequantizing pack costs what a few
+# rows' fp32 FMAs do (a 2-core Emerald Rapids VM, tools/profile_step.py --dtype bfloat16, the
+# one-call decode step at context 300, fp32 below 13 rows against bf16 from 2: 4 rows 13.0
+# / 13.1 ms, 6 rows 14.7 / 13.9, 8 rows 18.9 / 17.5, 12 rows 31.2 / 20.7).
+AMX_BF16_MIN_ROWS = 6
+
+
+def bf16_min_rows() -> int:
+    """Rows from which a bf16-matmul layer multiplies in bf16 on this CPU."""
+    return AMX_BF16_MIN_ROWS if ops.bf16_amx() else BF16_MIN_ROWS
 
 
 def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -80,6 +90,9 @@ class QuantizedLinear(nn.Module):
         # uint8 "parameter": counted by weight_bytes(), left alone by Module.to(dtype).
         self.qweight = nn.Parameter(blocks.reshape(-1).contiguous(), requires_grad=False)
         self.matmul_dtype = torch.float32
+        # Steps of this many rows or more multiply in matmul_dtype bfloat16 (the loader sets
+        # bf16_min_rows() with it); fewer stay fp32.
+        self.bf16_min_rows = BF16_MIN_ROWS
 
     def dequantized(self) -> torch.Tensor:
         """The weight as fp32 [out, in] (a new tensor)."""
@@ -92,7 +105,7 @@ class QuantizedLinear(nn.Module):
             and x.dtype == torch.float32
             and x.shape[0] <= GEMM_MAX_ROWS
             and x.stride(1) == 1
-            and (x.shape[0] < BF16_MIN_ROWS or self.matmul_dtype == torch.float32)
+            and (x.shape[0] < self.bf16_min_rows or self.matmul_dtype == torch.float32)
         ):  # the model's own case, ~40 us of Python shorter than the general one below
             return ops.gemm(x, self.qweight, self.wtype, n, k)
         lead, dtype = x.shape[:-1], x.dtype
@@ -102,7 +115,7 @@ class QuantizedLinear(nn.Module):
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
         rows = x2.shape[0]
-        if self.matmul_dtype == torch.bfloat16 and rows >= BF16_MIN_ROWS:
+        if self.matmul_dtype == torch.bfloat16 and rows >= self.bf16_min_rows:
             y = self._bf16_matmul(x2)
         elif rows <= GEMM_MAX_ROWS:
             y = ops.gemm(x2, self.qweight, self.wtype, n, k)

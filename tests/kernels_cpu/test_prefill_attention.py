@@ -32,9 +32,21 @@ def reference(q, k_cache, v_cache, block_ids, num_computed):
 
 
 def bf16_products(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the kernel multiplies in bf16 here: a bf16 pool, an AVX512-BF16 build and a
-    head_dim of 32, 64, 96 or 128 (otherwise it widens the pool and multiplies in fp32)."""
-    return dtype == torch.bfloat16 and ops.has_bf16_gemm() and head_dim in (32, 64, 96, 128)
+    """Whether the kernel multiplies in bf16 here: a bf16 pool, an AVX512-BF16 build for a
+    CPU without AMX and a head_dim of 32, 64, 96 or 128 (otherwise it widens the pool and
+    multiplies in fp32)."""
+    return (
+        dtype == torch.bfloat16
+        and ops.prefill_attention_bf16_products()
+        and head_dim in (32, 64, 96, 128)
+    )
+
+
+def test_bf16_products_are_taken_where_vdpbf16ps_pays():
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    expected = ops.has_bf16_gemm() and " amx_bf16" not in flags
+    assert ops.prefill_attention_bf16_products() == expected
 
 
 # Group sizes 3, 1, 4, 6, 8, 2; head_dims 64, 32, 48, 128 and 96 (value passes of 4, 2, 1,

@@ -150,7 +150,7 @@ def bf16_kernel(request):
 @needs_bf16_gemm
 @pytest.mark.parametrize("wtype", sorted(TYPES))
 @pytest.mark.parametrize("n,k", [(64, 32), (100, 576), (576, 1536), (70, 96)])
-@pytest.mark.parametrize("m", [1, 11, 12, 13, 17, 33, 64])
+@pytest.mark.parametrize("m", [1, 11, 12, 13, 17, 33, 64, 300])  # 300: AMX's many-rows path
 def test_bf16_gemm_is_the_product_of_the_bf16_rounded_operands(bf16_kernel, wtype, n, k, m) -> None:
     w, deq = quantized_weight(wtype, n, k, seed=n + k + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
@@ -162,12 +162,25 @@ def test_bf16_gemm_is_the_product_of_the_bf16_rounded_operands(bf16_kernel, wtyp
 
 
 @needs_bf16_gemm
+def test_bf16_gemm_of_many_rows_over_a_weight_packed_in_parts(bf16_kernel) -> None:
+    # AMX's many-rows path packs at most 8 MiB of bf16 weight at a time: 8,200 x 576 is two
+    # parts, the second with a last panel of 8 columns.
+    n, k, m = 8200, 576, 270
+    w, deq = quantized_weight(ops.Q4_1, n, k, seed=5)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
+    ref = x.bfloat16().double().numpy() @ torch.from_numpy(deq).bfloat16().double().numpy().T
+    y = ops.gemm_bf16(x, w, ops.Q4_1, n, k).numpy()
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 2e-6
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("m", [40, 290])
 def test_bf16_gemm_writes_strided_rows_and_keeps_results_across_thread_counts(
-    bf16_kernel,
+    bf16_kernel, m
 ) -> None:
     w, _ = quantized_weight(ops.Q4_1, 100, 128, seed=2)
-    x = torch.randn(40, 256)[:, :128]
-    out = torch.zeros(40, 160)[:, :100]
+    x = torch.randn(m, 256)[:, :128]
+    out = torch.zeros(m, 160)[:, :100]
     ops.gemm_bf16(x, w, ops.Q4_1, 100, 128, out=out)
     threads = torch.get_num_threads()
     try:

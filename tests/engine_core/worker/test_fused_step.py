@@ -155,7 +155,7 @@ def test_the_one_call_step_does_not_depend_on_the_thread_count():
 
 @pytest.mark.skipif(not ops.has_bf16_gemm(), reason="this CPU has no AVX512-BF16")
 def test_bf16_matmuls_and_a_bf16_cache_are_bit_identical(monkeypatch):
-    # --dtype bfloat16 on an AVX512-BF16 CPU: bf16 GEMMs from BF16_MIN_ROWS rows, a bf16 cache.
+    # --dtype bfloat16 on an AVX512-BF16 CPU: bf16 GEMMs from bf16_min_rows() rows, a bf16 cache.
     from engine_core.models import loader
 
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
@@ -165,7 +165,7 @@ def test_bf16_matmuls_and_a_bf16_cache_are_bit_identical(monkeypatch):
     steps = steps_over(rng, model.config.vocab_size)
     wide = [
         ([int(rng.integers(0, 1000))], 5 + i, blocks(80 + 2 * i, 6 + i)) for i in range(16)
-    ]  # 16 decode rows: past BF16_MIN_ROWS, the bf16 kernel's rows
+    ]  # 16 decode rows: past bf16_min_rows(), the bf16 kernel's rows
     steps.insert(-1, (wide, True))
     kv_fused = new_kv_cache(model, 128).bfloat16()
     kv_ops = kv_fused.clone()

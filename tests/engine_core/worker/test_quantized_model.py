@@ -230,9 +230,12 @@ def test_bf16_matmuls_are_the_product_of_bf16_operands_past_the_small_step_rows(
     # The kernel sums in fp32; oneDNN's result is rounded to bf16 (8 bits) before widening.
     tol = 2e-6 if kernel else 8e-3
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol
-    # A small step (a decode) stays the fp32 product.
-    few = x[:3]
+    # A small step (a decode) stays the fp32 product: below bf16_min_rows rows.
+    few = x[: layer.bf16_min_rows - 1]
     assert torch.equal(layer(few), ops.gemm(few, layer.qweight, layer.wtype, 200, 64))
+    layer.bf16_min_rows = 3
+    assert not torch.equal(layer(x[:3]), ops.gemm(x[:3], layer.qweight, layer.wtype, 200, 64))
+    assert torch.equal(layer(x[:2]), ops.gemm(x[:2], layer.qweight, layer.wtype, 200, 64))
 
 
 def test_bf16_on_a_native_bf16_cpu_is_the_quantized_layers_matmul_dtype_only(monkeypatch):
@@ -246,6 +249,8 @@ def test_bf16_on_a_native_bf16_cpu_is_the_quantized_layers_matmul_dtype_only(mon
     linears = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(linears) > 4 * loaded.config.num_layers  # the tied LM head's table too
     assert {m.matmul_dtype for m in linears} == {torch.bfloat16}
+    # From 6 rows where AMX tiles multiply (their pack costs what a few rows' FMAs do), else 13.
+    assert {m.bf16_min_rows for m in linears} == {6 if ops.bf16_amx() else 13}
     assert loaded.model.norm.weight.dtype == torch.float32
     auto = load_model(EngineConfig(), cpu)
     assert (auto.compute_dtype, auto.matmul_dtype) == (torch.float32, torch.float32)
