@@ -205,6 +205,8 @@ void gemm_amx(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64_
 constexpr int64_t kAmxManyRows = 256;
 // x's rows in chunks of at most this many bytes (bf16), kept in L2 while the panels pass.
 constexpr int64_t kXChunkBytes = 512 << 10;
+// Packed panels a thread runs its chunk of x's rows over at a time (kept in L2 with the chunk).
+constexpr int64_t kRunBytes = 768 << 10;
 // Packed weight columns at most this many bytes at a time (the LM head's 49,152 columns are
 // packed and used in parts).
 constexpr int64_t kPackedBytes = 8 << 20;
@@ -238,7 +240,8 @@ void gemm_amx_many_rows(const uint8_t* w, int64_t n, int64_t k, const uint16_t* 
   const int64_t nb = k / QK, panel_words = k / 2 * kPanelCols;
   const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
   const int64_t group = std::max<int64_t>(1, kPackedBytes / (panel_words * 4));
-  int64_t chunk_rows = std::max<int64_t>(32, kXChunkBytes / (k * 2) / 32 * 32);
+  const int64_t chunk_rows = std::max<int64_t>(32, kXChunkBytes / (k * 2) / 32 * 32);
+  const int64_t run_panels = std::max<int64_t>(1, kRunBytes / (panel_words * 4));
   const int64_t chunks = (m + chunk_rows - 1) / chunk_rows;
   static thread_local AlignedVector<uint32_t> packed;
   const int64_t cap = std::min(group, panels) * panel_words;
@@ -262,30 +265,37 @@ void gemm_amx_many_rows(const uint8_t* w, int64_t n, int64_t k, const uint16_t* 
       for (int64_t t = 0; t < chunks * runs; ++t) {
         const int64_t i_begin = t / runs * chunk_rows, i_end = std::min(m, i_begin + chunk_rows);
         const int64_t p_begin = g0 + gp * (t % runs) / runs, p_end = g0 + gp * (t % runs + 1) / runs;
-        for (int64_t p = p_begin; p < p_end; ++p) {
-          const uint32_t* panel = pk + (p - g0) * panel_words;
-          const int64_t c0 = p * kPanelCols;
+        // Panels a run at a time that stay in L2 with the chunk of x, and rows of x outer
+        // within it: y is written a few rows at a time across the run's columns, not down
+        // each panel's 32 columns over all the chunk's rows (one 4 KB page a row of a tile
+        // store: the TLB's misses cost that order of the product's time).
+        for (int64_t q0 = p_begin; q0 < p_end; q0 += run_panels) {
+          const int64_t q1 = std::min(p_end, q0 + run_panels);
           for (int64_t i0 = i_begin; i0 < i_end; i0 += 32) {
             const uint16_t* a0 = xb + i0 * k;
             const uint16_t* a1 = a0 + 16 * k;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t s = 0; s < nb; ++s) {
-              _tile_loadd(4, a0 + s * QK, k * 2);
-              _tile_loadd(5, a1 + s * QK, k * 2);
-              _tile_loadd(6, panel + s * 16 * kPanelCols, kPanelCols * 4);
-              _tile_loadd(7, panel + s * 16 * kPanelCols + 16, kPanelCols * 4);
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
+            for (int64_t p = q0; p < q1; ++p) {
+              const uint32_t* panel = pk + (p - g0) * panel_words;
+              const int64_t c0 = p * kPanelCols;
+              _tile_zero(0);
+              _tile_zero(1);
+              _tile_zero(2);
+              _tile_zero(3);
+              for (int64_t s = 0; s < nb; ++s) {
+                _tile_loadd(4, a0 + s * QK, k * 2);
+                _tile_loadd(5, a1 + s * QK, k * 2);
+                _tile_loadd(6, panel + s * 16 * kPanelCols, kPanelCols * 4);
+                _tile_loadd(7, panel + s * 16 * kPanelCols + 16, kPanelCols * 4);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+              }
+              RS_STORE_C(0, i0, c0);
+              RS_STORE_C(1, i0, c0 + 16);
+              RS_STORE_C(2, i0 + 16, c0);
+              RS_STORE_C(3, i0 + 16, c0 + 16);
             }
-            RS_STORE_C(0, i0, c0);
-            RS_STORE_C(1, i0, c0 + 16);
-            RS_STORE_C(2, i0 + 16, c0);
-            RS_STORE_C(3, i0 + 16, c0 + 16);
           }
         }
       }
