@@ -56,6 +56,7 @@ def load_library(path: str) -> ctypes.CDLL:
     )
     lib.rs_paged_prefill_attention_bf16.argtypes = lib.rs_paged_prefill_attention.argtypes
     lib.rs_has_prefill_attention.restype = ctypes.c_int
+    lib.rs_prefill_attention_bf16_products.argtypes = [_i64] * 3
     lib.rs_prefill_attention_bf16_products.restype = ctypes.c_int
     return lib
 
@@ -329,12 +330,14 @@ def prefill_attention_supported(heads: int, kv_heads: int, head_dim: int) -> boo
     )
 
 
-def prefill_attention_bf16_products() -> bool:
-    """Whether paged_prefill_attention multiplies a bf16 pool's products in bf16 here
-    (vdpbf16ps, on an AVX512-BF16 CPU without AMX), rather than in fp32 over the widened pool
-    (on Intel's AMX cores, whose vdpbf16ps runs on one port where FMAs run on two)."""
+def prefill_attention_bf16_products(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether paged_prefill_attention multiplies a bf16 pool's products in bf16 for this
+    shape here (AMX tiles, or vdpbf16ps on an AVX512-BF16 CPU without AMX), rather than in
+    fp32 over the widened pool."""
     lib = _load()
-    return lib is not None and bool(lib.rs_prefill_attention_bf16_products())
+    return lib is not None and bool(
+        lib.rs_prefill_attention_bf16_products(heads, kv_heads, head_dim)
+    )
 
 
 def paged_prefill_attention(

@@ -11,6 +11,12 @@ namespace rs {
 
 constexpr int kPanelWidth = 32;  // columns of a panel: two 16-lane vectors
 
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+// Whether the bf16 products run on AMX tiles here (quant_gemm_bf16.cpp: a build for a CPU
+// with AMX-BF16, the tile state granted, and the path not switched off by rs_bf16_amx).
+bool amx_usable();
+#endif
+
 #if defined(__AVX512F__)
 // The accumulators of MT rows (columns 0-15 in a0, 16-31 in a1) into y's first nv columns.
 template <int MT>

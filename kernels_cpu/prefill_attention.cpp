@@ -24,6 +24,7 @@
 // 372-382 -> 293-304 ms).
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -370,6 +371,151 @@ void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
 
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// The task of a bf16 pool on AMX tiles, for head_dim % 32 == 0 (at most 128) and at most 32
+// rows (4 query heads a KV head): the scores and P @ V as tile products, bf16 operands and
+// fp32 sums (as prefill_task_bf16's vdpbf16ps: the queries rounded to bf16 for the scores,
+// the probabilities rounded to bf16 for P @ V), the online softmax as the fp32 task's. The
+// task's rows (queries x heads, padded to 32 with zero rows) are the A tiles of the scores,
+// the 32 keys of a tile the B tiles: their rows, bf16 pairs in the pool, transposed 16 x 16
+// as 32-bit pairs ([dim pair][key]); for P @ V the probabilities are the A tiles (32 keys a
+// row) and each value row pair interleaves into the B tiles ([key pair][dim][2]).
+constexpr int kAmxRows = 32;
+
+struct alignas(64) AttnTileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+inline void attn_tile_config() {  // eight tiles of 16 rows x 64 bytes
+  AttnTileConfig c;
+  std::memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+  _tile_loadconfig(&c);
+}
+
+bool amx_task_fits(int64_t G, int64_t hd) {
+  return hd % 32 == 0 && hd <= 128 && G * kQB <= kAmxRows && rs::amx_usable();
+}
+
+// The calling thread has loaded attn_tile_config.
+void prefill_task_amx(const Args<uint16_t>& a, int64_t q0, int64_t g) {
+  const int64_t hd = a.hd, G = a.heads / a.kv_heads, chunks = hd / 32;
+  const int nq = (int)(a.query_len - q0 < kQB ? a.query_len - q0 : kQB);
+  const int rows = nq * (int)G;  // row r: query q0 + r / G, head g * G + r % G
+  const bool two = rows > 16;    // a second A tile of rows
+  static thread_local rs::AlignedVector<uint16_t> hbuf;  // qb [32][hd], pb [32][32]
+  static thread_local rs::AlignedVector<uint32_t> tbuf;  // kb [chunks][2][16][16], vb [hd / 16][16][16]
+  static thread_local rs::AlignedVector<float> fbuf;     // s [32][32], o [32][hd], pv [32][32]
+  if ((int64_t)hbuf.size() < kAmxRows * (hd + kKB)) hbuf.resize(kAmxRows * (hd + kKB));
+  if ((int64_t)tbuf.size() < 2 * hd * 16 + hd * 16) tbuf.resize(2 * hd * 16 + hd * 16);
+  if ((int64_t)fbuf.size() < kAmxRows * (2 * kKB + hd)) fbuf.resize(kAmxRows * (2 * kKB + hd));
+  uint16_t* qb = hbuf.data();
+  uint16_t* pb = qb + kAmxRows * hd;
+  uint32_t* kb = tbuf.data();
+  uint32_t* vb = kb + 2 * hd * 16;
+  float* s = fbuf.data();
+  float* o = s + kAmxRows * kKB;
+  float* pv = o + kAmxRows * hd;
+  std::memset(qb, 0, kAmxRows * (hd + kKB) * sizeof(uint16_t));
+  for (int r = 0; r < rows; ++r) {
+    rs::fp32_to_bf16(a.q + (q0 + r / G) * a.ldq + (g * G + r % G) * hd, hd, qb + r * hd);
+    for (int64_t d = 0; d < hd; ++d) o[r * hd + d] = 0.0f;
+  }
+  float m[kAmxRows], l[kAmxRows];
+  for (int r = 0; r < rows; ++r) m[r] = -INFINITY, l[r] = 0.0f;
+  // 16-bit lanes: a's i-th value, then b's, for i = 0..15 (b's lanes numbered from 32).
+  alignas(64) uint16_t pairs[32];
+  for (int i = 0; i < 16; ++i) pairs[2 * i] = (uint16_t)i, pairs[2 * i + 1] = (uint16_t)(32 + i);
+  const __m512i interleave = _mm512_load_si512(pairs);
+  const int64_t first_pos = a.num_computed + q0, last_pos = first_pos + nq - 1;
+  const uint16_t* kp[kKB];
+  const uint16_t* vp[kKB];
+  for (int64_t t0 = 0; t0 <= last_pos; t0 += kKB) {
+    const int nk = (int)(last_pos + 1 - t0 < kKB ? last_pos + 1 - t0 : kKB);
+    tile_rows(a, g, t0, nk, kp, vp);
+    // The keys as B tiles: chunk c of 32 dims, keys 16 h .. 16 h + 15: [dim pair][key].
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int h = 0; h < 2; ++h) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(kp[16 * h + i] + 32 * c);
+        rs::transpose16x16(r);
+        uint32_t* dst = kb + (c * 2 + h) * 256;
+        for (int p = 0; p < 16; ++p) _mm512_store_si512(dst + 16 * p, r[p]);
+      }
+    }
+    // Scores: C tiles 0 / 1 rows 0-15 x keys 0-15 / 16-31, 2 / 3 rows 16-31.
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < chunks; ++c) {
+      _tile_loadd(4, qb + 32 * c, hd * 2);
+      _tile_loadd(6, kb + (c * 2) * 256, 64);
+      _tile_loadd(7, kb + (c * 2 + 1) * 256, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (two) {
+        _tile_loadd(5, qb + 16 * hd + 32 * c, hd * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, s, kKB * 4);
+    _tile_stored(1, s + 16, kKB * 4);
+    if (two) {
+      _tile_stored(2, s + 16 * kKB, kKB * 4);
+      _tile_stored(3, s + 16 * kKB + 16, kKB * 4);
+    }
+    const bool mask = t0 + kKB - 1 > first_pos || nk < kKB;
+    for (int r = 0; r < rows; ++r) {
+      __m512 z0, z1;
+      const float alpha = online_softmax(s + r * kKB, a.scale, first_pos + r / G, t0, nk, mask,
+                                         m[r], o + r * hd, hd, z0, z1);
+      l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+      _mm512_storeu_si512(pb + r * kKB, (__m512i)_mm512_cvtne2ps_pbh(z1, z0));
+    }
+    // The values as B tiles: dims 16 j .. 16 j + 15, [key pair][dim][2].
+    for (int p = 0; p < 16; ++p) {
+      for (int64_t j = 0; j < hd / 16; ++j) {
+        const __m512i v0 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(vp[2 * p] + 16 * j)));
+        const __m512i v1 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(vp[2 * p + 1] + 16 * j)));
+        _mm512_store_si512(vb + (j * 16 + p) * 16, _mm512_permutex2var_epi16(v0, interleave, v1));
+      }
+    }
+    // P @ V, 32 dims a pass: C tiles 0 / 1 rows 0-15 x dims 0-15 / 16-31 of the pass.
+    for (int64_t c = 0; c < chunks; ++c) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_loadd(4, pb, kKB * 2);
+      _tile_loadd(6, vb + (2 * c) * 256, 64);
+      _tile_loadd(7, vb + (2 * c + 1) * 256, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_stored(0, pv, kKB * 4);
+      _tile_stored(1, pv + 16, kKB * 4);
+      if (two) {
+        _tile_zero(2);
+        _tile_zero(3);
+        _tile_loadd(5, pb + 16 * kKB, kKB * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_stored(2, pv + 16 * kKB, kKB * 4);
+        _tile_stored(3, pv + 16 * kKB + 16, kKB * 4);
+      }
+      for (int r = 0; r < rows; ++r) {
+        float* orow = o + r * hd + 32 * c;
+        _mm512_storeu_ps(orow, _mm512_add_ps(_mm512_loadu_ps(orow), _mm512_loadu_ps(pv + r * kKB)));
+        _mm512_storeu_ps(orow + 16, _mm512_add_ps(_mm512_loadu_ps(orow + 16), _mm512_loadu_ps(pv + r * kKB + 16)));
+      }
+    }
+  }
+  store_rows(a, q0, g, rows, o, l);
+}
+#endif
+
 template <class T>
 int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_cache,
                       const int64_t* block_ids, int64_t num_computed, int64_t query_len,
@@ -383,10 +529,26 @@ int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_
                   heads,     kv_heads,   head_dim, block_size, scale, out};
   const int64_t qblocks = (query_len + kQB - 1) / kQB, tasks = qblocks * kv_heads;
   [[maybe_unused]] const bool bf16_dots = head_dim % 32 == 0 && head_dim <= 128;
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  const bool amx = std::is_same_v<T, uint16_t> && amx_task_fits(heads / kv_heads, head_dim);
+#endif
   // Later query blocks see more keys: dynamic scheduling, the longest first.
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic) if (nthreads > 1 && tasks > 1)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && tasks > 1)
+  {
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx) attn_tile_config();  // once a thread, not once a task (~1 us each)
+#endif
+#pragma omp for schedule(dynamic)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t qb = qblocks - 1 - t / kv_heads, g = t % kv_heads;
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (amx) {
+        prefill_task_amx(a, qb * kQB, g);
+        continue;
+      }
+    }
+#endif
 #if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
     if constexpr (std::is_same_v<T, uint16_t>) {
       if (bf16_dots) {
@@ -396,6 +558,10 @@ int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_
     }
 #endif
     prefill_task(a, qb * kQB, g);
+  }
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx) _tile_release();
+#endif
   }
   return 0;
 #else
@@ -418,12 +584,22 @@ int rs_has_prefill_attention() {
 #endif
 }
 
-// Whether a bf16 pool's products are bf16 here (vdpbf16ps: an AVX512-BF16 build for a CPU
-// without AMX), else fp32 over the widened pool.
-int rs_prefill_attention_bf16_products() {
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(__AMX_BF16__)
-  return 1;
+// Whether a bf16 pool's products are bf16 for this shape here: on AMX tiles (a build for a
+// CPU with AMX-BF16, the tiles usable, head_dim % 32 == 0 up to 128, at most 4 query heads a
+// KV head) or by vdpbf16ps (an AVX512-BF16 build for a CPU without AMX, head_dim 32, 64, 96
+// or 128); otherwise fp32 over the widened pool.
+int rs_prefill_attention_bf16_products(int64_t heads, int64_t kv_heads, int64_t head_dim) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  if (kv_heads < 1 || heads % kv_heads != 0 || heads / kv_heads > kMaxG || head_dim % 16 != 0) {
+    return 0;
+  }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  return amx_task_fits(heads / kv_heads, head_dim) ? 1 : 0;
 #else
+  return head_dim % 32 == 0 && head_dim <= 128 ? 1 : 0;
+#endif
+#else
+  (void)heads, (void)kv_heads, (void)head_dim;
   return 0;
 #endif
 }

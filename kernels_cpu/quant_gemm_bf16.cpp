@@ -349,6 +349,10 @@ uint16_t* bf16_rows(const float* x, int64_t m, int64_t k, int64_t ldx, int nthre
 }
 
 }  // namespace
+
+namespace rs {
+bool amx_usable() { return use_amx(); }
+}  // namespace rs
 #endif
 
 extern "C" {

@@ -31,22 +31,27 @@ def reference(q, k_cache, v_cache, block_ids, num_computed):
     return o.squeeze(0).transpose(0, 1)
 
 
-def bf16_products(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the kernel multiplies in bf16 here: a bf16 pool, an AVX512-BF16 build for a
-    CPU without AMX and a head_dim of 32, 64, 96 or 128 (otherwise it widens the pool and
-    multiplies in fp32)."""
-    return (
-        dtype == torch.bfloat16
-        and ops.prefill_attention_bf16_products()
-        and head_dim in (32, 64, 96, 128)
+def bf16_products(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel multiplies in bf16 here: a bf16 pool and, on a CPU with AMX tiles, a
+    head_dim % 32 == 0 up to 128 and at most 4 query heads a KV head, or on an AVX512-BF16 CPU
+    without AMX a head_dim of 32, 64, 96 or 128 (otherwise it widens the pool and multiplies
+    in fp32)."""
+    return dtype == torch.bfloat16 and ops.prefill_attention_bf16_products(
+        heads, kv_heads, head_dim
     )
 
 
-def test_bf16_products_are_taken_where_vdpbf16ps_pays():
+def test_bf16_products_are_taken_where_they_pay():
     with open("/proc/cpuinfo") as f:
-        flags = f.read()
-    expected = ops.has_bf16_gemm() and " amx_bf16" not in flags
-    assert ops.prefill_attention_bf16_products() == expected
+        amx = " amx_bf16" in f.read()
+    for heads, kv_heads, head_dim in [(9, 3, 64), (8, 2, 128), (8, 1, 64), (6, 3, 48), (4, 4, 96)]:
+        if not ops.has_bf16_gemm():
+            expected = False
+        elif amx and ops.bf16_amx():
+            expected = head_dim % 32 == 0 and heads // kv_heads <= 4
+        else:
+            expected = head_dim in (32, 64, 96, 128)
+        assert ops.prefill_attention_bf16_products(heads, kv_heads, head_dim) == expected
 
 
 # Group sizes 3, 1, 4, 6, 8, 2; head_dims 64, 32, 48, 128 and 96 (value passes of 4, 2, 1,
@@ -58,9 +63,24 @@ def test_bf16_products_are_taken_where_vdpbf16ps_pays():
 )
 @pytest.mark.parametrize("num_computed,query_len", [(0, 1), (0, 7), (0, 100), (45, 33), (5, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles", ["as-built", "amx-off"])
 def test_prefill_attention_reads_the_cache_in_place_like_gather_then_sdpa(
-    heads, kv_heads, head_dim, num_computed, query_len, dtype
+    heads, kv_heads, head_dim, num_computed, query_len, dtype, tiles
 ):
+    # amx-off: where AMX tiles take a bf16 pool's products, the path without them (the fp32
+    # task over the widened pool) on the same inputs.
+    if tiles == "amx-off":
+        if dtype != torch.bfloat16 or not ops.bf16_amx():
+            pytest.skip("no AMX tiles to switch off for this case")
+        ops.bf16_amx(False)
+    try:
+        check_prefill_attention(heads, kv_heads, head_dim, num_computed, query_len, dtype)
+    finally:
+        if tiles == "amx-off":
+            ops.bf16_amx(True)
+
+
+def check_prefill_attention(heads, kv_heads, head_dim, num_computed, query_len, dtype):
     g = torch.Generator().manual_seed(heads + head_dim + query_len + num_computed)
     block_size = 16 if query_len != 33 else 4
     num_blocks = 64
@@ -70,7 +90,7 @@ def test_prefill_attention_reads_the_cache_in_place_like_gather_then_sdpa(
     block_ids = torch.randperm(num_blocks, generator=g)[:width].contiguous()
     q = torch.randn(query_len, heads, head_dim, generator=g)
     got = ops.paged_prefill_attention(q, k_cache, v_cache, block_ids, num_computed, head_dim**-0.5)
-    if not bf16_products(dtype, head_dim):
+    if not bf16_products(dtype, heads, kv_heads, head_dim):
         want = reference(q, k_cache, v_cache, block_ids, num_computed)
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
         return
