@@ -375,11 +375,12 @@ void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
 // The task of a bf16 pool on AMX tiles, for head_dim % 32 == 0 (at most 128) and at most 32
 // rows (4 query heads a KV head): the scores and P @ V as tile products, bf16 operands and
 // fp32 sums (as prefill_task_bf16's vdpbf16ps: the queries rounded to bf16 for the scores,
-// the probabilities rounded to bf16 for P @ V), the online softmax as the fp32 task's. The
-// task's rows (queries x heads, padded to 32 with zero rows) are the A tiles of the scores,
-// the 32 keys of a tile the B tiles: their rows, bf16 pairs in the pool, transposed 16 x 16
-// as 32-bit pairs ([dim pair][key]); for P @ V the probabilities are the A tiles (32 keys a
-// row) and each value row pair interleaves into the B tiles ([key pair][dim][2]).
+// the probabilities rounded to bf16 for P @ V). The scores come out transposed, keys x rows:
+// a tile's 32 keys are the A tiles (their rows as the pool holds them), the task's queries
+// the B tiles (transposed once a task), so the online softmax runs across 16 rows a vector
+// (max, exp and sums per key, no reduction within a row); the probabilities, paired by key
+// and transposed back, are the A tiles of P @ V, whose B tiles interleave each pair of value
+// rows ([key pair][dim][2]). Rows past the task's (to 32) are zero queries.
 constexpr int kAmxRows = 32;
 
 struct alignas(64) AttnTileConfig {
@@ -400,82 +401,141 @@ bool amx_task_fits(int64_t G, int64_t hd) {
   return hd % 32 == 0 && hd <= 128 && G * kQB <= kAmxRows && rs::amx_usable();
 }
 
+// 16-bit lanes: a's i-th value, then b's, for i = 0..15 (b's lanes numbered from `b`).
+inline __m512i pair_lanes(int b) {
+  alignas(64) uint16_t idx[32];
+  for (int i = 0; i < 16; ++i) idx[2 * i] = (uint16_t)i, idx[2 * i + 1] = (uint16_t)(b + i);
+  return _mm512_load_si512(idx);
+}
+
 // The calling thread has loaded attn_tile_config.
 void prefill_task_amx(const Args<uint16_t>& a, int64_t q0, int64_t g) {
   const int64_t hd = a.hd, G = a.heads / a.kv_heads, chunks = hd / 32;
   const int nq = (int)(a.query_len - q0 < kQB ? a.query_len - q0 : kQB);
   const int rows = nq * (int)G;  // row r: query q0 + r / G, head g * G + r % G
-  const bool two = rows > 16;    // a second A tile of rows
-  static thread_local rs::AlignedVector<uint16_t> hbuf;  // qb [32][hd], pb [32][32]
-  static thread_local rs::AlignedVector<uint32_t> tbuf;  // kb [chunks][2][16][16], vb [hd / 16][16][16]
-  static thread_local rs::AlignedVector<float> fbuf;     // s [32][32], o [32][hd], pv [32][32]
-  if ((int64_t)hbuf.size() < kAmxRows * (hd + kKB)) hbuf.resize(kAmxRows * (hd + kKB));
-  if ((int64_t)tbuf.size() < 2 * hd * 16 + hd * 16) tbuf.resize(2 * hd * 16 + hd * 16);
+  const int halves = rows > 16 ? 2 : 1;  // B tiles of 16 rows (scores), A tiles (P @ V)
+  static thread_local rs::AlignedVector<uint16_t> hbuf;  // keys [32][hd], pb [32][32]
+  static thread_local rs::AlignedVector<uint32_t> tbuf;  // qt [chunks][2][16][16], vb [hd / 16][16][16]
+  static thread_local rs::AlignedVector<float> fbuf;     // st [32][32], o [32][hd], pv [32][32]
+  if ((int64_t)hbuf.size() < kKB * hd + kAmxRows * kKB) hbuf.resize(kKB * hd + kAmxRows * kKB);
+  if ((int64_t)tbuf.size() < 3 * hd * 16) tbuf.resize(3 * hd * 16);
   if ((int64_t)fbuf.size() < kAmxRows * (2 * kKB + hd)) fbuf.resize(kAmxRows * (2 * kKB + hd));
-  uint16_t* qb = hbuf.data();
-  uint16_t* pb = qb + kAmxRows * hd;
-  uint32_t* kb = tbuf.data();
-  uint32_t* vb = kb + 2 * hd * 16;
-  float* s = fbuf.data();
-  float* o = s + kAmxRows * kKB;
+  uint16_t* kbuf = hbuf.data();
+  uint16_t* pb = kbuf + kKB * hd;
+  uint32_t* qt = tbuf.data();
+  uint32_t* vb = qt + 2 * hd * 16;
+  float* st = fbuf.data();
+  float* o = st + kKB * kAmxRows;
   float* pv = o + kAmxRows * hd;
-  std::memset(qb, 0, kAmxRows * (hd + kKB) * sizeof(uint16_t));
-  for (int r = 0; r < rows; ++r) {
-    rs::fp32_to_bf16(a.q + (q0 + r / G) * a.ldq + (g * G + r % G) * hd, hd, qb + r * hd);
-    for (int64_t d = 0; d < hd; ++d) o[r * hd + d] = 0.0f;
+  // The queries as B tiles: chunk c of 32 dims, rows 16 h ..: [dim pair][row], rows past
+  // the task's zero.
+  {
+    static thread_local rs::AlignedVector<uint16_t> qb;
+    if ((int64_t)qb.size() < kAmxRows * hd) qb.resize(kAmxRows * hd);
+    std::memset(qb.data(), 0, kAmxRows * hd * sizeof(uint16_t));
+    for (int r = 0; r < rows; ++r) {
+      rs::fp32_to_bf16(a.q + (q0 + r / G) * a.ldq + (g * G + r % G) * hd, hd, qb.data() + r * hd);
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int h = 0; h < 2; ++h) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(qb.data() + (16 * h + i) * hd + 32 * c);
+        rs::transpose16x16(r);
+        for (int p = 0; p < 16; ++p) _mm512_store_si512(qt + ((c * 2 + h) * 16 + p) * 16, r[p]);
+      }
+    }
   }
-  float m[kAmxRows], l[kAmxRows];
-  for (int r = 0; r < rows; ++r) m[r] = -INFINITY, l[r] = 0.0f;
-  // 16-bit lanes: a's i-th value, then b's, for i = 0..15 (b's lanes numbered from 32).
-  alignas(64) uint16_t pairs[32];
-  for (int i = 0; i < 16; ++i) pairs[2 * i] = (uint16_t)i, pairs[2 * i + 1] = (uint16_t)(32 + i);
-  const __m512i interleave = _mm512_load_si512(pairs);
+  for (int64_t i = 0; i < kAmxRows * hd; ++i) o[i] = 0.0f;
   const int64_t first_pos = a.num_computed + q0, last_pos = first_pos + nq - 1;
+  // Each row's position (rows past the task's: the last one's), its running max and sum.
+  __m512i pos[2];
+  __m512 m[2], l[2];
+  for (int h = 0; h < 2; ++h) {
+    alignas(64) int32_t p16[16];
+    for (int i = 0; i < 16; ++i) {
+      const int r = 16 * h + i < rows ? 16 * h + i : rows - 1;
+      p16[i] = (int32_t)(first_pos + r / G);
+    }
+    pos[h] = _mm512_load_si512(p16);
+    m[h] = _mm512_set1_ps(-INFINITY);
+    l[h] = _mm512_setzero_ps();
+  }
+  const __m512i interleave = pair_lanes(32), interleave_halves = pair_lanes(16);
+  const __m512 vscale = _mm512_set1_ps(a.scale);
   const uint16_t* kp[kKB];
   const uint16_t* vp[kKB];
   for (int64_t t0 = 0; t0 <= last_pos; t0 += kKB) {
     const int nk = (int)(last_pos + 1 - t0 < kKB ? last_pos + 1 - t0 : kKB);
     tile_rows(a, g, t0, nk, kp, vp);
-    // The keys as B tiles: chunk c of 32 dims, keys 16 h .. 16 h + 15: [dim pair][key].
-    for (int64_t c = 0; c < chunks; ++c) {
-      for (int h = 0; h < 2; ++h) {
-        __m512i r[16];
-        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(kp[16 * h + i] + 32 * c);
-        rs::transpose16x16(r);
-        uint32_t* dst = kb + (c * 2 + h) * 256;
-        for (int p = 0; p < 16; ++p) _mm512_store_si512(dst + 16 * p, r[p]);
+    for (int i = 0; i < kKB; ++i) {
+      for (int64_t d = 0; d < hd; d += 32) {
+        _mm512_store_si512(kbuf + i * hd + d, _mm512_loadu_si512(kp[i] + d));
       }
     }
-    // Scores: C tiles 0 / 1 rows 0-15 x keys 0-15 / 16-31, 2 / 3 rows 16-31.
+    // Scores, keys x rows: C tiles 0 / 1 keys 0-15 x rows 0-15 / 16-31, 2 / 3 keys 16-31.
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t c = 0; c < chunks; ++c) {
-      _tile_loadd(4, qb + 32 * c, hd * 2);
-      _tile_loadd(6, kb + (c * 2) * 256, 64);
-      _tile_loadd(7, kb + (c * 2 + 1) * 256, 64);
+      _tile_loadd(4, kbuf + 32 * c, hd * 2);
+      _tile_loadd(5, kbuf + 16 * hd + 32 * c, hd * 2);
+      _tile_loadd(6, qt + (c * 2) * 256, 64);
       _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      if (two) {
-        _tile_loadd(5, qb + 16 * hd + 32 * c, hd * 2);
-        _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(2, 5, 6);
+      if (halves == 2) {
+        _tile_loadd(7, qt + (c * 2 + 1) * 256, 64);
+        _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(3, 5, 7);
       }
     }
-    _tile_stored(0, s, kKB * 4);
-    _tile_stored(1, s + 16, kKB * 4);
-    if (two) {
-      _tile_stored(2, s + 16 * kKB, kKB * 4);
-      _tile_stored(3, s + 16 * kKB + 16, kKB * 4);
+    _tile_stored(0, st, kAmxRows * 4);
+    _tile_stored(2, st + 16 * kAmxRows, kAmxRows * 4);
+    if (halves == 2) {
+      _tile_stored(1, st + 16, kAmxRows * 4);
+      _tile_stored(3, st + 16 * kAmxRows + 16, kAmxRows * 4);
     }
-    const bool mask = t0 + kKB - 1 > first_pos || nk < kKB;
-    for (int r = 0; r < rows; ++r) {
-      __m512 z0, z1;
-      const float alpha = online_softmax(s + r * kKB, a.scale, first_pos + r / G, t0, nk, mask,
-                                         m[r], o + r * hd, hd, z0, z1);
-      l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
-      _mm512_storeu_si512(pb + r * kKB, (__m512i)_mm512_cvtne2ps_pbh(z1, z0));
+    // The online softmax, 16 rows a vector: key k is seen by the rows whose position is at
+    // least t0 + k (and is a key of the tile: k < nk).
+    for (int h = 0; h < halves; ++h) {
+      __mmask16 seen[kKB];
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int k = 0; k < kKB; ++k) {
+        seen[k] = k < nk ? _mm512_cmpge_epi32_mask(pos[h], _mm512_set1_epi32((int32_t)(t0 + k)))
+                         : (__mmask16)0;
+        const __m512 sk = _mm512_mul_ps(_mm512_loadu_ps(st + k * kAmxRows + 16 * h), vscale);
+        mx = _mm512_mask_max_ps(mx, seen[k], mx, sk);
+      }
+      const __m512 m_new = _mm512_max_ps(m[h], mx);
+      // 0 for a row's first keys (m = -inf: exp16 gives ~1e-38, times a zero sum and output)
+      const __m512 alpha = exp16(_mm512_sub_ps(m[h], m_new));
+      m[h] = m_new;
+      __m512 sum = _mm512_setzero_ps();
+      __m512i z[16];
+      for (int p = 0; p < 16; ++p) {
+        __m512 pk[2];
+        for (int e = 0; e < 2; ++e) {
+          const int k = 2 * p + e;
+          const __m512 sk = _mm512_mul_ps(_mm512_loadu_ps(st + k * kAmxRows + 16 * h), vscale);
+          pk[e] = _mm512_maskz_mov_ps(seen[k], exp16(_mm512_sub_ps(sk, m_new)));
+          sum = _mm512_add_ps(sum, pk[e]);
+        }
+        // Lane r: row r's probabilities of keys 2p and 2p + 1, bf16.
+        z[p] = _mm512_permutexvar_epi16(interleave_halves, (__m512i)_mm512_cvtne2ps_pbh(pk[1], pk[0]));
+      }
+      l[h] = _mm512_add_ps(_mm512_mul_ps(l[h], alpha), sum);
+      rs::transpose16x16(z);  // z[r]: row r's 16 key pairs
+      alignas(64) float al[16];
+      _mm512_store_ps(al, alpha);
+      for (int i = 0; i < 16; ++i) {
+        _mm512_store_si512(pb + (16 * h + i) * kKB, z[i]);
+        const int r = 16 * h + i;
+        if (r >= rows || al[i] == 1.0f) continue;
+        const __m512 va = _mm512_set1_ps(al[i]);
+        for (int64_t d = 0; d < hd; d += 16) {
+          _mm512_storeu_ps(o + r * hd + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + d), va));
+        }
+      }
     }
     // The values as B tiles: dims 16 j .. 16 j + 15, [key pair][dim][2].
     for (int p = 0; p < 16; ++p) {
@@ -496,7 +556,7 @@ void prefill_task_amx(const Args<uint16_t>& a, int64_t q0, int64_t g) {
       _tile_dpbf16ps(1, 4, 7);
       _tile_stored(0, pv, kKB * 4);
       _tile_stored(1, pv + 16, kKB * 4);
-      if (two) {
+      if (halves == 2) {
         _tile_zero(2);
         _tile_zero(3);
         _tile_loadd(5, pb + 16 * kKB, kKB * 2);
@@ -512,7 +572,10 @@ void prefill_task_amx(const Args<uint16_t>& a, int64_t q0, int64_t g) {
       }
     }
   }
-  store_rows(a, q0, g, rows, o, l);
+  float lr[kAmxRows];
+  _mm512_storeu_ps(lr, l[0]);
+  _mm512_storeu_ps(lr + 16, l[1]);
+  store_rows(a, q0, g, rows, o, lr);
 }
 #endif
 
