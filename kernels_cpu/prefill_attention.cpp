@@ -18,10 +18,11 @@
 // build with head_dim 32, 64, 96 or 128 takes prefill_task_bf16: both products in bf16
 // (vdpbf16ps), as the bf16 GEMMs beside it (2 threads, one row's causal attention over 30
 // layers, 9 heads over 3: 512 tokens 69-71 -> 50-51 ms, 1024 tokens 261-266 -> 176-207 ms),
-// except on a build for a CPU with AMX: Intel's cores run vdpbf16ps on one port where they
-// run FMAs on two, and the fp32 task over the widened bf16 pool is faster there (an Emerald
-// Rapids VM, 2 threads, 30 layers: 8 rows of 256 tokens 209 -> 165-184 ms, 4 rows of 512
-// 372-382 -> 293-304 ms).
+// except on a build for a CPU with AMX: there prefill_task_amx runs the products on tiles
+// where the shape fits (below), and the other shapes take the fp32 task over the widened
+// pool, since Intel's cores run vdpbf16ps on one port where they run FMAs on two (an Emerald
+// Rapids VM, 2 threads, 30 layers, 8 rows of 256 tokens: 209 ms with vdpbf16ps, 148-184 in
+// fp32, 90 on tiles; 4 rows of 512: 372-382, 260-304, 148).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
