@@ -4,6 +4,7 @@
 // loads a k step; y's first nv columns of each row written.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "quant_blocks.h"
 
@@ -15,6 +16,24 @@ constexpr int kPanelWidth = 32;  // columns of a panel: two 16-lane vectors
 // Whether the bf16 products run on AMX tiles here (quant_gemm_bf16.cpp: a build for a CPU
 // with AMX-BF16, the tile state granted, and the path not switched off by rs_bf16_amx).
 bool amx_usable();
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// The calling thread's tiles: eight of 16 rows x 64 bytes (the AMX GEMMs' and the prefill
+// attention's shape).
+inline void load_tile_config() {
+  TileConfig c;
+  std::memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+  _tile_loadconfig(&c);
+}
 #endif
 
 #if defined(__AVX512F__)

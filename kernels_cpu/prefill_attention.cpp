@@ -236,6 +236,9 @@ void prefill_task(const Args<T>& a, int64_t q0, int64_t g) {
   store_rows(a, q0, g, rows, o, l);
 }
 #if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+// Head dims prefill_task_bf16 takes.
+inline bool bf16_task_fits(int64_t hd) { return hd % 32 == 0 && hd <= 128; }
+
 // The task of a bf16 pool on a CPU with AVX512-BF16: the same tiles and online softmax, with
 // both products in bf16 (vdpbf16ps, fp32 sums), as the bf16 GEMMs beside it compute: the
 // queries rounded to bf16 for the scores, the probabilities rounded to bf16 for P @ V (the
@@ -384,20 +387,6 @@ void prefill_task_bf16(const Args<uint16_t>& a, int64_t q0, int64_t g) {
 // rows ([key pair][dim][2]). Rows past the task's (to 32) are zero queries.
 constexpr int kAmxRows = 32;
 
-struct alignas(64) AttnTileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-inline void attn_tile_config() {  // eight tiles of 16 rows x 64 bytes
-  AttnTileConfig c;
-  std::memset(&c, 0, sizeof c);
-  c.palette = 1;
-  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
-  _tile_loadconfig(&c);
-}
-
 bool amx_task_fits(int64_t G, int64_t hd) {
   return hd % 32 == 0 && hd <= 128 && G * kQB <= kAmxRows && rs::amx_usable();
 }
@@ -409,7 +398,7 @@ inline __m512i pair_lanes(int b) {
   return _mm512_load_si512(idx);
 }
 
-// The calling thread has loaded attn_tile_config.
+// The calling thread has loaded rs::load_tile_config.
 void prefill_task_amx(const Args<uint16_t>& a, int64_t q0, int64_t g) {
   const int64_t hd = a.hd, G = a.heads / a.kv_heads, chunks = hd / 32;
   const int nq = (int)(a.query_len - q0 < kQB ? a.query_len - q0 : kQB);
@@ -592,7 +581,6 @@ int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_
   const Args<T> a{q,         ldq,        k_cache, v_cache, block_ids, num_computed, query_len,
                   heads,     kv_heads,   head_dim, block_size, scale, out};
   const int64_t qblocks = (query_len + kQB - 1) / kQB, tasks = qblocks * kv_heads;
-  [[maybe_unused]] const bool bf16_dots = head_dim % 32 == 0 && head_dim <= 128;
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
   const bool amx = std::is_same_v<T, uint16_t> && amx_task_fits(heads / kv_heads, head_dim);
 #endif
@@ -600,7 +588,7 @@ int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && tasks > 1)
   {
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx) attn_tile_config();  // once a thread, not once a task (~1 us each)
+    if (amx) rs::load_tile_config();  // once a thread, not once a task
 #endif
 #pragma omp for schedule(dynamic)
   for (int64_t t = 0; t < tasks; ++t) {
@@ -615,7 +603,7 @@ int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_
 #endif
 #if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
     if constexpr (std::is_same_v<T, uint16_t>) {
-      if (bf16_dots) {
+      if (bf16_task_fits(head_dim)) {
         prefill_task_bf16(a, qb * kQB, g);
         continue;
       }
@@ -660,7 +648,7 @@ int rs_prefill_attention_bf16_products(int64_t heads, int64_t kv_heads, int64_t 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   return amx_task_fits(heads / kv_heads, head_dim) ? 1 : 0;
 #else
-  return head_dim % 32 == 0 && head_dim <= 128 ? 1 : 0;
+  return bf16_task_fits(head_dim) ? 1 : 0;
 #endif
 #else
   (void)heads, (void)kv_heads, (void)head_dim;

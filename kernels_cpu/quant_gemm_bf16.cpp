@@ -80,20 +80,6 @@ bool amx_permitted() {  // Linux hands out the tile state only on request (XTILE
   return ok;
 }
 
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void load_tile_config() {  // eight tiles of 16 rows x 64 bytes
-  TileConfig c;
-  std::memset(&c, 0, sizeof c);
-  c.palette = 1;
-  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
-  _tile_loadconfig(&c);
-}
-
 // Rows of x (bf16, rows of k) as [m / 16][k / 2][16] pairs; rows past m zero.
 uint32_t* vnni_rows(const uint16_t* xb, int64_t m, int64_t k) {
   static thread_local AlignedVector<uint32_t> buf;
