@@ -58,6 +58,8 @@ def load_library(path: str) -> ctypes.CDLL:
     lib.rs_has_prefill_attention.restype = ctypes.c_int
     lib.rs_prefill_attention_bf16_products.argtypes = [_i64] * 3
     lib.rs_prefill_attention_bf16_products.restype = ctypes.c_int
+    lib.rs_decode_attention_bf16_products.argtypes = [_i64] * 3
+    lib.rs_decode_attention_bf16_products.restype = ctypes.c_int
     return lib
 
 
@@ -249,6 +251,17 @@ def bf16_attention_supported(heads: int, kv_heads: int, head_dim: int) -> bool:
     )
 
 
+def decode_attention_bf16_products(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether paged_decode_attention scores a bf16 pool's keys on AMX tiles for this shape
+    here (the queries rounded to bf16, products summed in fp32; the softmax and the values
+    stay fp32), rather than in fp32 over the widened keys. Up to 16 query heads, 6 a KV head,
+    head_dim % 32 == 0 and kv_heads * head_dim <= 192 (the default model's 9 over 3 of 64)."""
+    lib = _load()
+    return lib is not None and bool(
+        lib.rs_decode_attention_bf16_products(heads, kv_heads, head_dim)
+    )
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -261,7 +274,8 @@ def paged_decode_attention(
     """Attention of q [rows, heads, head_dim] (one token a row) over the paged cache in place.
 
     k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim] fp32, or bf16 where
-    bf16_attention_supported (read widened to fp32); block_ids [rows * width]
+    bf16_attention_supported (read widened to fp32; the scores on AMX tiles where
+    decode_attention_bf16_products); block_ids [rows * width]
     int64 (each row's block table padded to width); bias [rows, width * block_size] additive
     (0 or -inf). Returns [rows, heads, head_dim] fp32 (in `out`, contiguous, if given).
     """

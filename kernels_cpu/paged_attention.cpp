@@ -18,6 +18,8 @@
 // token's K and V rows of all KV heads, contiguous in the pools, in one stream (32 rows x
 // 100-600 keys, bf16, 9 heads over 3, 30 layers' own pools, 2 threads: 23.7-25.2 -> 17-19 ms
 // over blocks in order; the model's 32-row bf16 decode step at 336 keys, 62-63 -> 51-59 ms).
+// Over a bf16 pool on a CPU with AMX, the scores of shapes that fit run on tiles instead
+// (attend_heads_amx: the queries rounded to bf16, 16 keys x up to 16 query heads a tile op).
 // With AVX2 and head_dim % 8 == 0 (attend_group): scores eight keys at a time (independent
 // FMA chains, reduced together), every query head of the group on each value row, and the
 // keys and values a few rows ahead prefetched: a pair's part of a token's row is a 256-byte
@@ -27,11 +29,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include <omp.h>
 
+#include "panel_kernels.h"
 #include "simd.h"
 
 using namespace rs;
@@ -362,6 +366,200 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
 
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define RS_DECODE_AMX 1
+// A row's scores over a bf16 pool on AMX tiles, where the CPU has them: a tile of 16 keys
+// (A: 16 token rows of the task's KV heads, 32 dims a tile, straight from the pool where the
+// 16 rows are one block's) times the row's query heads (B: [dim pair][head], head h zero
+// outside its KV head's dims, so one C tile sums each head's own dims): C [16 keys][16
+// heads], the heads in a vector's lanes. Up to 16 query heads over whole 32-dim chunks, at
+// most 6 of them (the B tiles stay in registers beside one A and one C). The queries are
+// rounded to bf16 (as the prefill's tiles and vLLM-CPU round them); the softmax and the
+// values pass stay fp32, as in attend_heads512. Scores cost a tile op per 32 dims of 16 keys
+// where the vector kernel widens each key and runs an FMA per query head. 32 rows of 133-400
+// keys, 9 heads over 3, 2 threads, one process switching the tiles off and on (an Emerald
+// Rapids VM): one layer's pools, cache-resident, 13.1 -> 10.6 ms for 30 calls; 30 layers'
+// own pools 20.0 -> 18.6 and 29.2 -> 26.9 ms over blocks in order, 20.5 -> 19.5 shuffled
+// (there the reads from DRAM bound it).
+constexpr int kAmxHeads = 16;  // query heads a task on tiles: the C tile's columns
+constexpr int kAmxKeys = 16;   // keys a tile: the A tile's rows
+
+// Whether a shape's scores run on tiles: the whole row's query heads fit the C tile and its
+// KV heads' dims the six B tiles, so every task of the shape (a whole row, a KV head, a
+// range of a row's keys) takes the tiles or none does, and the result does not depend on how
+// threads split the rows.
+inline bool decode_amx_fits(int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  return kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= 6 &&
+         heads <= kAmxHeads && head_dim % 32 == 0 && kv_heads * head_dim <= 6 * 32 &&
+         rs::amx_usable();
+}
+
+// The task's query heads as B tiles qt [chunk][16 dim pairs][16 heads] (bf16 pairs).
+inline void pack_queries(const float* qh, int64_t groups, int64_t G, int64_t head_dim,
+                         uint32_t* qt) {
+  const int64_t chunks = groups * head_dim / 32;
+  std::memset(qt, 0, chunks * 256 * sizeof(uint32_t));
+  alignas(64) uint16_t qb[512];
+  for (int64_t h = 0; h < groups * G; ++h) {
+    const float* qrow = qh + h * head_dim;
+    const int64_t g = h / G;
+    for (int64_t d0 = 0; d0 < head_dim; d0 += 32) {
+      rs::fp32_to_bf16(qrow + d0, 32, qb);
+      const uint32_t* pairs = (const uint32_t*)qb;
+      uint32_t* dst = qt + (g * head_dim + d0) / 32 * 256 + h;
+      for (int p = 0; p < 16; ++p) dst[p * 16] = pairs[p];
+    }
+  }
+}
+
+// Chunk c's B tile is tile register t (the tile intrinsics take the register as a literal).
+#define RS_B_TILES(X) X(0, 2) X(1, 3) X(2, 4) X(3, 5) X(4, 6) X(5, 7)
+
+template <int G>
+void attend_heads_amx(const float* qh, const uint16_t* k_cache, const uint16_t* v_cache,
+                      const int64_t* off, int64_t slot_stride, int64_t groups,
+                      const float* brow, int64_t n, int64_t head_dim, float scale, float* o,
+                      float* stats) {
+  const int64_t width = groups * head_dim, chunks = width / 32, heads = groups * G;
+  const int64_t row_bytes = width * 2;
+  static thread_local AlignedVector<uint32_t> qt_buf(6 * 256);
+  static thread_local AlignedVector<uint16_t> kbuf(kAmxKeys * 6 * 32);
+  static thread_local AlignedVector<float> sc;  // scores, then probabilities: [key][16 heads]
+  const int64_t padded = (n + kAmxKeys - 1) / kAmxKeys * kAmxKeys;
+  if ((int64_t)sc.size() < padded * kAmxHeads) sc.resize(padded * kAmxHeads);
+  uint32_t* qt = qt_buf.data();
+  float* s = sc.data();
+  pack_queries(qh, groups, G, head_dim, qt);
+  const int64_t k_ahead = std::max<int64_t>(kAmxKeys, kKeysAheadBytes / row_bytes);
+  for (int64_t i = 0; i < k_ahead && i < n; ++i) {
+    const char* p = (const char*)(k_cache + off[i]);
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+  }
+  rs::load_tile_config();
+#define RS_LOAD_B(c, t) \
+  if (c < chunks) _tile_loadd(t, qt + c * 256, 64);
+  RS_B_TILES(RS_LOAD_B)
+#undef RS_LOAD_B
+  for (int64_t t0 = 0; t0 < n; t0 += kAmxKeys) {
+    const int64_t nv = std::min<int64_t>(kAmxKeys, n - t0);
+    for (int64_t i = t0 + k_ahead; i < t0 + k_ahead + kAmxKeys && i < n; ++i) {
+      const char* p = (const char*)(k_cache + off[i]);
+      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+    }
+    // 16 keys of one block are evenly spaced rows of the pool: the A tiles read them there.
+    // Others (a short last tile, a tile across blocks) are copied together first.
+    const uint16_t* a = k_cache + off[t0];
+    int64_t stride = slot_stride * 2;
+    bool spaced = nv == kAmxKeys;
+    for (int64_t i = 1; spaced && i < kAmxKeys; ++i) spaced = off[t0 + i] - off[t0 + i - 1] == slot_stride;
+    if (!spaced) {
+      for (int64_t i = 0; i < kAmxKeys; ++i) {
+        uint16_t* dst = kbuf.data() + i * width;
+        if (i < nv) {
+          std::memcpy(dst, k_cache + off[t0 + i], row_bytes);
+        } else {
+          std::memset(dst, 0, row_bytes);
+        }
+      }
+      a = kbuf.data();
+      stride = row_bytes;
+    }
+    _tile_zero(0);
+#define RS_SCORES(c, t)                \
+  if (c < chunks) {                    \
+    _tile_loadd(1, a + c * 32, stride); \
+    _tile_dpbf16ps(0, 1, t);           \
+  }
+    RS_B_TILES(RS_SCORES)
+#undef RS_SCORES
+    _tile_stored(0, s + t0 * kAmxHeads, kAmxHeads * 4);
+  }
+  _tile_release();
+#undef RS_B_TILES
+  // The values' first rows asked for while the softmax runs.
+  const int64_t v_ahead = std::max<int64_t>(1, kValuesAheadBytes / row_bytes);
+  for (int64_t i = 0; i < v_ahead && i < n; ++i) {
+    const char* p = (const char*)(v_cache + off[i]);
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+  }
+  // Softmax down the keys, a query head a lane; masked keys (bias -inf) weigh 0.
+  const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+  __m512 mx = ninf;
+  for (int64_t t = 0; t < n; ++t) {
+    const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(s + t * kAmxHeads), vscale,
+                                     _mm512_set1_ps(brow[t]));
+    _mm512_store_ps(s + t * kAmxHeads, v);
+    mx = _mm512_max_ps(mx, v);
+  }
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const __m512 v = _mm512_load_ps(s + t * kAmxHeads);
+    const __mmask16 live = _mm512_cmp_ps_mask(v, ninf, _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(live, rs::exp16(_mm512_sub_ps(v, mx)));
+    _mm512_store_ps(s + t * kAmxHeads, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  alignas(64) float inv[kAmxHeads], mxs[kAmxHeads], sums[kAmxHeads];
+  _mm512_store_ps(mxs, mx);
+  _mm512_store_ps(sums, sum);
+  for (int64_t j = 0; j < heads; ++j) {
+    inv[j] = sums[j] > 0.0f ? 1.0f / sums[j] : 0.0f;
+    if (stats != nullptr) stats[2 * j] = mxs[j], stats[2 * j + 1] = sums[j];
+  }
+  auto values = [&](auto cw_tag, int64_t g, int64_t d0) {
+    constexpr int W = decltype(cw_tag)::value;
+    const bool fetch = g == 0 && d0 == 0;
+    __m512 acc[G][W];
+    for (int j = 0; j < G; ++j)
+      for (int c = 0; c < W; ++c) acc[j][c] = _mm512_setzero_ps();
+    const float* sg = s + g * G;
+    for (int64_t t = 0; t < n; ++t) {
+      const uint16_t* vt = v_cache + off[t] + g * head_dim + d0;
+      if (fetch && t + v_ahead < n) {
+        const char* p = (const char*)(v_cache + off[t + v_ahead]);
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+      }
+      __m512 vv[W];
+      for (int c = 0; c < W; ++c) vv[c] = load16(vt + 16 * c);
+      for (int j = 0; j < G; ++j) {
+        const __m512 p = _mm512_set1_ps(sg[t * kAmxHeads + j]);
+        for (int c = 0; c < W; ++c) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      const __m512 vinv = _mm512_set1_ps(inv[g * G + j]);
+      float* oj = o + (g * G + j) * head_dim + d0;
+      for (int c = 0; c < W; ++c) _mm512_storeu_ps(oj + 16 * c, _mm512_mul_ps(acc[j][c], vinv));
+    }
+  };
+  constexpr int CW = G <= 3 ? 4 : (G <= 5 ? 2 : 1);
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t d0 = 0;
+    for (; d0 + 16 * CW <= head_dim; d0 += 16 * CW) values(std::integral_constant<int, CW>{}, g, d0);
+    for (; d0 < head_dim; d0 += 16) values(std::integral_constant<int, 1>{}, g, d0);
+  }
+}
+
+using AmxFn = void (*)(const float*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
+                       int64_t, const float*, int64_t, int64_t, float, float*, float*);
+
+// The tile kernel for a shape's tasks (any number of its KV heads), or null where the shape
+// does not fit it or the tiles are off.
+inline AmxFn decode_amx_fn(int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  if (!decode_amx_fits(heads, kv_heads, head_dim)) return nullptr;
+  const int64_t group = heads / kv_heads;
+  switch (group) {
+    case 1: return attend_heads_amx<1>;
+    case 2: return attend_heads_amx<2>;
+    case 3: return attend_heads_amx<3>;
+    case 4: return attend_heads_amx<4>;
+    case 5: return attend_heads_amx<5>;
+    case 6: return attend_heads_amx<6>;
+    default: return nullptr;
+  }
+}
+#endif
+
 template <class T>
 using GroupFn = void (*)(const float*, const T*, const T*, const int64_t*, const float*, int64_t,
                          int64_t, float, float*, int64_t, float*);
@@ -465,6 +663,15 @@ bool attend_heads(const AttnArgs<T>& a, int64_t r, int64_t g0, int64_t groups, f
   const int64_t ctx = a.width * a.block_size, first = (r * heads + g0 * group) * head_dim;
   int64_t n;
   const int64_t* off = key_offsets(a, r, g0, n);
+#if defined(RS_DECODE_AMX)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (const AmxFn amx = decode_amx_fn(heads, a.kv_heads, head_dim)) {
+      amx(a.q + first, a.k_cache, a.v_cache, off, a.kv_heads * head_dim, groups,
+          a.bias + r * ctx, n, head_dim, a.scale, a.out + first, nullptr);
+      return true;
+    }
+  }
+#endif
   fn(a.q + first, a.k_cache, a.v_cache, off, groups, a.bias + r * ctx, n, head_dim, a.scale, s,
      ctx, a.out + first, nullptr);
   return true;
@@ -497,6 +704,15 @@ void attend_row_part(const AttnArgs<T>& a, int p, float* s, float* o, float* sta
   const int64_t* off = key_offsets(a, 0, 0, n);
   const int64_t k0 = n * p / kRowParts / 4 * 4;
   const int64_t k1 = p + 1 == kRowParts ? n : n * (p + 1) / kRowParts / 4 * 4;
+#if defined(RS_DECODE_AMX)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (const AmxFn amx = decode_amx_fn(a.heads, a.kv_heads, a.head_dim)) {
+      amx(a.q, a.k_cache, a.v_cache, off + k0, a.kv_heads * a.head_dim, a.kv_heads, a.bias + k0,
+          k1 - k0, a.head_dim, a.scale, o, stats);
+      return;
+    }
+  }
+#endif
   const HeadsFn<T> fn = heads512_fn<T>(a.heads / a.kv_heads, a.head_dim);
   fn(a.q, a.k_cache, a.v_cache, off + k0, a.kv_heads, a.bias + k0, k1 - k0, a.head_dim, a.scale,
      s, ctx, o, stats);
@@ -728,6 +944,17 @@ int rs_paged_decode_attention_tasks_bf16(const float* q, const uint16_t* k_cache
   return paged_decode_attention_tasks(q, k_cache, v_cache, block_ids, bias, rows, width, heads,
                                       kv_heads, head_dim, block_size, scale, out, task_begin,
                                       task_end);
+}
+
+// Whether a bf16 pool's decode scores run on AMX tiles for this shape here (the queries
+// rounded to bf16; see attend_heads_amx), rather than in fp32 over the widened keys.
+int rs_decode_attention_bf16_products(int64_t heads, int64_t kv_heads, int64_t head_dim) {
+#if defined(RS_DECODE_AMX)
+  return decode_amx_fits(heads, kv_heads, head_dim) ? 1 : 0;
+#else
+  (void)heads, (void)kv_heads, (void)head_dim;
+  return 0;
+#endif
 }
 
 // A one-row attention as model_step.cpp's threads split it: part `part` (0 .. parts - 1, from

@@ -27,7 +27,13 @@ import torch
 from engine_core.protocol import Logprobs, ModelRunnerOutput
 from engine_core.sample.metadata import SamplingMetadata, rows_per_position
 from engine_core.sample.rows import SamplingRows
-from engine_core.sample.sampler import Sampler, gather_logprobs, inverse_cdf, warp_random_rows
+from engine_core.sample.sampler import (
+    Sampler,
+    argmax_rows,
+    gather_logprobs,
+    inverse_cdf,
+    warp_random_rows,
+)
 
 
 @dataclass(slots=True)
@@ -61,7 +67,7 @@ class RejectionSampler:
         # drafts[r]: the draft verified at row r, -1 at a request's last row (the bonus).
         drafts_l = [t for d in draft_token_ids for t in (*d, -1)]
         drafts = torch.tensor(drafts_l, dtype=torch.long, device=device)
-        target = logits.argmax(dim=-1)  # the greedy rows' tokens at every position
+        target = argmax_rows(logits)  # the greedy rows' tokens at every position
         saved = [(gen, gen.get_state()) for _, gen in md.seeded]
         if not md.all_greedy:
             # Every position draws its token as a plain step would (one uniform, inverse CDF).

@@ -95,11 +95,24 @@ def _apply_penalties(logits: torch.Tensor, pen: Penalties) -> None:
         logits[pen.rows] = x
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax, the lowest index on ties ([B] long).
+
+    Host fp32 logits take numpy's argmax, which vectorizes the scan where torch's CPU argmax
+    does not: 32 rows of 49,152 logits, 0.28 against 2.35 ms on this 2-core CPU (a decode
+    step's sampling at 32 rows was 3 ms, nearly all of it this argmax). Both return the first
+    maximum, and the first NaN where a row has one.
+    """
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1).astype(np.int64, copy=False))
+    return logits.argmax(dim=-1)
+
+
 def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     if md.all_greedy:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     # Greedy rows take their argmax before random rows are scaled (a copy unless all are random).
-    greedy = None if isinstance(md.random_rows, slice) else logits.argmax(dim=-1)
+    greedy = None if isinstance(md.random_rows, slice) else argmax_rows(logits)
     x = warp_random_rows(logits, md)
     sampled = inverse_cdf(x, md.seeded, md.any_unseeded)
     if greedy is None:

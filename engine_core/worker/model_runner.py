@@ -43,7 +43,11 @@ from engine_core.sample.sampler import Sampler, sample_states
 from engine_core.structured_output.bitmask import apply_grammar_bitmask
 from engine_core.worker import dummy_runs
 from engine_core.worker.cuda_graphs import Capture, CudaGraphCapture, DecodeGraphs, capture_sizes
-from engine_core.worker.host_memory import KVPrefault, keep_step_buffers_in_the_heap
+from engine_core.worker.host_memory import (
+    KVPrefault,
+    keep_step_buffers_in_the_heap,
+    kv_cache_buffer,
+)
 from engine_core.worker.input_batch import InputBatch
 
 logger = logging.getLogger(__name__)
@@ -137,11 +141,12 @@ class ModelRunner:
         shape = (cfg.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         if self.device.type != "cpu":
             return torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
-        # On the host, calloc'd pages: the kernel hands them out zeroed on first touch, so
-        # start-up does not write the whole pool (seconds for a few GiB) before serving; a
-        # background thread then faults them in ahead of the blocks the steps use (KVPrefault).
+        # On the host, an anonymous mapping (on huge pages: kv_cache_buffer): the kernel hands
+        # its pages out zeroed on first touch, so start-up does not write the whole pool
+        # (seconds for a few GiB) before serving; a background thread then faults them in
+        # ahead of the blocks the steps use (KVPrefault).
         nbytes = math.prod(shape) * self.kv_cache_dtype.itemsize
-        buffer = np.zeros(nbytes, dtype=np.uint8)
+        buffer = kv_cache_buffer(nbytes)
         ahead = max(256, 4 * -(-self.max_num_batched_tokens // self.block_size))
         self.kv_prefault = KVPrefault(buffer, 2 * cfg.num_layers, num_blocks, ahead)
         return torch.from_numpy(buffer).view(self.kv_cache_dtype).view(shape)

@@ -71,28 +71,79 @@ def test_decode_attention_refuses_bad_inputs_by_name():
         ops.paged_decode_attention(torch.zeros(2, 4, 8), k, k, ids.int(), bias, 1.0)
 
 
+def rounded_q(q, k_cache, heads, kv_heads, head_dim):
+    """The queries the kernel's scores see: rounded to bf16 where AMX tiles score a bf16
+    pool's keys (decode_attention_bf16_products), else as they are."""
+    tiles = k_cache.dtype == torch.bfloat16 and ops.decode_attention_bf16_products(
+        heads, kv_heads, head_dim
+    )
+    return q.bfloat16().float() if tiles else q
+
+
+def test_decode_attention_scores_on_tiles_for_the_shapes_that_fit_them(library):
+    """AMX tiles score a bf16 pool's keys where the build has them and the shape fits: up to
+    16 query heads, 6 a KV head, head_dim % 32 == 0, the KV heads' dims in 6 tiles of 32."""
+    amx = ops.bf16_amx()
+    for heads, kv_heads, head_dim, fits in [
+        (9, 3, 64, True),
+        (12, 2, 64, True),
+        (16, 4, 32, True),
+        (6, 1, 128, True),
+        (8, 1, 64, False),  # 8 query heads a KV head
+        (16, 4, 64, False),  # 256 dims of KV heads
+        (8, 2, 48, False),  # head_dim % 32
+        (32, 8, 128, False),
+    ]:
+        assert ops.decode_attention_bf16_products(heads, kv_heads, head_dim) == (amx and fits)
+    if amx:
+        ops.bf16_amx(False)
+        try:
+            assert not ops.decode_attention_bf16_products(9, 3, 64)
+        finally:
+            ops.bf16_amx(True)
+
+
 @pytest.mark.parametrize(
-    "heads,kv_heads,head_dim", [(9, 3, 64), (12, 2, 64), (8, 1, 64), (4, 4, 40)]
+    "heads,kv_heads,head_dim",
+    [(9, 3, 64), (12, 2, 64), (8, 1, 64), (4, 4, 40), (16, 4, 32), (6, 1, 128)],
 )
+@pytest.mark.parametrize("block_size", [16, 4])
+@pytest.mark.parametrize("tiles", ["default", "amx-off"])
 def test_decode_attention_over_bf16_pools_is_the_fp32_math_on_the_rounded_values(
-    library, heads, kv_heads, head_dim
+    library, heads, kv_heads, head_dim, block_size, tiles
 ):
+    """The fp32 math on the pool's bf16 values; where AMX tiles score the keys, on the
+    queries rounded to bf16 too. amx-off: the same shapes with the tiles switched off (the
+    vector path that CPUs without AMX run). Block size 4: tiles of 16 keys across blocks (the
+    kernel gathers them first); contexts off the 16-key tiles."""
     if not ops.bf16_attention_supported(heads, kv_heads, head_dim):
         pytest.skip("the scalar build reads fp32 pools only")
-    g = torch.Generator().manual_seed(heads + head_dim)
-    num_blocks, rows, block_size = 30, 4, 16
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
-    context = np.array([1, 17, 40, 64])
-    width = 4
-    tables = torch.randperm(num_blocks, generator=g)[: rows * width].view(rows, width)
-    pad = torch.arange(width * block_size)[None, :] >= torch.from_numpy(context)[:, None]
-    bias = torch.zeros(rows, width * block_size).masked_fill_(pad, float("-inf"))
-    q = torch.randn(rows, heads, head_dim, generator=g)
-    ids = tables.reshape(-1).contiguous()
-    got = ops.paged_decode_attention(q, k_cache, v_cache, ids, bias, head_dim**-0.5)
-    ref = reference(q, k_cache.float(), v_cache.float(), ids, bias)
-    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    if tiles == "amx-off":
+        if not ops.decode_attention_bf16_products(heads, kv_heads, head_dim):
+            pytest.skip("no AMX tiles to switch off for this case")
+        ops.bf16_amx(False)
+    try:
+        g = torch.Generator().manual_seed(heads + head_dim)
+        num_blocks, rows = 30 * 16 // block_size, 4
+        k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+        v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+        context = np.array([1, 17, 40, 64])
+        width = 64 // block_size
+        tables = torch.randperm(num_blocks, generator=g)[: rows * width].view(rows, width)
+        pad = torch.arange(width * block_size)[None, :] >= torch.from_numpy(context)[:, None]
+        bias = torch.zeros(rows, width * block_size).masked_fill_(pad, float("-inf"))
+        q = torch.randn(rows, heads, head_dim, generator=g)
+        ids = tables.reshape(-1).contiguous()
+        got = ops.paged_decode_attention(q, k_cache, v_cache, ids, bias, head_dim**-0.5)
+        q_seen = rounded_q(q, k_cache, heads, kv_heads, head_dim)
+        ref = reference(q_seen, k_cache.float(), v_cache.float(), ids, bias)
+        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+        if tiles == "amx-off":  # the queries as they are
+            ref = reference(q, k_cache.float(), v_cache.float(), ids, bias)
+            torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    finally:
+        if tiles == "amx-off":
+            ops.bf16_amx(True)
     with pytest.raises(ValueError, match="k_cache is torch.float32 but v_cache torch.bfloat16"):
         ops.paged_decode_attention(q, k_cache.float(), v_cache, ids, bias, 1.0)
 
@@ -127,7 +178,8 @@ def test_decode_attention_is_the_same_however_threads_split_rows_and_kv_heads(
         got = ops.paged_decode_attention(q, k_cache, v_cache, ids, bias, head_dim**-0.5)
     finally:
         torch.set_num_threads(before)
-    ref = reference(q, k_cache.float(), v_cache.float(), ids, bias)
+    q_seen = rounded_q(q, k_cache, heads, kv_heads, head_dim)
+    ref = reference(q_seen, k_cache.float(), v_cache.float(), ids, bias)
     torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
 
 
@@ -155,7 +207,8 @@ def test_one_row_is_split_in_key_ranges_and_merged_the_same_for_any_thread_count
             outs.append(ops.paged_decode_attention(q, k_cache, v_cache, ids, bias, head_dim**-0.5))
     finally:
         torch.set_num_threads(before)
-    ref = reference(q, k_cache.float(), v_cache.float(), ids, bias)
+    q_seen = rounded_q(q, k_cache, heads, kv_heads, head_dim)
+    ref = reference(q_seen, k_cache.float(), v_cache.float(), ids, bias)
     # atol 1e-5: scores 3x the other tests' (exp's rounding grows with them, on every build)
     torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

@@ -65,6 +65,21 @@ def test_greedy_rows_take_the_argmax_and_the_lowest_index_on_ties():
     assert out.logprobs == [None] * 6
 
 
+def test_argmax_rows_is_torchs_argmax_on_ties_nan_views_and_half_precision():
+    """The host fp32 path (numpy's scan) picks what torch's argmax picks: the first maximum,
+    the first NaN of a row that has one, over a strided view too; other dtypes take torch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 300, generator=g)
+    x[1, 7] = x[1, 250] = 50.0  # a tie: index 7
+    x[2, 40] = x[2, 9] = float("nan")  # the first NaN: index 9
+    x[3] = 0.0  # all equal: index 0
+    for logits in (x, x[:, ::3], x.half(), x[:0]):
+        got = sampler_mod.argmax_rows(logits)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, logits.argmax(dim=-1))
+    assert sampler_mod.argmax_rows(x)[1:4].tolist() == [7, 9, 0]
+
+
 def test_greedy_rows_in_a_mixed_batch_still_take_the_argmax():
     torch.manual_seed(1)
     logits = torch.randn(8, 300)
