@@ -263,6 +263,52 @@ constexpr int64_t kMaxRowHeads = 64;  // query heads of one row's task (attend_h
 constexpr int64_t kKeysAheadBytes = 6144;
 constexpr int64_t kValuesAheadBytes = 4096;
 
+// Each query head's output over its KV head's value rows, o[h] = inv[h] * sum_t p(h, t) v_t,
+// for the `groups` KV heads of G query heads each: p(h, t) = p[h * head_stride + t *
+// key_stride] (attend_heads512 keeps a head's scores in a row, attend_heads_amx a key's).
+// The group's whole head_dim in registers (G x W accumulators, up to 24), so each value row
+// is read once; the first pass fetches every group's part of each row, v_ahead rows ahead
+// (the later groups' passes then read it from the caches).
+template <int G, class T>
+void weighted_values512(const T* v_cache, const int64_t* off, int64_t n, int64_t groups,
+                        int64_t head_dim, const float* p, int64_t head_stride, int64_t key_stride,
+                        const float* inv, int64_t v_ahead, int64_t row_bytes, float* o) {
+  auto values = [&](auto cw_tag, int64_t g, int64_t d0) {
+    constexpr int W = decltype(cw_tag)::value;
+    const bool fetch = g == 0 && d0 == 0;
+    __m512 acc[G][W];
+    for (int j = 0; j < G; ++j)
+      for (int c = 0; c < W; ++c) acc[j][c] = _mm512_setzero_ps();
+    const float* pg = p + g * G * head_stride;
+    for (int64_t t = 0; t < n; ++t) {
+      const T* vt = v_cache + off[t] + g * head_dim + d0;
+      if (fetch && t + v_ahead < n) {
+        const char* pf = (const char*)(v_cache + off[t + v_ahead]);
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(pf + b, _MM_HINT_T1);
+      }
+      __m512 vv[W];
+      for (int c = 0; c < W; ++c) vv[c] = load16(vt + 16 * c);
+      const float* pt = pg + t * key_stride;
+      for (int j = 0; j < G; ++j) {
+        const __m512 pj = _mm512_set1_ps(pt[j * head_stride]);
+        for (int c = 0; c < W; ++c) acc[j][c] = _mm512_fmadd_ps(pj, vv[c], acc[j][c]);
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      const __m512 vinv = _mm512_set1_ps(inv[g * G + j]);
+      float* oj = o + (g * G + j) * head_dim + d0;
+      for (int c = 0; c < W; ++c) _mm512_storeu_ps(oj + 16 * c, _mm512_mul_ps(acc[j][c], vinv));
+    }
+  };
+  // G * W accumulators + W value vectors + a broadcast within 32 registers.
+  constexpr int CW = G <= 3 ? 4 : (G <= 5 ? 2 : 1);
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t d0 = 0;
+    for (; d0 + 16 * CW <= head_dim; d0 += 16 * CW) values(std::integral_constant<int, CW>{}, g, d0);
+    for (; d0 < head_dim; d0 += 16) values(std::integral_constant<int, 1>{}, g, d0);
+  }
+}
+
 // stats (null: not wanted): each query head's softmax max and sum, [heads][2], for a caller
 // that merges this result with another range of the same row's keys (attend_row_part).
 template <int G, class T>
@@ -327,41 +373,7 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
     inv[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
     if (stats != nullptr) stats[2 * j] = mx, stats[2 * j + 1] = sum;
   }
-  auto values = [&](auto cw_tag, int64_t g, int64_t d0) {
-    constexpr int W = decltype(cw_tag)::value;
-    // The first pass over the values fetches every group's part of each row (the later
-    // groups' passes then read it from the caches).
-    const bool fetch = g == 0 && d0 == 0;
-    __m512 acc[G][W];
-    for (int j = 0; j < G; ++j)
-      for (int c = 0; c < W; ++c) acc[j][c] = _mm512_setzero_ps();
-    const float* sg = s + g * G * ctx;
-    for (int64_t t = 0; t < n; ++t) {
-      const T* vt = v_cache + off[t] + g * head_dim + d0;
-      if (fetch && t + v_ahead < n) {
-        const char* p = (const char*)(v_cache + off[t + v_ahead]);
-        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-      }
-      __m512 vv[W];
-      for (int c = 0; c < W; ++c) vv[c] = load16(vt + 16 * c);
-      for (int j = 0; j < G; ++j) {
-        const __m512 p = _mm512_set1_ps(sg[j * ctx + t]);
-        for (int c = 0; c < W; ++c) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);
-      }
-    }
-    for (int j = 0; j < G; ++j) {
-      const __m512 vinv = _mm512_set1_ps(inv[g * G + j]);
-      float* oj = o + (g * G + j) * head_dim + d0;
-      for (int c = 0; c < W; ++c) _mm512_storeu_ps(oj + 16 * c, _mm512_mul_ps(acc[j][c], vinv));
-    }
-  };
-  // G * W accumulators + W value vectors + a broadcast within 32 registers.
-  constexpr int CW = G <= 3 ? 4 : (G <= 5 ? 2 : 1);
-  for (int64_t g = 0; g < groups; ++g) {
-    int64_t d0 = 0;
-    for (; d0 + 16 * CW <= head_dim; d0 += 16 * CW) values(std::integral_constant<int, CW>{}, g, d0);
-    for (; d0 < head_dim; d0 += 16) values(std::integral_constant<int, 1>{}, g, d0);
-  }
+  weighted_values512<G>(v_cache, off, n, groups, head_dim, s, ctx, 1, inv, v_ahead, row_bytes, o);
 }
 
 #endif
@@ -506,38 +518,7 @@ void attend_heads_amx(const float* qh, const uint16_t* k_cache, const uint16_t* 
     inv[j] = sums[j] > 0.0f ? 1.0f / sums[j] : 0.0f;
     if (stats != nullptr) stats[2 * j] = mxs[j], stats[2 * j + 1] = sums[j];
   }
-  auto values = [&](auto cw_tag, int64_t g, int64_t d0) {
-    constexpr int W = decltype(cw_tag)::value;
-    const bool fetch = g == 0 && d0 == 0;
-    __m512 acc[G][W];
-    for (int j = 0; j < G; ++j)
-      for (int c = 0; c < W; ++c) acc[j][c] = _mm512_setzero_ps();
-    const float* sg = s + g * G;
-    for (int64_t t = 0; t < n; ++t) {
-      const uint16_t* vt = v_cache + off[t] + g * head_dim + d0;
-      if (fetch && t + v_ahead < n) {
-        const char* p = (const char*)(v_cache + off[t + v_ahead]);
-        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-      }
-      __m512 vv[W];
-      for (int c = 0; c < W; ++c) vv[c] = load16(vt + 16 * c);
-      for (int j = 0; j < G; ++j) {
-        const __m512 p = _mm512_set1_ps(sg[t * kAmxHeads + j]);
-        for (int c = 0; c < W; ++c) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);
-      }
-    }
-    for (int j = 0; j < G; ++j) {
-      const __m512 vinv = _mm512_set1_ps(inv[g * G + j]);
-      float* oj = o + (g * G + j) * head_dim + d0;
-      for (int c = 0; c < W; ++c) _mm512_storeu_ps(oj + 16 * c, _mm512_mul_ps(acc[j][c], vinv));
-    }
-  };
-  constexpr int CW = G <= 3 ? 4 : (G <= 5 ? 2 : 1);
-  for (int64_t g = 0; g < groups; ++g) {
-    int64_t d0 = 0;
-    for (; d0 + 16 * CW <= head_dim; d0 += 16 * CW) values(std::integral_constant<int, CW>{}, g, d0);
-    for (; d0 < head_dim; d0 += 16) values(std::integral_constant<int, 1>{}, g, d0);
-  }
+  weighted_values512<G>(v_cache, off, n, groups, head_dim, s, 1, kAmxHeads, inv, v_ahead, row_bytes, o);
 }
 
 using AmxFn = void (*)(const float*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
