@@ -118,6 +118,17 @@ inline void weighted_values(const float* p, const float* v_cache, const int64_t*
 }
 
 #if defined(__AVX2__)
+// Rows [begin, min(end, n)) of a pool (row i: `bytes` from pool + off[i]) asked for into L2
+// (_MM_HINT_T1), a cache line at a time.
+template <class T>
+inline void prefetch_rows(const T* pool, const int64_t* off, int64_t begin, int64_t end,
+                          int64_t n, int64_t bytes) {
+  for (int64_t i = begin; i < end && i < n; ++i) {
+    const char* p = (const char*)(pool + off[i]);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+  }
+}
+
 // Eight 8-lane partial sums -> one vector of their eight totals (lane i: a[i]'s total).
 inline __m256 reduce8(const __m256* a) {
   const __m256 h0 = _mm256_hadd_ps(a[0], a[1]), h1 = _mm256_hadd_ps(a[2], a[3]);
@@ -156,10 +167,7 @@ void attend_group(const float* qh, const T* k_cache, const T* v_cache, const int
     // token's K row is a 256-byte stretch of every slot_stride, which the hardware
     // prefetchers follow poorly; DRAM's latency wants the distance (an AVX2 build, 32 rows
     // x 320 keys over 30 layers' bf16 pools: 18.1 -> 13.5 ms against two rounds).
-    for (int64_t i = t0 + 48; i < t0 + 56 && i < n; ++i) {
-      const char* p = (const char*)(k_cache + off[i]);
-      for (int64_t b = 0; b < head_dim * (int64_t)sizeof(T); b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-    }
+    prefetch_rows(k_cache, off, t0 + 48, t0 + 56, n, head_dim * (int64_t)sizeof(T));
     for (int j = 0; j < G; ++j) {
       const float* qj = qh + j * head_dim;
       __m256 acc[8];
@@ -201,10 +209,7 @@ void attend_group(const float* qh, const T* k_cache, const T* v_cache, const int
       for (int c = 0; c < W; ++c) acc[j][c] = _mm256_setzero_ps();
     for (int64_t t = 0; t < n; ++t) {
       const T* vt = v_cache + off[t] + d0;
-      if (t + 32 < n) {
-        const char* p = (const char*)(v_cache + off[t + 32] + d0);
-        for (int64_t b = 0; b < W * 8 * (int64_t)sizeof(T); b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-      }
+      prefetch_rows(v_cache + d0, off, t + 32, t + 33, n, W * 8 * (int64_t)sizeof(T));
       __m256 p[G];
       for (int j = 0; j < G; ++j) p[j] = _mm256_broadcast_ss(s + j * ctx + t);
       for (int c = 0; c < W; ++c) {
@@ -282,10 +287,7 @@ void weighted_values512(const T* v_cache, const int64_t* off, int64_t n, int64_t
     const float* pg = p + g * G * head_stride;
     for (int64_t t = 0; t < n; ++t) {
       const T* vt = v_cache + off[t] + g * head_dim + d0;
-      if (fetch && t + v_ahead < n) {
-        const char* pf = (const char*)(v_cache + off[t + v_ahead]);
-        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(pf + b, _MM_HINT_T1);
-      }
+      if (fetch) prefetch_rows(v_cache, off, t + v_ahead, t + v_ahead + 1, n, row_bytes);
       __m512 vv[W];
       for (int c = 0; c < W; ++c) vv[c] = load16(vt + 16 * c);
       const float* pt = pg + t * key_stride;
@@ -322,16 +324,10 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
   const int64_t k_ahead = std::max<int64_t>(KB, kKeysAheadBytes / row_bytes / KB * KB);
   const int64_t v_ahead = std::max<int64_t>(1, kValuesAheadBytes / row_bytes);
   // The first keys the loop's own prefetches do not reach, asked for before it starts.
-  for (int64_t i = 0; i < k_ahead && i < n; ++i) {
-    const char* p = (const char*)(k_cache + off[i]);
-    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-  }
+  prefetch_rows(k_cache, off, 0, k_ahead, n, row_bytes);
   for (int64_t t0 = 0; t0 < n; t0 += KB) {
     const int valid = (int)(n - t0 < KB ? n - t0 : KB);
-    for (int64_t i = t0 + k_ahead; i < t0 + k_ahead + KB && i < n; ++i) {
-      const char* p = (const char*)(k_cache + off[i]);
-      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-    }
+    prefetch_rows(k_cache, off, t0 + k_ahead, t0 + k_ahead + KB, n, row_bytes);
     for (int64_t g = 0; g < groups; ++g) {
       const T* kp[KB];
       for (int i = 0; i < KB; ++i) kp[i] = k_cache + off[t0 + (i < valid ? i : valid - 1)] + g * head_dim;
@@ -356,10 +352,7 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
     }
   }
   // Likewise the first values, asked for while the softmax runs.
-  for (int64_t i = 0; i < v_ahead && i < n; ++i) {
-    const char* p = (const char*)(v_cache + off[i]);
-    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-  }
+  prefetch_rows(v_cache, off, 0, v_ahead, n, row_bytes);
   float inv[kMaxRowHeads];
   for (int64_t j = 0; j < groups * G; ++j) {
     float* sj = s + j * ctx;
@@ -443,10 +436,7 @@ void attend_heads_amx(const float* qh, const uint16_t* k_cache, const uint16_t* 
   float* s = sc.data();
   pack_queries(qh, groups, G, head_dim, qt);
   const int64_t k_ahead = std::max<int64_t>(kAmxKeys, kKeysAheadBytes / row_bytes);
-  for (int64_t i = 0; i < k_ahead && i < n; ++i) {
-    const char* p = (const char*)(k_cache + off[i]);
-    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-  }
+  prefetch_rows(k_cache, off, 0, k_ahead, n, row_bytes);
   rs::load_tile_config();
 #define RS_LOAD_B(c, t) \
   if (c < chunks) _tile_loadd(t, qt + c * 256, 64);
@@ -454,10 +444,7 @@ void attend_heads_amx(const float* qh, const uint16_t* k_cache, const uint16_t* 
 #undef RS_LOAD_B
   for (int64_t t0 = 0; t0 < n; t0 += kAmxKeys) {
     const int64_t nv = std::min<int64_t>(kAmxKeys, n - t0);
-    for (int64_t i = t0 + k_ahead; i < t0 + k_ahead + kAmxKeys && i < n; ++i) {
-      const char* p = (const char*)(k_cache + off[i]);
-      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-    }
+    prefetch_rows(k_cache, off, t0 + k_ahead, t0 + k_ahead + kAmxKeys, n, row_bytes);
     // 16 keys of one block are evenly spaced rows of the pool: the A tiles read them there.
     // Others (a short last tile, a tile across blocks) are copied together first.
     const uint16_t* a = k_cache + off[t0];
@@ -490,10 +477,7 @@ void attend_heads_amx(const float* qh, const uint16_t* k_cache, const uint16_t* 
 #undef RS_B_TILES
   // The values' first rows asked for while the softmax runs.
   const int64_t v_ahead = std::max<int64_t>(1, kValuesAheadBytes / row_bytes);
-  for (int64_t i = 0; i < v_ahead && i < n; ++i) {
-    const char* p = (const char*)(v_cache + off[i]);
-    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-  }
+  prefetch_rows(v_cache, off, 0, v_ahead, n, row_bytes);
   // Softmax down the keys, a query head a lane; masked keys (bias -inf) weigh 0.
   const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
   __m512 mx = ninf;
@@ -585,9 +569,6 @@ struct AttnArgs {
 
 void generic_task(const AttnArgs<float>& a, int64_t r, int64_t g, float* s);
 
-// Row r's keys up to its last unmasked one: how many (n), and where each key's row of KV
-// head g starts in either pool (elements), worked out once a task rather than by a division
-// by block_size at every key.
 // A row's keys up to its last unmasked one (brow: its bias, ctx long): how many.
 inline int64_t row_keys(const float* brow, int64_t ctx) {
   int64_t n = ctx;
@@ -595,6 +576,9 @@ inline int64_t row_keys(const float* brow, int64_t ctx) {
   return n;
 }
 
+// Row r's keys up to its last unmasked one: how many (n), and where each key's row of KV
+// head g starts in either pool (elements), worked out once a task rather than by a division
+// by block_size at every key.
 template <class T>
 const int64_t* key_offsets(const AttnArgs<T>& a, int64_t r, int64_t g, int64_t& n) {
   const int64_t block_size = a.block_size, ctx = a.width * block_size;
