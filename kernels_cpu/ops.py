@@ -60,6 +60,7 @@ def load_library(path: str) -> ctypes.CDLL:
     lib.rs_prefill_attention_bf16_products.restype = ctypes.c_int
     lib.rs_decode_attention_bf16_products.argtypes = [_i64] * 3
     lib.rs_decode_attention_bf16_products.restype = ctypes.c_int
+    lib.rs_bf16_dot_scores.argtypes, lib.rs_bf16_dot_scores.restype = [ctypes.c_int], ctypes.c_int
     return lib
 
 
@@ -252,14 +253,26 @@ def bf16_attention_supported(heads: int, kv_heads: int, head_dim: int) -> bool:
 
 
 def decode_attention_bf16_products(heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether paged_decode_attention scores a bf16 pool's keys on AMX tiles for this shape
-    here (the queries rounded to bf16, products summed in fp32; the softmax and the values
-    stay fp32), rather than in fp32 over the widened keys. Up to 16 query heads, 6 a KV head,
-    head_dim % 32 == 0 and kv_heads * head_dim <= 192 (the default model's 9 over 3 of 64)."""
+    """Whether paged_decode_attention scores a bf16 pool's keys in bf16 for this shape here
+    (the queries rounded to bf16, products summed in fp32; the softmax and the values stay
+    fp32), rather than in fp32 over the widened keys: on AMX tiles (up to 16 query heads, 6 a
+    KV head, head_dim % 32 == 0 and kv_heads * head_dim <= 192: the default model's 9 over 3
+    of 64), or, on a CPU with AVX512-BF16 and no AMX, by vdpbf16ps (up to 6 query heads a KV
+    head, head_dim % 32 == 0; see bf16_dot_scores)."""
     lib = _load()
     return lib is not None and bool(
         lib.rs_decode_attention_bf16_products(heads, kv_heads, head_dim)
     )
+
+
+def bf16_dot_scores(enable: bool | None = None) -> bool:
+    """Whether paged_decode_attention scores bf16 pools by vdpbf16ps where AMX tiles do not
+    (a CPU with AVX512-BF16 and no AMX, or the tiles switched off by bf16_amx). enable
+    switches it off or back on (for tests and comparisons); the result is the state after."""
+    lib = _load()
+    if lib is None:
+        return False
+    return bool(lib.rs_bf16_dot_scores(-1 if enable is None else int(enable)))
 
 
 def paged_decode_attention(
@@ -274,7 +287,7 @@ def paged_decode_attention(
     """Attention of q [rows, heads, head_dim] (one token a row) over the paged cache in place.
 
     k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim] fp32, or bf16 where
-    bf16_attention_supported (read widened to fp32; the scores on AMX tiles where
+    bf16_attention_supported (read widened to fp32; the scores in bf16 where
     decode_attention_bf16_products); block_ids [rows * width]
     int64 (each row's block table padded to width); bias [rows, width * block_size] additive
     (0 or -inf). Returns [rows, heads, head_dim] fp32 (in `out`, contiguous, if given).

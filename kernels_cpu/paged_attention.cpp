@@ -19,7 +19,9 @@
 // 100-600 keys, bf16, 9 heads over 3, 30 layers' own pools, 2 threads: 23.7-25.2 -> 17-19 ms
 // over blocks in order; the model's 32-row bf16 decode step at 336 keys, 62-63 -> 51-59 ms).
 // Over a bf16 pool on a CPU with AMX, the scores of shapes that fit run on tiles instead
-// (attend_heads_amx: the queries rounded to bf16, 16 keys x up to 16 query heads a tile op).
+// (attend_heads_amx: the queries rounded to bf16, 16 keys x up to 16 query heads a tile op);
+// on a CPU with AVX512-BF16 and no AMX, by vdpbf16ps (attend_heads512's DP: the queries
+// rounded to bf16, the keys multiplied as they are in the pool, 32 dims an instruction).
 // With AVX2 and head_dim % 8 == 0 (attend_group): scores eight keys at a time (independent
 // FMA chains, reduced together), every query head of the group on each value row, and the
 // keys and values a few rows ahead prefetched: a pair's part of a token's row is a 256-byte
@@ -313,11 +315,24 @@ void weighted_values512(const T* v_cache, const int64_t* off, int64_t n, int64_t
 
 // stats (null: not wanted): each query head's softmax max and sum, [heads][2], for a caller
 // that merges this result with another range of the same row's keys (attend_row_part).
-template <int G, class T>
+// DP (a bf16 pool, head_dim % 32 == 0, an AVX512-BF16 build): the scores by vdpbf16ps on the
+// queries rounded to bf16 and the keys as they are in the pool, 32 dims an instruction, where
+// the fp32 path widens each key (two instructions a 16 dims) and runs an FMA per 16 dims and
+// query head; the softmax and the values as without.
+template <int G, class T, bool DP = false>
 void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const int64_t* off,
                      int64_t groups, const float* brow, int64_t n, int64_t head_dim, float scale,
                      float* s, int64_t ctx, float* o, float* stats) {
   constexpr int KB = 4;  // keys a round: G * 4 accumulators + 4 key vectors + 1 query
+#if defined(__AVX512BF16__)
+  static thread_local AlignedVector<uint16_t> qbuf;
+  if constexpr (DP) {
+    if ((int64_t)qbuf.size() < groups * G * head_dim) qbuf.resize(groups * G * head_dim);
+    rs::fp32_to_bf16(qh, groups * G * head_dim, qbuf.data());
+  }
+#else
+  static_assert(!DP, "bf16 products need an AVX512-BF16 build");
+#endif
   // A token's rows of the `groups` KV heads, contiguous in the pools.
   const int64_t row_bytes = groups * head_dim * (int64_t)sizeof(T);
   // Keys and values fetched this many tokens ahead (a whole number of rounds).
@@ -335,6 +350,19 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
       __m512 acc[G][KB];
       for (int j = 0; j < G; ++j)
         for (int i = 0; i < KB; ++i) acc[j][i] = _mm512_setzero_ps();
+#if defined(__AVX512BF16__)
+      if constexpr (DP) {
+        const uint16_t* qbg = qbuf.data() + g * G * head_dim;
+        for (int64_t d = 0; d < head_dim; d += 32) {
+          __m512bh kv[KB];
+          for (int i = 0; i < KB; ++i) kv[i] = (__m512bh)_mm512_loadu_si512(kp[i] + d);
+          for (int j = 0; j < G; ++j) {
+            const __m512bh qd = (__m512bh)_mm512_loadu_si512(qbg + j * head_dim + d);
+            for (int i = 0; i < KB; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], qd, kv[i]);
+          }
+        }
+      } else
+#endif
       for (int64_t d = 0; d < head_dim; d += 16) {
         __m512 kv[KB];
         for (int i = 0; i < KB; ++i) kv[i] = load16(kp[i] + d);
@@ -595,6 +623,20 @@ const int64_t* key_offsets(const AttnArgs<T>& a, int64_t r, int64_t g, int64_t& 
   return off;
 }
 
+#if defined(__AVX512BF16__)
+// Whether a bf16 pool's decode scores run on vdpbf16ps (attend_heads512's DP) for head_dim:
+// on a CPU with AVX512-BF16 and no AMX tiles (those take attend_heads_amx, or, for shapes
+// that do not fit the tiles, the fp32 path: Intel's cores run vdpbf16ps on one port). 32
+// rows of 100-600 keys, 9 heads over 3, 30 layers' pools, 2 threads (an AMD Zen 4 VM):
+// one layer's pools, cache-resident, 8.7 -> 7.4 ms for 30 calls; 30 layers' own pools
+// 13.3-14.4 -> 12.8-13.1 ms over blocks in order, 15.1-15.4 -> 14.6-14.8 shuffled (there the
+// reads from DRAM bound it). rs_bf16_dot_scores switches it off and on (tests compare the two).
+int g_dp_scores_enabled = 1;
+inline bool dp_scores(int64_t head_dim) {
+  return g_dp_scores_enabled && head_dim % 32 == 0 && !rs::amx_usable();
+}
+#endif
+
 #if defined(__AVX512F__)
 template <class T>
 using HeadsFn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, const float*,
@@ -604,6 +646,21 @@ using HeadsFn = void (*)(const float*, const T*, const T*, const int64_t*, int64
 template <class T>
 HeadsFn<T> heads512_fn(int64_t group, int64_t head_dim) {
   if (head_dim % 16 != 0) return nullptr;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (dp_scores(head_dim)) {
+      switch (group) {
+        case 1: return attend_heads512<1, T, true>;
+        case 2: return attend_heads512<2, T, true>;
+        case 3: return attend_heads512<3, T, true>;
+        case 4: return attend_heads512<4, T, true>;
+        case 5: return attend_heads512<5, T, true>;
+        case 6: return attend_heads512<6, T, true>;
+        default: return nullptr;
+      }
+    }
+  }
+#endif
   switch (group) {
     case 1: return attend_heads512<1, T>;
     case 2: return attend_heads512<2, T>;
@@ -915,9 +972,25 @@ int rs_paged_decode_attention_tasks_bf16(const float* q, const uint16_t* k_cache
 // rounded to bf16; see attend_heads_amx), rather than in fp32 over the widened keys.
 int rs_decode_attention_bf16_products(int64_t heads, int64_t kv_heads, int64_t head_dim) {
 #if defined(RS_DECODE_AMX)
-  return decode_amx_fits(heads, kv_heads, head_dim) ? 1 : 0;
-#else
+  if (decode_amx_fits(heads, kv_heads, head_dim)) return 1;
+#endif
+#if defined(__AVX512BF16__)
+  if (kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= 6 && dp_scores(head_dim)) {
+    return 1;
+  }
+#endif
   (void)heads, (void)kv_heads, (void)head_dim;
+  return 0;
+}
+
+// Whether a bf16 pool's decode scores run on vdpbf16ps where AMX tiles do not take them (a
+// CPU with AVX512-BF16 and no AMX); enable 0 or 1 switches that off or back on, -1 leaves it.
+int rs_bf16_dot_scores(int enable) {
+#if defined(__AVX512BF16__)
+  if (enable >= 0) g_dp_scores_enabled = enable;
+  return g_dp_scores_enabled && !rs::amx_usable() ? 1 : 0;
+#else
+  (void)enable;
   return 0;
 #endif
 }

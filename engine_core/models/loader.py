@@ -10,7 +10,7 @@ avx512_bf16 or AMX, store and compute in the dtype itself when dtype="bfloat16" 
 A quantized model on such a CPU (the GGUF's blocks, AWQ/GPTQ, --quantization int8/int4)
 keeps fp32 activations, which kernels_cpu's kernels take, and bf16 becomes its quantized
 layers' matmul dtype: steps of bf16_min_rows() rows or more (batched decodes, prefill chunks;
-13 rows, 6 where the bf16 GEMM runs on AMX tiles)
+13 rows, 9 on AMD's cores, 6 where the bf16 GEMM runs on AMX tiles)
 multiply bf16-rounded activations and weights with fp32 sums at twice the fp32 rate
 (QuantizedLinear.matmul_dtype), and its KV cache stores bf16, which the paged attention
 reads widened to fp32 (LoadedModel.matmul_dtype and kv_cache_dtype say which).

@@ -72,35 +72,43 @@ def test_decode_attention_refuses_bad_inputs_by_name():
 
 
 def rounded_q(q, k_cache, heads, kv_heads, head_dim):
-    """The queries the kernel's scores see: rounded to bf16 where AMX tiles score a bf16
-    pool's keys (decode_attention_bf16_products), else as they are."""
+    """The queries the kernel's scores see: rounded to bf16 where AMX tiles or vdpbf16ps
+    score a bf16 pool's keys (decode_attention_bf16_products), else as they are."""
     tiles = k_cache.dtype == torch.bfloat16 and ops.decode_attention_bf16_products(
         heads, kv_heads, head_dim
     )
     return q.bfloat16().float() if tiles else q
 
 
-def test_decode_attention_scores_on_tiles_for_the_shapes_that_fit_them(library):
-    """AMX tiles score a bf16 pool's keys where the build has them and the shape fits: up to
-    16 query heads, 6 a KV head, head_dim % 32 == 0, the KV heads' dims in 6 tiles of 32."""
-    amx = ops.bf16_amx()
-    for heads, kv_heads, head_dim, fits in [
-        (9, 3, 64, True),
-        (12, 2, 64, True),
-        (16, 4, 32, True),
-        (6, 1, 128, True),
-        (8, 1, 64, False),  # 8 query heads a KV head
-        (16, 4, 64, False),  # 256 dims of KV heads
-        (8, 2, 48, False),  # head_dim % 32
-        (32, 8, 128, False),
+def test_decode_attention_scores_in_bf16_for_the_shapes_that_fit(library):
+    """A bf16 pool's keys are scored in bf16 where the build can: on AMX tiles where it has
+    them and the shape fits (up to 16 query heads, 6 a KV head, head_dim % 32 == 0, the KV
+    heads' dims in 6 tiles of 32), else by vdpbf16ps on an AVX512-BF16 build (up to 6 query
+    heads a KV head, head_dim % 32 == 0); each switch turns its path off."""
+    amx, dot = ops.bf16_amx(), ops.bf16_dot_scores()
+    assert dot == (ops.has_bf16_gemm() and not amx)
+    for heads, kv_heads, head_dim, tiles, vector in [
+        (9, 3, 64, True, True),
+        (12, 2, 64, True, True),
+        (16, 4, 32, True, True),
+        (6, 1, 128, True, True),
+        (8, 1, 64, False, False),  # 8 query heads a KV head
+        (16, 4, 64, False, True),  # 256 dims of KV heads: too many for the tiles
+        (8, 2, 48, False, False),  # head_dim % 32
+        (32, 8, 128, False, True),
     ]:
-        assert ops.decode_attention_bf16_products(heads, kv_heads, head_dim) == (amx and fits)
-    if amx:
-        ops.bf16_amx(False)
-        try:
-            assert not ops.decode_attention_bf16_products(9, 3, 64)
-        finally:
-            ops.bf16_amx(True)
+        expected = (amx and tiles) or (dot and vector)
+        assert ops.decode_attention_bf16_products(heads, kv_heads, head_dim) == expected
+    try:
+        if amx:  # tiles off: vdpbf16ps takes the scores
+            ops.bf16_amx(False)
+            assert ops.bf16_dot_scores() and ops.decode_attention_bf16_products(9, 3, 64)
+        ops.bf16_dot_scores(False)
+        assert not ops.decode_attention_bf16_products(9, 3, 64)
+    finally:
+        ops.bf16_amx(amx)
+        ops.bf16_dot_scores(True)
+    assert ops.bf16_dot_scores() == dot
 
 
 @pytest.mark.parametrize(
@@ -108,20 +116,26 @@ def test_decode_attention_scores_on_tiles_for_the_shapes_that_fit_them(library):
     [(9, 3, 64), (12, 2, 64), (8, 1, 64), (4, 4, 40), (16, 4, 32), (6, 1, 128)],
 )
 @pytest.mark.parametrize("block_size", [16, 4])
-@pytest.mark.parametrize("tiles", ["default", "amx-off"])
+@pytest.mark.parametrize("scores", ["default", "amx-off", "fp32"])
 def test_decode_attention_over_bf16_pools_is_the_fp32_math_on_the_rounded_values(
-    library, heads, kv_heads, head_dim, block_size, tiles
+    library, heads, kv_heads, head_dim, block_size, scores
 ):
-    """The fp32 math on the pool's bf16 values; where AMX tiles score the keys, on the
-    queries rounded to bf16 too. amx-off: the same shapes with the tiles switched off (the
-    vector path that CPUs without AMX run). Block size 4: tiles of 16 keys across blocks (the
-    kernel gathers them first); contexts off the 16-key tiles."""
+    """The fp32 math on the pool's bf16 values; where the keys are scored in bf16 (AMX tiles
+    or vdpbf16ps), on the queries rounded to bf16 too. amx-off: the tiles switched off (the
+    vdpbf16ps path that AVX512-BF16 CPUs without AMX run); fp32: both switched off (the path
+    of AVX-512 CPUs without bf16). Block size 4: tiles of 16 keys across blocks (the kernel
+    gathers them first); contexts off the 16-key tiles."""
     if not ops.bf16_attention_supported(heads, kv_heads, head_dim):
         pytest.skip("the scalar build reads fp32 pools only")
-    if tiles == "amx-off":
-        if not ops.decode_attention_bf16_products(heads, kv_heads, head_dim):
-            pytest.skip("no AMX tiles to switch off for this case")
+    amx = ops.bf16_amx()
+    if scores == "amx-off" and not amx:
+        pytest.skip("no AMX tiles to switch off")
+    if scores == "fp32" and not ops.decode_attention_bf16_products(heads, kv_heads, head_dim):
+        pytest.skip("this case's scores are fp32 already")
+    if scores != "default":
         ops.bf16_amx(False)
+    if scores == "fp32":
+        ops.bf16_dot_scores(False)
     try:
         g = torch.Generator().manual_seed(heads + head_dim)
         num_blocks, rows = 30 * 16 // block_size, 4
@@ -138,12 +152,13 @@ def test_decode_attention_over_bf16_pools_is_the_fp32_math_on_the_rounded_values
         q_seen = rounded_q(q, k_cache, heads, kv_heads, head_dim)
         ref = reference(q_seen, k_cache.float(), v_cache.float(), ids, bias)
         torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
-        if tiles == "amx-off":  # the queries as they are
+        if scores == "fp32":  # the queries as they are
+            assert not ops.decode_attention_bf16_products(heads, kv_heads, head_dim)
             ref = reference(q, k_cache.float(), v_cache.float(), ids, bias)
             torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
     finally:
-        if tiles == "amx-off":
-            ops.bf16_amx(True)
+        ops.bf16_amx(amx)
+        ops.bf16_dot_scores(True)
     with pytest.raises(ValueError, match="k_cache is torch.float32 but v_cache torch.bfloat16"):
         ops.paged_decode_attention(q, k_cache.float(), v_cache, ids, bias, 1.0)
 

@@ -238,6 +238,24 @@ def test_bf16_matmuls_are_the_product_of_bf16_operands_past_the_small_step_rows(
     assert torch.equal(layer(x[:2]), ops.gemm(x[:2], layer.qweight, layer.wtype, 200, 64))
 
 
+def test_bf16_min_rows_follows_the_cpu(monkeypatch):
+    """Where bf16 matmuls start: 6 rows on AMX tiles, 9 on AMD's cores, 13 on other CPUs'
+    vdpbf16ps (Intel's run it on one port); the vendor read from /proc/cpuinfo."""
+    for amx, vendor, expected in [
+        (True, "GenuineIntel", 6),
+        (False, "AuthenticAMD", 9),
+        (False, "GenuineIntel", 13),
+        (False, "", 13),
+    ]:
+        monkeypatch.setattr(quant_layers.ops, "bf16_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(quant_layers, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert quant_layers.bf16_min_rows() == expected
+    monkeypatch.undo()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            assert f"vendor_id\t: {quant_layers.cpu_vendor()}" in f.read()
+
+
 def test_bf16_on_a_native_bf16_cpu_is_the_quantized_layers_matmul_dtype_only(monkeypatch):
     from engine_core.models import loader
 
@@ -249,8 +267,10 @@ def test_bf16_on_a_native_bf16_cpu_is_the_quantized_layers_matmul_dtype_only(mon
     linears = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(linears) > 4 * loaded.config.num_layers  # the tied LM head's table too
     assert {m.matmul_dtype for m in linears} == {torch.bfloat16}
-    # From 6 rows where AMX tiles multiply (their pack costs what a few rows' FMAs do), else 13.
-    assert {m.bf16_min_rows for m in linears} == {6 if ops.bf16_amx() else 13}
+    # From 6 rows where AMX tiles multiply (their pack costs what a few rows' FMAs do), 9 on
+    # AMD's cores (vdpbf16ps at the FMAs' rate), else 13.
+    expected = 6 if ops.bf16_amx() else 9 if quant_layers.cpu_vendor() == "AuthenticAMD" else 13
+    assert {m.bf16_min_rows for m in linears} == {expected}
     assert loaded.model.norm.weight.dtype == torch.float32
     auto = load_model(EngineConfig(), cpu)
     assert (auto.compute_dtype, auto.matmul_dtype) == (torch.float32, torch.float32)
