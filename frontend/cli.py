@@ -133,8 +133,8 @@ def make_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto (default): the checkpoint's dtype, computed in fp32 on a CPU (exact). "
         "bfloat16 on a CPU with AVX512-BF16 or AMX: a quantized model's steps of 13 rows or "
-        "more (9 on AMD CPUs, 6 on AMX tiles) multiply in bf16 (twice the fp32 rate or more) over a bf16 KV "
-        "cache",
+        "more (9 on AMD CPUs, 6 on AMX tiles) multiply in bf16 (twice the fp32 rate or more) "
+        "over a bf16 KV cache",
     )
     e.add_argument(
         "--quantization",

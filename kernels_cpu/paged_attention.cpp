@@ -324,11 +324,13 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
                      int64_t groups, const float* brow, int64_t n, int64_t head_dim, float scale,
                      float* s, int64_t ctx, float* o, float* stats) {
   constexpr int KB = 4;  // keys a round: G * 4 accumulators + 4 key vectors + 1 query
+  [[maybe_unused]] const uint16_t* qb = nullptr;  // DP: the task's queries rounded to bf16
 #if defined(__AVX512BF16__)
-  static thread_local AlignedVector<uint16_t> qbuf;
   if constexpr (DP) {
+    static thread_local AlignedVector<uint16_t> qbuf;
     if ((int64_t)qbuf.size() < groups * G * head_dim) qbuf.resize(groups * G * head_dim);
     rs::fp32_to_bf16(qh, groups * G * head_dim, qbuf.data());
+    qb = qbuf.data();
   }
 #else
   static_assert(!DP, "bf16 products need an AVX512-BF16 build");
@@ -352,7 +354,7 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
         for (int i = 0; i < KB; ++i) acc[j][i] = _mm512_setzero_ps();
 #if defined(__AVX512BF16__)
       if constexpr (DP) {
-        const uint16_t* qbg = qbuf.data() + g * G * head_dim;
+        const uint16_t* qbg = qb + g * G * head_dim;
         for (int64_t d = 0; d < head_dim; d += 32) {
           __m512bh kv[KB];
           for (int i = 0; i < KB; ++i) kv[i] = (__m512bh)_mm512_loadu_si512(kp[i] + d);
