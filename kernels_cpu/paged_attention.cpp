@@ -648,30 +648,24 @@ using HeadsFn = void (*)(const float*, const T*, const T*, const int64_t*, int64
 template <class T>
 HeadsFn<T> heads512_fn(int64_t group, int64_t head_dim) {
   if (head_dim % 16 != 0) return nullptr;
+  auto by_group = [group](auto dp) -> HeadsFn<T> {
+    constexpr bool DP = decltype(dp)::value;
+    switch (group) {
+      case 1: return attend_heads512<1, T, DP>;
+      case 2: return attend_heads512<2, T, DP>;
+      case 3: return attend_heads512<3, T, DP>;
+      case 4: return attend_heads512<4, T, DP>;
+      case 5: return attend_heads512<5, T, DP>;
+      case 6: return attend_heads512<6, T, DP>;
+      default: return nullptr;  // 7, 8: the 8-lane kernel's register budget
+    }
+  };
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, uint16_t>) {
-    if (dp_scores(head_dim)) {
-      switch (group) {
-        case 1: return attend_heads512<1, T, true>;
-        case 2: return attend_heads512<2, T, true>;
-        case 3: return attend_heads512<3, T, true>;
-        case 4: return attend_heads512<4, T, true>;
-        case 5: return attend_heads512<5, T, true>;
-        case 6: return attend_heads512<6, T, true>;
-        default: return nullptr;
-      }
-    }
+    if (dp_scores(head_dim)) return by_group(std::true_type{});
   }
 #endif
-  switch (group) {
-    case 1: return attend_heads512<1, T>;
-    case 2: return attend_heads512<2, T>;
-    case 3: return attend_heads512<3, T>;
-    case 4: return attend_heads512<4, T>;
-    case 5: return attend_heads512<5, T>;
-    case 6: return attend_heads512<6, T>;
-    default: return nullptr;  // 7, 8: the 8-lane kernel's register budget
-  }
+  return by_group(std::false_type{});
 }
 
 // Row r's KV heads [g0, g0 + groups) in one task with the AVX-512 kernel; false where the
