@@ -52,15 +52,21 @@ def find_compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
+def cpuinfo_line(key: str) -> str:
+    """The first line of /proc/cpuinfo that starts with key (e.g. "flags\t\t: fpu ..."), or ""
+    where there is none or no /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(key):
                     return line
     except OSError:
         pass
     return ""
+
+
+def _cpu_flags() -> str:
+    return cpuinfo_line("flags")
 
 
 def _key(compiler: str, march: str) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 
 from engine_core.models.layers import onednn_linear_available
 from kernels_cpu import ops
+from kernels_cpu.build import cpuinfo_line
 
 # fp32 matmul of the dequantized tiles: oneDNN's where torch has it (on AVX-512 CPUs twice
 # torch's default sgemm here: 2048 x 576 x 1536 on one thread 16.1 vs 37.0 ms).
@@ -47,14 +48,8 @@ AMD_BF16_MIN_ROWS = 9
 
 def cpu_vendor() -> str:
     """The CPU's vendor string (GenuineIntel, AuthenticAMD, ...), or "" where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    line = cpuinfo_line("vendor_id")
+    return line.split(":", 1)[1].strip() if ":" in line else ""
 
 
 def bf16_min_rows() -> int:
