@@ -38,6 +38,10 @@ def load_library(path: str) -> ctypes.CDLL:
     args = [ctypes.c_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, ctypes.c_int]
     lib.rs_gemm.argtypes = lib.rs_gemm_f32.argtypes = lib.rs_gemm_bf16.argtypes = args
     lib.rs_has_bf16_gemm.restype = ctypes.c_int
+    lib.rs_q8_panels_bytes.argtypes, lib.rs_q8_panels_bytes.restype = [_i64, _i64], _i64
+    lib.rs_pack_q8_panels.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_int]
+    lib.rs_gemm_bf16_q8_panels.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64]
+    lib.rs_gemm_bf16_q8_panels.argtypes += [ctypes.c_int]
     lib.rs_bf16_amx.argtypes, lib.rs_bf16_amx.restype = [ctypes.c_int], ctypes.c_int
     lib.rs_dequant_rows.argtypes = [ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.rs_dequant_rows_bf16.argtypes = lib.rs_dequant_rows.argtypes
@@ -187,6 +191,62 @@ def gemm_bf16(
     if rc:
         _check(w, wtype, n, k)
         raise RuntimeError(f"gemm_bf16 failed ({rc}) for type {wtype}, n={n}, k={k}.")
+    return out
+
+
+def pack_q8_panels(w: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A Q8_0 weight's blocks (`w`, [n, k]) regrouped into gemm_bf16's panel order, for
+    gemm_bf16_q8_panels: uint8, the blocks' own bytes (n rounded up to 32). Needs
+    has_bf16_gemm()."""
+    lib = _lib_or_raise()
+    _check(w, Q8_0, n, k)
+    panels = torch.empty(int(lib.rs_q8_panels_bytes(n, k)), dtype=torch.uint8)
+    rc = lib.rs_pack_q8_panels(w.data_ptr(), n, k, panels.data_ptr(), torch.get_num_threads())
+    if rc == 3:
+        raise RuntimeError("Q8 panels need a CPU with AVX512-BF16 (see has_bf16_gemm()).")
+    if rc:
+        raise RuntimeError(f"pack_q8_panels failed ({rc}) for n={n}, k={k}.")
+    return panels
+
+
+def gemm_bf16_q8_panels(
+    x: torch.Tensor, panels: torch.Tensor, n: int, k: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """gemm_bf16's product over a Q8_0 weight's pack_q8_panels: x [M, k] float32 @ W.T,
+    [M, n] float32, equal bit for bit to gemm_bf16 on vdpbf16ps (never AMX tiles)."""
+    lib = _lib_or_raise()
+    if k % QK:
+        raise ValueError(f"in_features must be a multiple of {QK}, got {k}.")
+    size = int(lib.rs_q8_panels_bytes(n, k))
+    if panels.dtype != torch.uint8 or not panels.is_contiguous() or panels.numel() != size:
+        raise ValueError(
+            f"panels must be the {size} contiguous uint8 bytes of an {n}x{k} weight's "
+            f"pack_q8_panels, got {panels.numel()} {panels.dtype}."
+        )
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(
+            f"x must be float32 [M, {k}] with unit column stride, got {tuple(x.shape)}."
+        )
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.rs_gemm_bf16_q8_panels(
+        panels.data_ptr(),
+        n,
+        k,
+        x.data_ptr(),
+        m,
+        x.stride(0),
+        out.data_ptr(),
+        out.stride(0),
+        torch.get_num_threads(),
+    )
+    if rc == 3:
+        raise RuntimeError(
+            "gemm_bf16_q8_panels needs a CPU with AVX512-BF16 (see has_bf16_gemm())."
+        )
+    if rc:
+        raise RuntimeError(f"gemm_bf16_q8_panels failed ({rc}) for n={n}, k={k}.")
     return out
 
 

@@ -71,14 +71,17 @@ void panel_f32(const float* x, int64_t ldx, const float* panel, int64_t k, float
 
 #if defined(__AVX512BF16__)
 // y[t][j] = x_t . panel column j in bf16 (vdpbf16ps, fp32 sums): x bf16 (row stride ldxb
-// values), pairs = k / 2 steps.
+// values), pairs = k / 2 steps. pf (optional): bytes to bring into L2 meanwhile, pf_lines
+// 64-byte lines a step from there (what streams from memory next, spread over the steps
+// rather than asked for at once).
 template <int MT>
 void panel_bf16(const uint16_t* xb, int64_t ldxb, const uint32_t* panel, int64_t pairs, float* y,
-                int64_t ldy, int nv) {
+                int64_t ldy, int nv, const char* pf = nullptr, int pf_lines = 0) {
   __m512 a0[MT], a1[MT];
 #pragma GCC unroll 12
   for (int t = 0; t < MT; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
+    for (int l = 0; l < pf_lines; ++l) _mm_prefetch(pf + (p * pf_lines + l) * 64, _MM_HINT_T1);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + p * kPanelWidth);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + p * kPanelWidth + 16);
 #pragma GCC unroll 12

@@ -297,6 +297,22 @@ bool use_amx() { return g_amx_enabled && amx_permitted(); }
 bool use_amx() { return false; }
 #endif
 
+// All m rows of x over one panel (weight rows [r0, r0 + nv)), in passes of at most kMaxRows
+// rows, as even as they go (32 rows: 11 11 10).
+// next (optional): next_bytes to bring into L2 meanwhile (the next panel's source, streamed
+// from memory), spread over the first pass's steps rather than asked for at once.
+inline void panel_passes(const uint16_t* xb, int64_t m, int64_t k, const uint32_t* panel,
+                         float* y, int64_t ldy, int64_t r0, int nv, const void* next = nullptr,
+                         int64_t next_bytes = 0) {
+  const int lines = (int)((next_bytes + 64 * (k / 2) - 1) / (64 * (k / 2)));
+  bool first = true;
+  even_passes<kMaxRows>(m, [&](auto rows, int64_t i) {
+    panel_bf16<decltype(rows)::value>(xb + i * k, k, panel, k / 2, y + i * ldy + r0, ldy, nv,
+                                      first ? (const char*)next : nullptr, first ? lines : 0);
+    first = false;
+  });
+}
+
 template <int WType>
 void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64_t m, float* y,
                int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
@@ -314,12 +330,86 @@ void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64
     if ((int64_t)panel.size() < k / 2 * kPanelCols) panel.resize(k / 2 * kPanelCols);
     const int64_t ahead = r1 + kPanelCols * (parallel ? nthreads : 1);
     pack_panel<WType>(w, k, r0, r1, panel.data(), ahead < r_end ? ahead : r_end);
-    const int nv = (int)(r1 - r0);
-    // Passes of at most kMaxRows rows, as even as they go (32 rows: 11 11 10).
-    even_passes<kMaxRows>(m, [&](auto rows, int64_t i) {
-      panel_bf16<decltype(rows)::value>(xb + i * k, k, panel.data(), k / 2, y + i * ldy + r0,
-                                          ldy, nv);
-    });
+    panel_passes(xb, m, k, panel.data(), y, ldy, r0, (int)(r1 - r0));
+  });
+}
+
+// A Q8_0 weight's blocks regrouped in the panels' order ("Q8 panels"), for a weight that a
+// caller keeps twice (the LM head): a product turns each into its bf16 panel with no
+// transpose and no scalar scale, where pack_panel spends ~40% of its time on those. Per
+// panel of 32 columns and block b of 32 values: the columns' 32 fp16 scales (64 bytes), then
+// for each of the block's 16 pairs of values and each half of the columns, 32 int8:
+// (w[c][2p], w[c][2p + 1]) for the half's columns c in order: 1,088 bytes where the blocks
+// hold 1,088. Columns past n are zero.
+constexpr int64_t kQ8PanelBlockBytes = 64 + 16 * 2 * 32;
+
+void pack_q8_panels(const uint8_t* w, int64_t n, int64_t k, uint8_t* out, int nthreads) {
+  const int64_t nb = k / QK, row_bytes = nb * (int64_t)sizeof(BlockQ8_0);
+  const int64_t np = (n + kPanelCols - 1) / kPanelCols;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t pi = 0; pi < np; ++pi) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* dst = out + (pi * nb + b) * kQ8PanelBlockBytes;
+      uint16_t* scales = (uint16_t*)dst;
+      int8_t* q = (int8_t*)(dst + 64);
+      for (int c = 0; c < kPanelCols; ++c) {
+        const int64_t row = pi * kPanelCols + c;
+        const BlockQ8_0* blk = row < n ? (const BlockQ8_0*)(w + row * row_bytes) + b : nullptr;
+        scales[c] = blk != nullptr ? blk->d : 0;
+        for (int p = 0; p < 16; ++p) {
+          int8_t* pair = q + (p * 2 + c / 16) * 32 + (c % 16) * 2;
+          pair[0] = blk != nullptr ? blk->qs[2 * p] : 0;
+          pair[1] = blk != nullptr ? blk->qs[2 * p + 1] : 0;
+        }
+      }
+    }
+  }
+}
+
+// One panel of Q8 panels into the bf16 panel [k / 2][32] pairs: each value fp32(q) * d
+// rounded to bf16, as block_pairs<kQ8_0> computes it, so the products are gemm_bf16's.
+void unpack_q8_panel(const uint8_t* src, int64_t nb, uint32_t* panel) {
+  // Lane i of a 16-lane half takes column i / 2's scale (its pair's two values).
+  const __m512i lo_cols = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i hi_cols = _mm512_add_epi32(lo_cols, _mm512_set1_epi32(8));
+  for (int64_t b = 0; b < nb; ++b, src += kQ8PanelBlockBytes) {
+    __m512 d[2][2];
+    for (int h = 0; h < 2; ++h) {
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)src + h));
+      d[h][0] = _mm512_permutexvar_ps(lo_cols, s);
+      d[h][1] = _mm512_permutexvar_ps(hi_cols, s);
+    }
+    const int8_t* q = (const int8_t*)(src + 64);
+    for (int p = 0; p < 16; ++p) {
+      for (int h = 0; h < 2; ++h, q += 32) {
+        const __m512 lo = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q))),
+            d[h][0]);
+        const __m512 hi = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16)))),
+            d[h][1]);
+        // cvtne2ps: lo's 16 values (columns 0-7's pairs) first, then hi's (columns 8-15).
+        _mm512_storeu_si512(panel + (b * 16 + p) * kPanelCols + 16 * h,
+                            (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    }
+  }
+}
+
+// gemm_bf16's product (the vdpbf16ps path, bit for bit) over Q8 panels.
+void gemm_bf16_q8_panels(const uint8_t* panels, int64_t n, int64_t k, const uint16_t* xb,
+                         int64_t m, float* y, int64_t ldy, int nthreads) {
+  const int64_t nb = k / QK;
+  const bool parallel = worth_threads(n, k, m, nthreads);
+  for_row_chunks(0, n, kPanelCols, nthreads, parallel, [&](int64_t r0, int64_t r1) {
+    static thread_local AlignedVector<uint32_t> panel;
+    if ((int64_t)panel.size() < k / 2 * kPanelCols) panel.resize(k / 2 * kPanelCols);
+    const int64_t bytes = nb * kQ8PanelBlockBytes;  // a panel's
+    const uint8_t* src = panels + r0 / kPanelCols * bytes;
+    unpack_q8_panel(src, nb, panel.data());
+    // The next panel: the one a thread's run of chunks mostly goes on to.
+    panel_passes(xb, m, k, panel.data(), y, ldy, r0, (int)(r1 - r0),
+                 r1 < n ? src + bytes : nullptr, r1 < n ? bytes : 0);
   });
 }
 
@@ -381,6 +471,39 @@ int rs_gemm_bf16(int wtype, const uint8_t* w, int64_t n, int64_t k, const float*
 #else
   (void)wtype, (void)w, (void)n, (void)k, (void)x, (void)m, (void)ldx, (void)y, (void)ldy,
       (void)nthreads;
+  return 3;
+#endif
+}
+
+// Bytes of rs_pack_q8_panels's result for an n x k Q8_0 weight.
+int64_t rs_q8_panels_bytes(int64_t n, int64_t k) { return (n + 31) / 32 * (k / 32) * 1088; }
+
+// An n x k Q8_0 weight's blocks regrouped into Q8 panels (rs_q8_panels_bytes(n, k) bytes), for
+// rs_gemm_bf16_q8_panels. 0 on success; 1 for a k that is not whole blocks, 3 without
+// AVX512-BF16 (nothing here would read them).
+int rs_pack_q8_panels(const uint8_t* w, int64_t n, int64_t k, uint8_t* panels, int nthreads) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  static_assert(kQ8PanelBlockBytes == 1088);
+  if (k % QK != 0 || nthreads < 1) return 1;
+  pack_q8_panels(w, n, k, panels, nthreads);
+  return 0;
+#else
+  (void)w, (void)n, (void)k, (void)panels, (void)nthreads;
+  return 3;
+#endif
+}
+
+// rs_gemm_bf16's product over a Q8_0 weight's Q8 panels: its vdpbf16ps path's result bit for
+// bit (never AMX tiles, whose weight layout differs). 3 without AVX512-BF16.
+int rs_gemm_bf16_q8_panels(const uint8_t* panels, int64_t n, int64_t k, const float* x, int64_t m,
+                           int64_t ldx, float* y, int64_t ldy, int nthreads) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  if (k % QK != 0 || nthreads < 1) return 1;
+  uint16_t* xb = bf16_rows(x, m, k, ldx, nthreads);
+  gemm_bf16_q8_panels(panels, n, k, xb, m, y, ldy, nthreads);
+  return 0;
+#else
+  (void)panels, (void)n, (void)k, (void)x, (void)m, (void)ldx, (void)y, (void)ldy, (void)nthreads;
   return 3;
 #endif
 }

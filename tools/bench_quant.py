@@ -4,7 +4,9 @@ Per call (one layer's shapes) and whole model (its 30 layers' linears + the LM h
 several row counts, as the default GGUF holds them (Q4_1 layers, Q8_0 LM head). `deq+sgemm`
 is what QuantizedLinear runs past GEMM_MAX_ROWS (each weight dequantized into the scratch
 buffer, then torch's matmul): the crossover with `quant` is where that threshold belongs.
-Also the ctypes call overhead (a 1x32 @ 32x32 product). `--quick` runs one short repeat.
+Also the ctypes call overhead (a 1x32 @ 32x32 product), and on a CPU with AVX512-BF16 the
+LM head's bf16 product packing its Q8_0 blocks per call against its kept Q8 panels
+(QuantizedLinear.keep_q8_panels). `--quick` runs one short repeat.
 Times are CPU seconds per thread (see _time): run it alone for wall-clock figures.
 
     python tools/bench_quant.py [--rows 1,8,32,256,512] [--threads 1] [--quick]
@@ -47,6 +49,38 @@ def _time(fn, repeat: int) -> float:
         fn()
         best = min(best, (time.process_time() - t) / torch.get_num_threads())
     return best
+
+
+def _wall_medians(fns: list, repeat: int) -> list[float]:
+    """Median wall-clock seconds of each fn, the fns run in turn `repeat` times (so a busy
+    spell of the machine falls on all of them). For products whose weights stream from
+    memory, where the best CPU time of a repeat shows a weight left in the caches."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ts in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
+def _lm_head_line(head: tuple, x: torch.Tensor, repeat: int) -> str:
+    """The LM head's bf16 product packing its Q8_0 blocks per call against its Q8 panels."""
+    w, _, n, k = head
+    panels = ops.pack_q8_panels(w, n, k)
+    per_call, kept = _wall_medians(
+        [
+            lambda: ops.gemm_bf16(x, w, ops.Q8_0, n, k),
+            lambda: ops.gemm_bf16_q8_panels(x, panels, n, k),
+        ],
+        repeat,
+    )
+    return (
+        f"       LM head in bf16 (wall clock, medians): packed per call {per_call * 1e3:.2f} ms, "
+        f"Q8 panels {kept * 1e3:.2f} ms ({per_call / kept:.2f}x)"
+    )
 
 
 def main() -> None:
@@ -95,6 +129,8 @@ def main() -> None:
             f"(fp32/quant {times['fp32'] / times['quant']:.2f}x)  one layer: quant "
             f"{layer['quant'] * 1e3:.3f} ms fp32 {layer['fp32'] * 1e3:.3f} ms"
         )
+        if ops.has_bf16_gemm() and not ops.bf16_amx():
+            print(_lm_head_line(quant[-1], xs[HIDDEN], 3 if args.quick else 15))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,22 @@ class QuantizedLinear(nn.Module):
         # Steps of this many rows or more multiply in matmul_dtype bfloat16 (the loader sets
         # bf16_min_rows() with it); fewer stay fp32.
         self.bf16_min_rows = BF16_MIN_ROWS
+        # A Q8_0 weight's blocks also regrouped in the bf16 kernel's panel order
+        # (keep_q8_panels), or None.
+        self.register_parameter("q8_panels", None)
+
+    def keep_q8_panels(self) -> None:
+        """Also hold this Q8_0 weight's blocks regrouped in the bf16 kernel's panel order (the
+        same bytes again), so its bf16 steps skip most of the per-product pack (the transpose
+        and the scalar scales): for the LM head, whose 49,152 x 576 weight a 32-row decode
+        step packed for 2-3 ms of its ~7 (a 2-core Zen 4 VM, 2 threads, wall clock: 32 rows
+        7.0-7.3 -> 5.3-5.5 ms, 9 rows 3.3-3.6 -> 2.0; tools/bench_quant.py prints both).
+        Needs ops.has_bf16_gemm(); used where the product runs on vdpbf16ps (an AMX CPU's
+        tiles take another layout, and pack at a small cost there)."""
+        if self.wtype != ops.Q8_0:
+            raise ValueError(f"Q8 panels hold Q8_0 blocks, not ggml type {self.wtype}.")
+        panels = ops.pack_q8_panels(self.qweight, self.out_features, self.in_features)
+        self.q8_panels = nn.Parameter(panels, requires_grad=False)
 
     def dequantized(self) -> torch.Tensor:
         """The weight as fp32 [out, in] (a new tensor)."""
@@ -138,6 +154,8 @@ class QuantizedLinear(nn.Module):
         return y if dtype == torch.float32 else y.to(dtype)
 
     def _bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q8_panels is not None and not ops.bf16_amx():
+            return ops.gemm_bf16_q8_panels(x, self.q8_panels, self.out_features, self.in_features)
         if ops.has_bf16_gemm():
             return ops.gemm_bf16(x, self.qweight, self.wtype, self.out_features, self.in_features)
         return self._dequantized_matmul(x.to(torch.bfloat16), torch.bfloat16)
@@ -169,6 +187,8 @@ class QuantizedLinear(nn.Module):
         )
         if self.matmul_dtype != torch.float32:
             text += f", matmul_dtype={self.matmul_dtype}"
+        if self.q8_panels is not None:
+            text += ", q8_panels=True"
         return text
 
 

@@ -193,6 +193,54 @@ def test_bf16_gemm_writes_strided_rows_and_keeps_results_across_thread_counts(
         ops.gemm_bf16(torch.randn(3, 48), w, ops.Q4_1, 100, 48)
 
 
+@needs_bf16_gemm
+@pytest.mark.parametrize("n,k", [(64, 32), (100, 576), (70, 96), (1000, 64)])
+def test_q8_panels_give_the_per_call_products_bit_for_bit(n, k) -> None:
+    w, _ = quantized_weight(ops.Q8_0, n, k, seed=7 * n + k)
+    panels = ops.pack_q8_panels(w, n, k)
+    # the blocks' own bytes, the last panel's missing columns zero
+    assert panels.dtype == torch.uint8 and panels.numel() == (n + 31) // 32 * 32 * (k // 32) * 34
+    had_amx = ops.bf16_amx()
+    ops.bf16_amx(False)  # Q8 panels always run on vdpbf16ps: the per-call path's twin
+    threads = torch.get_num_threads()
+    try:
+        for m in (1, 9, 12, 13, 33, 64):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            per_call = ops.gemm_bf16(x, w, ops.Q8_0, n, k)
+            assert torch.equal(ops.gemm_bf16_q8_panels(x, panels, n, k), per_call)
+        # strided rows in and out, and one thread, give the same numbers
+        x = torch.randn(40, 2 * k)[:, :k]
+        out = torch.zeros(40, n + 5)[:, :n]
+        ops.gemm_bf16_q8_panels(x, panels, n, k, out=out)
+        torch.set_num_threads(1)
+        assert torch.equal(out, ops.gemm_bf16_q8_panels(x.contiguous(), panels, n, k))
+    finally:
+        torch.set_num_threads(threads)
+        ops.bf16_amx(had_amx)
+
+
+@needs_bf16_gemm
+def test_q8_panels_refuse_what_does_not_fit_them() -> None:
+    w, _ = quantized_weight(ops.Q8_0, 100, 128, seed=4)
+    panels = ops.pack_q8_panels(w, 100, 128)
+    x = torch.randn(3, 128)
+    with pytest.raises(ValueError, match="panels must be the 17408 contiguous uint8 bytes"):
+        ops.gemm_bf16_q8_panels(x, panels[:-1], 100, 128)
+    with pytest.raises(ValueError, match="panels must be"):
+        ops.gemm_bf16_q8_panels(x, panels, 200, 128)  # another weight's shape
+    with pytest.raises(ValueError, match="panels must be"):
+        ops.gemm_bf16_q8_panels(x, panels.view(torch.int8), 100, 128)
+    with pytest.raises(ValueError, match="x must be float32"):
+        ops.gemm_bf16_q8_panels(torch.randn(3, 64), panels, 100, 128)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.gemm_bf16_q8_panels(x, panels, 100, 120)
+    with pytest.raises(ValueError, match="bytes, expected 100x96"):
+        ops.pack_q8_panels(w, 100, 96)
+    q4, _ = quantized_weight(ops.Q4_1, 64, 64, seed=1)
+    with pytest.raises(ValueError, match="expected 64x64 of type 8"):
+        ops.pack_q8_panels(q4, 64, 64)
+
+
 @pytest.mark.parametrize("wtype", sorted(TYPES))
 def test_the_avx2_build_matches_the_same_references_on_any_avx2_cpu(monkeypatch, wtype):
     # On an AVX-512 CPU the native build takes the 16-lane paths: the 8-lane ones (the

@@ -71,6 +71,14 @@ def _mapped_file(address: int) -> str | None:
     return None
 
 
+def _fp32_weight_bytes(cfg) -> int:
+    """fp32 bytes of the model's weights (the embedding tied to the head counted once)."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    per_layer = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + h * cfg.num_heads * hd
+    per_layer += 3 * h * cfg.intermediate_size
+    return 4 * (cfg.num_layers * per_layer + cfg.vocab_size * h)
+
+
 def test_default_gguf_stays_quantized_and_memory_mapped():
     from engine_core.model_files import default_model_path
 
@@ -79,12 +87,7 @@ def test_default_gguf_stays_quantized_and_memory_mapped():
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert not any(isinstance(m, Linear) for m in model.modules())
     assert {m.wtype for m in linears} == {ops.Q4_1, ops.Q8_0}  # what the file holds
-    # fp32 bytes of the weights (the embedding tied to the head counted once)
-    h, hd = cfg.hidden_size, cfg.head_dim
-    per_layer = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + h * cfg.num_heads * hd
-    per_layer += 3 * h * cfg.intermediate_size
-    fp32_bytes = 4 * (cfg.num_layers * per_layer + cfg.vocab_size * h)
-    assert model.weight_bytes() <= fp32_bytes / 4
+    assert model.weight_bytes() <= _fp32_weight_bytes(cfg) / 4
     # o_proj's blocks and the embedding table are the file's pages, not copies.
     path = os.path.realpath(default_model_path())
     assert _mapped_file(model.layers[0].self_attn.o_proj.qweight.data_ptr()) == path
@@ -272,6 +275,19 @@ def test_bf16_on_a_native_bf16_cpu_is_the_quantized_layers_matmul_dtype_only(mon
     expected = 6 if ops.bf16_amx() else 9 if quant_layers.cpu_vendor() == "AuthenticAMD" else 13
     assert {m.bf16_min_rows for m in linears} == {expected}
     assert loaded.model.norm.weight.dtype == torch.float32
+    # The Q8_0 LM head also as Q8 panels where its bf16 steps run on vdpbf16ps (not AMX
+    # tiles): the same logits as packing per step, the weights within a quarter of fp32's.
+    head = loaded.model.lm_head
+    kept = ops.has_bf16_gemm() and not ops.bf16_amx()
+    assert head.wtype == ops.Q8_0 and (head.q8_panels is not None) == kept
+    assert all(m.q8_panels is None for m in linears if m is not head)
+    assert loaded.model.weight_bytes() <= _fp32_weight_bytes(loaded.config) / 4
+    if kept:
+        x = torch.randn(32, head.in_features)
+        per_step = ops.gemm_bf16(x, head.qweight, head.wtype, head.out_features, head.in_features)
+        assert torch.equal(head(x), per_step)
+        with pytest.raises(ValueError, match="Q8 panels hold Q8_0 blocks, not ggml type 3"):
+            loaded.model.layers[0].mlp.down_proj.keep_q8_panels()
     auto = load_model(EngineConfig(), cpu)
     assert (auto.compute_dtype, auto.matmul_dtype) == (torch.float32, torch.float32)
     assert {m.matmul_dtype for m in auto.model.modules() if isinstance(m, QuantizedLinear)} == {
