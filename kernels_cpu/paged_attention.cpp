@@ -373,11 +373,21 @@ void attend_heads512(const float* qh, const T* k_cache, const T* v_cache, const 
           for (int i = 0; i < KB; ++i) acc[j][i] = _mm512_fmadd_ps(qd, kv[i], acc[j][i]);
         }
       }
-      for (int j = 0; j < G; ++j) {
-        alignas(16) float tot[4];
-        _mm_store_ps(tot, reduce4(acc[j]));
-        float* sj = s + (g * G + j) * ctx + t0;
-        for (int i = 0; i < valid; ++i) sj[i] = tot[i] * scale + brow[t0 + i];
+      if (valid == KB) {  // a whole round: its four scores a head in one vector op and store
+        // (fused, as the compiler contracts the scalar tail's tot * scale + brow: bit for bit
+        // the same; 32 rows x 100-600 keys, 30 layers' pools, 2 threads: 14.3-14.7 -> 13.3-13.7
+        // ms over a Zen 4 VM's DRAM)
+        const __m128 vscale = _mm_set1_ps(scale), bias = _mm_loadu_ps(brow + t0);
+        for (int j = 0; j < G; ++j) {
+          _mm_storeu_ps(s + (g * G + j) * ctx + t0, _mm_fmadd_ps(reduce4(acc[j]), vscale, bias));
+        }
+      } else {
+        for (int j = 0; j < G; ++j) {
+          alignas(16) float tot[4];
+          _mm_store_ps(tot, reduce4(acc[j]));
+          float* sj = s + (g * G + j) * ctx + t0;
+          for (int i = 0; i < valid; ++i) sj[i] = tot[i] * scale + brow[t0 + i];
+        }
       }
     }
   }
