@@ -171,14 +171,25 @@ def gemm_bf16(
     Needs has_bf16_gemm()."""
     lib = _lib_or_raise()
     assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1
+    out, rc = _bf16_product(lib.rs_gemm_bf16, (wtype, w.data_ptr(), n, k), x, n, out)
+    if rc == 3:
+        raise RuntimeError("gemm_bf16 needs a CPU with AVX512-BF16 (see has_bf16_gemm()).")
+    if rc:
+        _check(w, wtype, n, k)
+        raise RuntimeError(f"gemm_bf16 failed ({rc}) for type {wtype}, n={n}, k={k}.")
+    return out
+
+
+def _bf16_product(
+    fn, weight_args: tuple, x: torch.Tensor, n: int, out: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
+    """Calls a bf16 GEMM entry point: fn(*weight_args, x, rows, x's row stride, out, out's row
+    stride, threads), `out` [rows, n] fp32 made if None. Returns (out, its return code)."""
     m = x.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=torch.float32)
-    rc = lib.rs_gemm_bf16(
-        wtype,
-        w.data_ptr(),
-        n,
-        k,
+    rc = fn(
+        *weight_args,
         x.data_ptr(),
         m,
         x.stride(0),
@@ -186,12 +197,7 @@ def gemm_bf16(
         out.stride(0),
         torch.get_num_threads(),
     )
-    if rc == 3:
-        raise RuntimeError("gemm_bf16 needs a CPU with AVX512-BF16 (see has_bf16_gemm()).")
-    if rc:
-        _check(w, wtype, n, k)
-        raise RuntimeError(f"gemm_bf16 failed ({rc}) for type {wtype}, n={n}, k={k}.")
-    return out
+    return out, int(rc)
 
 
 def pack_q8_panels(w: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -227,20 +233,7 @@ def gemm_bf16_q8_panels(
         raise ValueError(
             f"x must be float32 [M, {k}] with unit column stride, got {tuple(x.shape)}."
         )
-    m = x.shape[0]
-    if out is None:
-        out = torch.empty(m, n, dtype=torch.float32)
-    rc = lib.rs_gemm_bf16_q8_panels(
-        panels.data_ptr(),
-        n,
-        k,
-        x.data_ptr(),
-        m,
-        x.stride(0),
-        out.data_ptr(),
-        out.stride(0),
-        torch.get_num_threads(),
-    )
+    out, rc = _bf16_product(lib.rs_gemm_bf16_q8_panels, (panels.data_ptr(), n, k), x, n, out)
     if rc == 3:
         raise RuntimeError(
             "gemm_bf16_q8_panels needs a CPU with AVX512-BF16 (see has_bf16_gemm())."
