@@ -43,13 +43,10 @@ inline __m512i block_pairs(const uint8_t* w, int64_t b) {
 }
 
 // Weight rows [r0, r1) (at most 32) into panel [k / 2][32] pairs; columns past r1 zero.
-// Rows [r1, ahead) are the next panels': asked for now, they arrive while this one packs.
 template <int WType>
-void pack_panel(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, uint32_t* panel,
-                int64_t ahead) {
+void pack_panel(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, uint32_t* panel) {
   const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
   prefetch_bytes(w + r0 * row_bytes, (r1 - r0) * row_bytes);
-  if (ahead > r1) prefetch_bytes(w + r1 * row_bytes, (ahead - r1) * row_bytes);
   for (int half = 0; half < 2; ++half) {
     const int64_t first = r0 + 16 * half;
     for (int64_t b = 0; b < nb; ++b) {
@@ -244,7 +241,7 @@ void gemm_amx_many_rows(const uint8_t* w, int64_t n, int64_t k, const uint16_t* 
 #pragma omp for schedule(static)
       for (int64_t p = g0; p < g1; ++p) {
         const int64_t r0 = p * kPanelCols, r1 = std::min(n, r0 + kPanelCols);
-        pack_panel<WType>(w, k, r0, r1, pk + (p - g0) * panel_words, 0);
+        pack_panel<WType>(w, k, r0, r1, pk + (p - g0) * panel_words);
       }
       load_tile_config();
       alignas(64) float c[256];
@@ -334,7 +331,7 @@ void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64
     // ms, 32 rows 27-28.6 -> 24.9-27.3 (a Zen 4 VM).
     const int64_t row_bytes = k / QK * block_bytes(WType);
     const int64_t next_end = r1 + kPanelCols < r_end ? r1 + kPanelCols : r_end;
-    pack_panel<WType>(w, k, r0, r1, panel.data(), r1);
+    pack_panel<WType>(w, k, r0, r1, panel.data());
     panel_passes(xb, m, k, panel.data(), y, ldy, r0, (int)(r1 - r0),
                  r1 < r_end ? w + r1 * row_bytes : nullptr, (next_end - r1) * row_bytes);
   });
