@@ -40,7 +40,7 @@ def q8_activations(x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("wtype", sorted(TYPES))
 @pytest.mark.parametrize("n,k", [(16, 32), (192, 576), (100, 1536), (576, 64)])
-@pytest.mark.parametrize("m", [1, 3, 5, 6, 8, 9, 12, 16, 17, 33, 64])
+@pytest.mark.parametrize("m", [1, 3, 5, 6, 8, 9, 10, 12, 13, 16, 17, 33, 64])
 def test_gemm_matches_dequantize_then_matmul(wtype: int, n: int, k: int, m: int) -> None:
     w, deq = quantized_weight(wtype, n, k, seed=n * k + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
