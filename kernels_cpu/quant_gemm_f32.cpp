@@ -3,12 +3,14 @@
 // Two kernels, one result (the fp32 product of the dequantized weights):
 // - few rows (m <= kDirectRows): each weight block is widened to fp32 in registers and dotted
 //   with every row. AVX-512: the block dequantized (q * d + offset, dequant_row's values),
-//   then two FMAs a row, two weight rows at a time from 5 rows; AVX2 and scalar:
+//   then two FMAs a row, two weight rows at a time from 5 rows; AVX2 likewise from
+//   kAvx2DequantRows rows (four FMAs a row); below that, and on the scalar build,
 //   sum(W x) = d * sum(q x) + offset * sum(x), sum(x) of each activation block computed once
 //   per call.
-// - more rows: each thread dequantizes a tile of kTileRows weight rows into a buffer that
-//   stays in its L2 cache, once, and runs an fp32 micro-kernel of 3 activation rows x 4
-//   weight rows over it; the weight is unpacked once per tile, not once per activation row.
+// - more rows: each thread dequantizes weight rows once, into a panel (AVX2, AVX-512: outer
+//   products of activation rows x panel columns) or, on the scalar build, a tile of kTileRows
+//   rows run through a micro-kernel of 3 activation rows x 4 weight rows; either way a weight
+//   is unpacked once per call, not once per activation row.
 // Rounding is fp32's alone, so results track a dequantize-then-matmul reference to ~1e-6.
 #include <algorithm>
 #include <vector>
@@ -26,7 +28,13 @@ namespace {
 // two vectors, and 8 rows a block cost what 4 did (3072 x 576, 2 threads: 6 rows 0.18 ->
 // 0.09 ms, 8 rows 0.22 -> 0.11 ms against the tiled kernel). With AVX2, 5 and 6 rows still
 // fit its 16 registers and beat the tiled kernel by 5-20% (a speculative verify row's 1 + 5);
-// at 8 they are even.
+// at 8 they were even. With each block dequantized once and one accumulator a row from 6 rows
+// (4 weight vectors + 12 accumulators: the 16 registers), the AVX2 kernel takes up to 12 rows
+// (an AVX2 build on a Zen 4 VM, whose 256-bit units match Zen 3's two FMA pipes; 2 threads,
+// 30 layers' Q4_1 weights, one process calling the builds in turn, against the old register
+// kernel, the tiles and the panel kernel: 6 rows 13.1-14.1 -> 11.4-11.5 ms, 7 / 8 rows 21.9 /
+// 22.2 -> 16.9 / 17.6, 9 / 10 rows 18.4-20.4 / 20.9-21.0 -> 15.6-17.1 / 17.2-17.4, 11 / 12
+// rows 22.6-27.0 / 24.6-24.7 -> 19.3-22.5 / 21.4-22.1; 13 rows even).
 // On Intel's cores with AMX (two 512-bit FMA ports, where AMD's Zen 4 has one 512-bit FMA a
 // cycle) the register kernel beats the panel one up to 16 rows: a speculative verify step
 // of 1 + k tokens (an Emerald Rapids VM, 2 threads, 30 layers' Q4_1 weights, the builds in
@@ -39,11 +47,17 @@ namespace {
 // ms). A bound of 16 there: 13 rows 22.3 -> 21.1 ms, but 16 rows 25.3 -> 26.6.
 #if defined(__AVX512F__) && defined(__AMX_TILE__)
 constexpr int64_t kDirectRows = 16;
-#elif defined(__AVX512F__)
+#elif defined(__AVX512F__) || defined(__AVX2__)
 constexpr int64_t kDirectRows = 12;
 #else
 constexpr int64_t kDirectRows = 6;
 #endif
+// From this many rows the AVX2 register kernel dequantizes each block once and runs four FMAs
+// a row on it. Below, it scales each row's sum of q * x instead (two multiplies, three FMAs
+// and an add a row, plus offset * sum(x)), which saves the dequantization where few rows
+// share it (the builds in turn, as above: 1 and 2 rows as before, 3 even, 4 / 5 / 6 rows
+// 10.1 / 11.0 / 13.3 -> 9.2 / 10.3 / 11.7 ms).
+constexpr int kAvx2DequantRows = 3;
 constexpr int64_t kTileRows = 16;   // weight rows dequantized at a time by a thread
 #if defined(__AVX512F__)
 // From here the AVX-512 panel kernel beats the dot-product tiles (gemm_panels_512).
@@ -75,6 +89,41 @@ void dot_row_f32(const uint8_t* w, int64_t nb, const float* const* xs, const flo
   }
   for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
 #elif defined(__AVX2__)
+  if constexpr (MT >= kAvx2DequantRows) {
+    // The block dequantized once (dequant_row's values), then four FMAs a row, as the
+    // AVX-512 branch does: two accumulators a row (two independent chains) below 6 rows.
+    (void)sums;
+    __m256 acc0[MT], acc1[MT];
+    for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256 q[4];
+      float dw, offset;
+      widen_block<WType>(w, b, q, dw, offset);
+      const __m256 vd = _mm256_set1_ps(dw), voff = _mm256_set1_ps(offset);
+      for (int i = 0; i < 4; ++i) {
+        q[i] = WType == kQ4_0 ? _mm256_mul_ps(_mm256_sub_ps(q[i], _mm256_set1_ps(8.0f)), vd)
+                              : _mm256_add_ps(_mm256_mul_ps(q[i], vd), voff);
+      }
+      for (int t = 0; t < MT; ++t) {
+        const float* x = xs[t] + b * QK;
+        if constexpr (MT >= 6) {  // one chain a row: MT chains are enough, and fit
+          acc0[t] = _mm256_fmadd_ps(q[0], _mm256_loadu_ps(x), acc0[t]);
+          acc0[t] = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), acc0[t]);
+          acc0[t] = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), acc0[t]);
+          acc0[t] = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), acc0[t]);
+        } else {
+          acc0[t] = _mm256_fmadd_ps(q[0], _mm256_loadu_ps(x), acc0[t]);
+          acc1[t] = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), acc1[t]);
+          acc0[t] = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), acc0[t]);
+          acc1[t] = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), acc1[t]);
+        }
+      }
+    }
+    for (int t = 0; t < MT; ++t) {
+      out[t] = hsum(MT >= 6 ? acc0[t] : _mm256_add_ps(acc0[t], acc1[t]));
+    }
+    return;
+  }
   float extra[MT];  // offset * sum(x) over the blocks
   __m256 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps(), extra[t] = 0.0f;
@@ -149,6 +198,21 @@ void gemm_direct(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
   const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
 #if defined(__AVX512F__)
   const float* sums = nullptr;  // the AVX-512 kernels run on dequantized blocks: no sums of x
+#elif defined(__AVX2__)
+  const float* sums = nullptr;  // so do the AVX2 kernels from kAvx2DequantRows rows
+  static thread_local std::vector<float> block_sums;
+  if (m < kAvx2DequantRows) {
+    if ((int64_t)block_sums.size() < m * nb) block_sums.resize(m * nb);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + i * ldx + b * QK;
+        float s = 0.0f;
+        for (int j = 0; j < QK; ++j) s += xb[j];
+        block_sums[i * nb + b] = s;
+      }
+    }
+    sums = block_sums.data();
+  }
 #else
   static thread_local std::vector<float> block_sums;
   if ((int64_t)block_sums.size() < m * nb) block_sums.resize(m * nb);
@@ -297,10 +361,11 @@ float* dequant_tile(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, bool ze
 // kernel below reached ~50% of the FMA rate from 8 to 32 rows (3072 x 576: 40 us a row on two
 // threads); this one is what sgemm libraries do on AVX2.
 constexpr int kPanelRows = 6;
-// Below this many rows the dot-product tiles win (the panel's transposition and its re-reads
-// from L2 for two short passes cost more): 3072 x 576, 2 threads, 8 rows 0.43 vs 0.57 ms,
-// 12 rows 0.53 vs 0.45, 24 rows 1.04 vs 0.83, 256 rows 10.1 vs 6.6.
-constexpr int64_t kPanelMinRows = 10;
+// Against the dot-product tiles the panel won from 10 rows (3072 x 576, 2 threads, 8 rows
+// 0.43 vs 0.57 ms, 12 rows 0.53 vs 0.45, 24 rows 1.04 vs 0.83, 256 rows 10.1 vs 6.6); the
+// register kernel now takes the rows below it (kDirectRows), so AVX2 builds no longer use the
+// tiles.
+constexpr int64_t kPanelMinRows = kDirectRows + 1;
 
 inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8], t[8];

@@ -244,7 +244,8 @@ def test_q8_panels_refuse_what_does_not_fit_them() -> None:
 @pytest.mark.parametrize("wtype", sorted(TYPES))
 def test_the_avx2_build_matches_the_same_references_on_any_avx2_cpu(monkeypatch, wtype):
     # On an AVX-512 CPU the native build takes the 16-lane paths: the 8-lane ones (the
-    # direct kernel to 6 rows, the dot-product tiles, the 6 x 16 panels from 10) run here.
+    # register kernel to 12 rows: scaled sums of q * x below 3 rows, dequantized blocks with
+    # two accumulators a row from 3 and one from 6; the 6 x 16 panels from 13) run here.
     from kernels_cpu.build import library_path
 
     with open("/proc/cpuinfo") as f:
@@ -254,7 +255,7 @@ def test_the_avx2_build_matches_the_same_references_on_any_avx2_cpu(monkeypatch,
     assert ops.simd_level() == "avx2"
     n, k = 100, 576
     w, deq = quantized_weight(wtype, n, k, seed=12)
-    for m in (1, 6, 8, 12, 33):
+    for m in (1, 2, 3, 5, 6, 8, 12, 13, 33):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         ref = x.numpy().astype(np.float64) @ deq.astype(np.float64).T
         err = np.abs(ops.gemm(x, w, wtype, n, k).numpy() - ref).max() / np.abs(ref).max()
