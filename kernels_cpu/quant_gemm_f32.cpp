@@ -57,12 +57,10 @@ constexpr int64_t kDirectRows = 6;
 // and an add a row, plus offset * sum(x)), which saves the dequantization where few rows
 // share it (the builds in turn, as above: 1 and 2 rows as before, 3 even, 4 / 5 / 6 rows
 // 10.1 / 11.0 / 13.3 -> 9.2 / 10.3 / 11.7 ms).
+#if defined(__AVX2__) && !defined(__AVX512F__)
 constexpr int kAvx2DequantRows = 3;
-constexpr int64_t kTileRows = 16;   // weight rows dequantized at a time by a thread
-#if defined(__AVX512F__)
-// From here the AVX-512 panel kernel beats the dot-product tiles (gemm_panels_512).
-constexpr int64_t kPanelMinRows512 = kDirectRows + 1;
 #endif
+constexpr int64_t kTileRows = 16;   // weight rows dequantized at a time by a thread
 
 // ------------------------------------------------------------------ few rows: blocks in registers
 
@@ -268,55 +266,10 @@ void gemm_direct(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
 
 // ------------------------------------------------------------------ many rows: dequantized tiles
 
-// y[t][j] = x_t . w_j for MT activation rows and NT dequantized weight rows, each of length k.
+// y[t][j] = x_t . w_j for MT activation rows and NT dequantized weight rows, each of length k:
+// the scalar build's kernel past the register kernel's rows (vector builds run the panels).
 template <int MT, int NT>
 void micro_kernel(const float* x, int64_t ldx, const float* w, int64_t k, float* y, int64_t ldy) {
-  // Every loop over rows and columns unrolled: otherwise GCC kept acc in memory, a store of
-  // each accumulator after every step (half the FMA rate).
-#if defined(__AVX512F__)
-  // k is a multiple of 32 (whole blocks): 16 lanes a step, no tail.
-  __m512 acc[MT][NT];
-#pragma GCC unroll 8
-  for (int t = 0; t < MT; ++t)
-#pragma GCC unroll 8
-    for (int j = 0; j < NT; ++j) acc[t][j] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < k; c += 16) {
-    __m512 xv[MT];
-#pragma GCC unroll 8
-    for (int t = 0; t < MT; ++t) xv[t] = _mm512_loadu_ps(x + t * ldx + c);
-#pragma GCC unroll 8
-    for (int j = 0; j < NT; ++j) {
-      const __m512 wv = _mm512_loadu_ps(w + j * k + c);
-#pragma GCC unroll 8
-      for (int t = 0; t < MT; ++t) acc[t][j] = _mm512_fmadd_ps(xv[t], wv, acc[t][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int t = 0; t < MT; ++t)
-#pragma GCC unroll 8
-    for (int j = 0; j < NT; ++j) y[t * ldy + j] = _mm512_reduce_add_ps(acc[t][j]);
-#elif defined(__AVX2__)
-  __m256 acc[MT][NT];
-#pragma GCC unroll 8
-  for (int t = 0; t < MT; ++t)
-#pragma GCC unroll 8
-    for (int j = 0; j < NT; ++j) acc[t][j] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < k; c += 8) {
-    __m256 xv[MT];
-#pragma GCC unroll 8
-    for (int t = 0; t < MT; ++t) xv[t] = _mm256_loadu_ps(x + t * ldx + c);
-#pragma GCC unroll 8
-    for (int j = 0; j < NT; ++j) {
-      const __m256 wv = _mm256_loadu_ps(w + j * k + c);
-#pragma GCC unroll 8
-      for (int t = 0; t < MT; ++t) acc[t][j] = _mm256_fmadd_ps(xv[t], wv, acc[t][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int t = 0; t < MT; ++t)
-#pragma GCC unroll 8
-    for (int j = 0; j < NT; ++j) y[t * ldy + j] = hsum(acc[t][j]);
-#else
   for (int t = 0; t < MT; ++t) {
     for (int j = 0; j < NT; ++j) {
       float s = 0.0f;
@@ -324,7 +277,6 @@ void micro_kernel(const float* x, int64_t ldx, const float* w, int64_t k, float*
       y[t * ldy + j] = s;
     }
   }
-#endif
 }
 
 template <int MT>
@@ -363,9 +315,7 @@ float* dequant_tile(const uint8_t* w, int64_t k, int64_t r0, int64_t r1, bool ze
 constexpr int kPanelRows = 6;
 // Against the dot-product tiles the panel won from 10 rows (3072 x 576, 2 threads, 8 rows
 // 0.43 vs 0.57 ms, 12 rows 0.53 vs 0.45, 24 rows 1.04 vs 0.83, 256 rows 10.1 vs 6.6); the
-// register kernel now takes the rows below it (kDirectRows), so AVX2 builds no longer use the
-// tiles.
-constexpr int64_t kPanelMinRows = kDirectRows + 1;
+// register kernel now takes the rows below 13 (kDirectRows), so it runs every step past them.
 
 inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8], t[8];
@@ -442,8 +392,8 @@ void gemm_panels(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
 // each block's two halves), and an outer-product micro-kernel of up to 12 activation rows x
 // those 32 columns: 24 accumulators, two panel loads and one broadcast per row a k step (the
 // layout of quant_gemm_bf16.cpp's kernel, with fp32 FMAs). Against the dot-product tiles'
-// horizontal sums and dequantize + oneDNN's reordered weight (quant_layers.py), 3072 x 576
-// on 2 threads: see kPanelMinRows512.
+// horizontal sums and dequantize + oneDNN's reordered weight (quant_layers.py), it runs
+// every step past the register kernel's rows (kDirectRows).
 constexpr int kPanelCols512 = kPanelWidth;
 constexpr int kPanelRows512 = 12;
 
@@ -521,20 +471,15 @@ void gemm_f32(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m,
               float* y, int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
   if (m <= kDirectRows) {
     gemm_direct<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
-  } else {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-    if (m >= kPanelMinRows) {
-      gemm_panels<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
-      return;
-    }
-#elif defined(__AVX512F__)
-    if (m >= kPanelMinRows512) {
-      gemm_panels_512<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
-      return;
-    }
-#endif
-    gemm_tiled<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
+    return;
   }
+#if defined(__AVX512F__)
+  gemm_panels_512<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
+#elif defined(__AVX2__)
+  gemm_panels<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
+#else
+  gemm_tiled<WType>(w, n, k, x, m, ldx, y, ldy, nthreads, r_begin, r_end);
+#endif
 }
 
 }  // namespace
