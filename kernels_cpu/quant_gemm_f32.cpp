@@ -189,32 +189,12 @@ void dot_rows2_f32(const uint8_t* w0, const uint8_t* w1, int64_t nb, const float
 }
 #endif
 
-// Output columns [r_begin, r_end) of y (weight rows); threads split them when nthreads > 1.
-template <int WType>
-void gemm_direct(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
-                 float* y, int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
-  const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
-#if defined(__AVX512F__)
-  const float* sums = nullptr;  // the AVX-512 kernels run on dequantized blocks: no sums of x
-#elif defined(__AVX2__)
-  const float* sums = nullptr;  // so do the AVX2 kernels from kAvx2DequantRows rows
-  static thread_local std::vector<float> block_sums;
-  if (m < kAvx2DequantRows) {
-    if ((int64_t)block_sums.size() < m * nb) block_sums.resize(m * nb);
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t b = 0; b < nb; ++b) {
-        const float* xb = x + i * ldx + b * QK;
-        float s = 0.0f;
-        for (int j = 0; j < QK; ++j) s += xb[j];
-        block_sums[i * nb + b] = s;
-      }
-    }
-    sums = block_sums.data();
-  }
-#else
-  static thread_local std::vector<float> block_sums;
-  if ((int64_t)block_sums.size() < m * nb) block_sums.resize(m * nb);
-  float* sums = block_sums.data();
+#if !defined(__AVX512F__)
+// Each activation row's sum over each block ([m][nb]: sum(x) for the offset * sum(x) term),
+// in this thread's buffer.
+inline const float* activation_block_sums(const float* x, int64_t m, int64_t ldx, int64_t nb) {
+  static thread_local std::vector<float> sums;
+  if ((int64_t)sums.size() < m * nb) sums.resize(m * nb);
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + i * ldx + b * QK;
@@ -223,6 +203,22 @@ void gemm_direct(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t
       sums[i * nb + b] = s;
     }
   }
+  return sums.data();
+}
+#endif
+
+// Output columns [r_begin, r_end) of y (weight rows); threads split them when nthreads > 1.
+template <int WType>
+void gemm_direct(const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, int64_t ldx,
+                 float* y, int64_t ldy, int nthreads, int64_t r_begin, int64_t r_end) {
+  const int64_t nb = k / QK, row_bytes = nb * block_bytes(WType);
+#if defined(__AVX512F__)
+  const float* sums = nullptr;  // the AVX-512 kernels run on dequantized blocks: no sums of x
+#elif defined(__AVX2__)
+  // So do the AVX2 kernels from kAvx2DequantRows rows.
+  const float* sums = m < kAvx2DequantRows ? activation_block_sums(x, m, ldx, nb) : nullptr;
+#else
+  const float* sums = activation_block_sums(x, m, ldx, nb);
 #endif
   const float* xs[kDirectRows];
   const float* ss[kDirectRows];
