@@ -121,24 +121,34 @@ inline void widen_block(const uint8_t* w, int64_t b, __m256 q[4], float& dw, flo
 }
 #endif
 
+#if defined(__AVX2__)
+// Block b of a weight row dequantized as dequant_row does (the same fp32 values), as four
+// vectors of 8 (values 0-7, 8-15, 16-23, 24-31).
+template <int WType>
+inline void dequant_block8x4(const uint8_t* w, int64_t b, __m256 v[4]) {
+  float dw, offset;
+  widen_block<WType>(w, b, v, dw, offset);
+  const __m256 vd = _mm256_set1_ps(dw), voff = _mm256_set1_ps(offset);
+  for (int i = 0; i < 4; ++i) {
+    // Q4_0's (q - 8) * d is exact either way: q - 8 is a small integer in fp32.
+    v[i] = WType == kQ4_0 ? _mm256_mul_ps(_mm256_sub_ps(v[i], _mm256_set1_ps(8.0f)), vd)
+                          : _mm256_add_ps(_mm256_mul_ps(v[i], vd), voff);
+  }
+}
+#endif
+
 // Dequantized values of one weight row of k (k / 32 blocks): q * d + offset, rounded as
 // gguf's reference dequantizer does (a product, then a sum: no fused multiply-add).
 template <int WType>
 inline void dequant_row(const uint8_t* w, int64_t k, float* out) {
   for (int64_t b = 0; b < k / QK; ++b) {
-    float dw, offset;
     float* o = out + b * QK;
 #if defined(__AVX2__)
-    __m256 q[4];
-    widen_block<WType>(w, b, q, dw, offset);
-    const __m256 vd = _mm256_set1_ps(dw), voff = _mm256_set1_ps(offset);
-    for (int i = 0; i < 4; ++i) {
-      // Q4_0's (q - 8) * d is exact either way: q - 8 is a small integer in fp32.
-      const __m256 v = WType == kQ4_0 ? _mm256_mul_ps(_mm256_sub_ps(q[i], _mm256_set1_ps(8.0f)), vd)
-                                      : _mm256_add_ps(_mm256_mul_ps(q[i], vd), voff);
-      _mm256_storeu_ps(o + 8 * i, v);
-    }
+    __m256 v[4];
+    dequant_block8x4<WType>(w, b, v);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * i, v[i]);
 #else
+    float dw, offset;
     float q[32];
     widen_block_scalar<WType>(w, b, q, dw, offset);
     for (int i = 0; i < QK; ++i) o[i] = WType == kQ4_0 ? (q[i] - 8.0f) * dw : q[i] * dw + offset;

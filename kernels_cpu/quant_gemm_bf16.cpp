@@ -26,6 +26,18 @@
 
 using namespace rs;
 
+namespace {
+
+// A Q8_0 weight's blocks regrouped in the panels' order ("Q8 panels"), for a weight that a
+// caller keeps twice (the LM head): a product turns each into its bf16 panel with no
+// transpose (~30% of pack_panel's time on cache-resident weights) and no scalar scale. Per
+// panel of 32 columns and block b of 32 values: the columns' 32 fp16 scales (64 bytes), then
+// for each of the block's 16 pairs of values and each half of the columns, 32 int8:
+// (w[c][2p], w[c][2p + 1]) for the half's columns c in order: 1,088 bytes where the blocks
+// hold 1,088. Columns past n are zero.
+constexpr int64_t kQ8PanelBlockBytes = 64 + 16 * 2 * 32;
+}  // namespace
+
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 namespace {
 
@@ -337,15 +349,6 @@ void gemm_bf16(const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb, int64
   });
 }
 
-// A Q8_0 weight's blocks regrouped in the panels' order ("Q8 panels"), for a weight that a
-// caller keeps twice (the LM head): a product turns each into its bf16 panel with no
-// transpose (~30% of pack_panel's time on cache-resident weights) and no scalar scale. Per
-// panel of 32 columns and block b of 32 values: the columns' 32 fp16 scales (64 bytes), then
-// for each of the block's 16 pairs of values and each half of the columns, 32 int8:
-// (w[c][2p], w[c][2p + 1]) for the half's columns c in order: 1,088 bytes where the blocks
-// hold 1,088. Columns past n are zero.
-constexpr int64_t kQ8PanelBlockBytes = 64 + 16 * 2 * 32;
-
 void pack_q8_panels(const uint8_t* w, int64_t n, int64_t k, uint8_t* out, int nthreads) {
   const int64_t nb = k / QK, row_bytes = nb * (int64_t)sizeof(BlockQ8_0);
   const int64_t np = (n + kPanelCols - 1) / kPanelCols;
@@ -479,14 +482,15 @@ int rs_gemm_bf16(int wtype, const uint8_t* w, int64_t n, int64_t k, const float*
 }
 
 // Bytes of rs_pack_q8_panels's result for an n x k Q8_0 weight.
-int64_t rs_q8_panels_bytes(int64_t n, int64_t k) { return (n + 31) / 32 * (k / 32) * 1088; }
+int64_t rs_q8_panels_bytes(int64_t n, int64_t k) {
+  return (n + kPanelWidth - 1) / kPanelWidth * (k / QK) * kQ8PanelBlockBytes;
+}
 
 // An n x k Q8_0 weight's blocks regrouped into Q8 panels (rs_q8_panels_bytes(n, k) bytes), for
 // rs_gemm_bf16_q8_panels. 0 on success; 1 for a k that is not whole blocks, 3 without
 // AVX512-BF16 (nothing here would read them).
 int rs_pack_q8_panels(const uint8_t* w, int64_t n, int64_t k, uint8_t* panels, int nthreads) {
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
-  static_assert(kQ8PanelBlockBytes == 1088);
   if (k % QK != 0 || nthreads < 1) return 1;
   pack_q8_panels(w, n, k, panels, nthreads);
   return 0;

@@ -95,13 +95,7 @@ void dot_row_f32(const uint8_t* w, int64_t nb, const float* const* xs, const flo
     for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       __m256 q[4];
-      float dw, offset;
-      widen_block<WType>(w, b, q, dw, offset);
-      const __m256 vd = _mm256_set1_ps(dw), voff = _mm256_set1_ps(offset);
-      for (int i = 0; i < 4; ++i) {
-        q[i] = WType == kQ4_0 ? _mm256_mul_ps(_mm256_sub_ps(q[i], _mm256_set1_ps(8.0f)), vd)
-                              : _mm256_add_ps(_mm256_mul_ps(q[i], vd), voff);
-      }
+      dequant_block8x4<WType>(w, b, q);
       for (int t = 0; t < MT; ++t) {
         const float* x = xs[t] + b * QK;
         if constexpr (MT >= 6) {  // one chain a row: MT chains are enough, and fit
