@@ -2,13 +2,14 @@
 
 `LayerWeights` per decoder layer (tensors the caller keeps alive: the structs hold their
 data pointers), `LlamaLayers` built once from them, then `run()` per step. The caller
-decides when the call applies (quantized layers, fp32, single-query attention rows);
+decides when the call applies (quantized layers, fp32 activations, the step's rows);
 engine_core/models/fused_step.py does for the Llama model.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,8 @@ class _Model(ctypes.Structure):
 # struct Group {int64 start, end, width; const int64* block_ids; const float* bias}: as rows
 # of 5 int64 (pointers as integers), one numpy array a step.
 _GROUP_FIELDS = 5
+# struct Prefill {int64 start, query_len, num_computed; const int64* block_ids}: likewise.
+_PREFILL_FIELDS = 4
 
 
 @dataclass
@@ -102,6 +105,8 @@ class LlamaLayers:
                 _ptr,
                 _ptr,
                 _i64,
+                _ptr,
+                _i64,
                 ctypes.c_int,
             ]
             lib._rs_llama_layers_declared = True
@@ -146,6 +151,8 @@ class LlamaLayers:
         self.hidden, self.kv_width = hidden, kv_heads * head_dim
         # Steps of more rows run op by op (engine_core/models/fused_step.py sets it).
         self.max_rows = 1 << 30
+        # Whether steps with prefill rows run here too (fused_step.py sets it).
+        self.takes_prefills = False
         self.head_dim, self.num_layers, self.heads = head_dim, len(layers), heads
 
     def run(
@@ -156,13 +163,17 @@ class LlamaLayers:
         cos: torch.Tensor,
         sin: torch.Tensor,
         groups: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+        prefills: Sequence[tuple[int, int, int, torch.Tensor]] = (),
     ) -> torch.Tensor:
         """The final norm's output for h [T, hidden] (the embeddings; overwritten in place).
 
         kv_caches [layers, 2, blocks, block_size, kv_heads, head_dim] fp32 or bf16 (where
         ops.bf16_attention_supported: written rounded to nearest even); slots [T] int64;
         cos/sin [T, head_dim / 2]; groups (start, end, block_ids, bias) of single-query rows
-        covering [0, T), as torch_paged.DecodeGroup holds them.
+        and prefills (start, query_len, num_computed, block_ids) of multi-token rows (causal
+        over the cache's first num_computed + query_len keys, as torch_paged.PrefillRow
+        holds them; where ops.prefill_attention_supported), each of the T tokens in one of
+        them (a short row's group may follow a prefill row, as AttentionMetadata orders them).
         """
         tokens = h.shape[0]
         kv = kv_caches
@@ -187,16 +198,38 @@ class LlamaLayers:
                 raise ValueError(f"cos/sin must be contiguous [{tokens}, {self.head_dim // 2}].")
         block_size = self._model.block_size = kv.shape[3]
         self._model.kv_bf16 = int(bf16_kv)
+        if prefills and not ops.prefill_attention_supported(
+            self.heads, self.kv_width // self.head_dim, self.head_dim
+        ):
+            raise ValueError("prefill rows need kernels_cpu's prefill attention for this shape.")
         rows = np.empty((len(groups), _GROUP_FIELDS), dtype=np.int64)
-        covered = 0
+        spans = []  # every row's tokens [start, end): together they must be [0, T)
         for i, (start, end, block_ids, bias) in enumerate(groups):
-            width = block_ids.numel() // (end - start)
-            if start != covered or bias.numel() != (end - start) * width * block_size:
-                raise ValueError("groups must cover the step's tokens in order.")
+            width = block_ids.numel() // max(end - start, 1)
+            if end <= start or bias.numel() != (end - start) * width * block_size:
+                raise ValueError(f"a group of rows [{start}, {end}) does not fit its bias.")
             rows[i] = (start, end, width, block_ids.data_ptr(), bias.data_ptr())
+            spans.append((start, end))
+        prefill_rows = np.empty((len(prefills), _PREFILL_FIELDS), dtype=np.int64)
+        for i, (start, query_len, num_computed, block_ids) in enumerate(prefills):
+            blocks = -(-(num_computed + query_len) // block_size)
+            if query_len < 1 or num_computed < 0:
+                raise ValueError(f"a prefill row of {query_len} tokens after {num_computed}.")
+            if (
+                block_ids.dtype != torch.int64
+                or block_ids.numel() < blocks
+                or not block_ids.is_contiguous()
+            ):
+                raise ValueError(f"a prefill row's block_ids must be int64 [>= {blocks}].")
+            prefill_rows[i] = (start, query_len, num_computed, block_ids.data_ptr())
+            spans.append((start, start + query_len))
+        covered = 0
+        for start, end in sorted(spans):
+            if start != covered:
+                raise ValueError("the groups and prefill rows must cover the step's tokens once.")
             covered = end
         if covered != tokens:
-            raise ValueError(f"groups cover {covered} of {tokens} tokens.")
+            raise ValueError(f"the groups and prefill rows cover {covered} of {tokens} tokens.")
         rc = self._lib.rs_llama_layers(
             ctypes.byref(self._model),
             h.data_ptr(),
@@ -208,6 +241,8 @@ class LlamaLayers:
             sin.data_ptr(),
             rows.ctypes.data,
             len(groups),
+            prefill_rows.ctypes.data,
+            len(prefills),
             torch.get_num_threads(),
         )
         if rc:

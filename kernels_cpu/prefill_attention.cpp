@@ -113,10 +113,12 @@ struct Args {
 template <class T>
 void tile_rows(const Args<T>& a, int64_t g, int64_t t0, int nk, const T** kp, const T** vp) {
   const int64_t slot_stride = a.kv_heads * a.hd;
+  // Block and slot of key t0, then stepped key by key: one division a tile, not two a key
+  // (64-bit divisions by the runtime block size).
+  int64_t b = t0 / a.block_size, slot = t0 - b * a.block_size;
   for (int i = 0; i < kKB; ++i) {
-    const int64_t t = t0 + (i < nk ? i : nk - 1);
-    const int64_t off = a.block_ids[t / a.block_size] * a.block_size * slot_stride +
-                        (t % a.block_size) * slot_stride + g * a.hd;
+    if (i < nk && i > 0 && ++slot == a.block_size) slot = 0, ++b;
+    const int64_t off = (a.block_ids[b] * a.block_size + slot) * slot_stride + g * a.hd;
     kp[i] = a.k_cache + off;
     vp[i] = a.v_cache + off;
   }
@@ -552,20 +554,67 @@ void prefill_task_amx(const Args<uint16_t>& a, int64_t q0, int64_t g) {
 }
 #endif
 
+#if defined(__AVX512F__)
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+template <class T>
+bool runs_on_tiles(const Args<T>& a) {
+  return std::is_same_v<T, uint16_t> && amx_task_fits(a.heads / a.kv_heads, a.hd);
+}
+#endif
+
+// Task t of a row's (query_len + kQB - 1) / kQB * kv_heads: the later query blocks (more
+// keys) first, so that dynamic scheduling ends on the short ones. On tiles the calling
+// thread has loaded rs::load_tile_config.
+template <class T>
+void run_task(const Args<T>& a, int64_t t) {
+  const int64_t qblocks = (a.query_len + kQB - 1) / kQB;
+  const int64_t qb = qblocks - 1 - t / a.kv_heads, g = t % a.kv_heads;
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (runs_on_tiles(a)) {
+      prefill_task_amx(a, qb * kQB, g);
+      return;
+    }
+  }
+#endif
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (bf16_task_fits(a.hd)) {
+      prefill_task_bf16(a, qb * kQB, g);
+      return;
+    }
+  }
+#endif
+  prefill_task(a, qb * kQB, g);
+}
+#endif
+
+// 0 when the kernel takes the shape (see the entry points' codes).
+inline int check_shape(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t query_len,
+                       int64_t ldq) {
+  if (kv_heads < 1 || heads % kv_heads != 0 || query_len < 1) return 1;
+  if (ldq < heads * head_dim) return 3;
+#if defined(__AVX512F__)
+  if (head_dim % 16 != 0 || heads / kv_heads > kMaxG) return 2;
+  return 0;
+#else
+  return 2;
+#endif
+}
+
 template <class T>
 int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_cache,
                       const int64_t* block_ids, int64_t num_computed, int64_t query_len,
                       int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
                       float scale, float* out, int nthreads) {
-  if (kv_heads < 1 || heads % kv_heads != 0 || nthreads < 1 || query_len < 1) return 1;
-  if (ldq < heads * head_dim) return 3;
+  if (nthreads < 1) return 1;
+  if (const int rc = check_shape(heads, kv_heads, head_dim, query_len, ldq)) return rc;
 #if defined(__AVX512F__)
-  if (head_dim % 16 != 0 || heads / kv_heads > kMaxG) return 2;
   const Args<T> a{q,         ldq,        k_cache, v_cache, block_ids, num_computed, query_len,
                   heads,     kv_heads,   head_dim, block_size, scale, out};
-  const int64_t qblocks = (query_len + kQB - 1) / kQB, tasks = qblocks * kv_heads;
+  const int64_t tasks = (query_len + kQB - 1) / kQB * kv_heads;
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  const bool amx = std::is_same_v<T, uint16_t> && amx_task_fits(heads / kv_heads, head_dim);
+  const bool amx = runs_on_tiles(a);
 #endif
   // Later query blocks see more keys: dynamic scheduling, the longest first.
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && tasks > 1)
@@ -574,34 +623,45 @@ int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_
     if (amx) rs::load_tile_config();  // once a thread, not once a task
 #endif
 #pragma omp for schedule(dynamic)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t qb = qblocks - 1 - t / kv_heads, g = t % kv_heads;
-#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (amx) {
-        prefill_task_amx(a, qb * kQB, g);
-        continue;
-      }
-    }
-#endif
-#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (bf16_task_fits(head_dim)) {
-        prefill_task_bf16(a, qb * kQB, g);
-        continue;
-      }
-    }
-#endif
-    prefill_task(a, qb * kQB, g);
-  }
+    for (int64_t t = 0; t < tasks; ++t) run_task(a, t);
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (amx) _tile_release();
 #endif
   }
   return 0;
 #else
-  (void)q, (void)ldq, (void)k_cache, (void)v_cache, (void)block_ids, (void)num_computed, (void)head_dim,
-      (void)block_size, (void)scale, (void)out;
+  (void)q, (void)k_cache, (void)v_cache, (void)block_ids, (void)num_computed, (void)block_size,
+      (void)scale, (void)out;
+  return 2;
+#endif
+}
+
+// Tasks [t_begin, t_end) of one row on the calling thread (model_step.cpp's threads share a
+// step's prefill rows task by task).
+template <class T>
+int prefill_attention_tasks(const float* q, int64_t ldq, const T* k_cache, const T* v_cache,
+                            const int64_t* block_ids, int64_t num_computed, int64_t query_len,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim,
+                            int64_t block_size, float scale, float* out, int64_t t_begin,
+                            int64_t t_end) {
+  if (const int rc = check_shape(heads, kv_heads, head_dim, query_len, ldq)) return rc;
+#if defined(__AVX512F__)
+  const Args<T> a{q,         ldq,        k_cache, v_cache, block_ids, num_computed, query_len,
+                  heads,     kv_heads,   head_dim, block_size, scale, out};
+  const int64_t tasks = (query_len + kQB - 1) / kQB * kv_heads;
+  if (t_begin < 0 || t_end > tasks) return 1;
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  const bool amx = runs_on_tiles(a);
+  if (amx) rs::load_tile_config();
+#endif
+  for (int64_t t = t_begin; t < t_end; ++t) run_task(a, t);
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (amx) _tile_release();
+#endif
+  return 0;
+#else
+  (void)q, (void)k_cache, (void)v_cache, (void)block_ids, (void)num_computed, (void)block_size,
+      (void)scale, (void)out, (void)t_begin, (void)t_end;
   return 2;
 #endif
 }
@@ -651,6 +711,35 @@ int rs_paged_prefill_attention(const float* q, int64_t ldq, const float* k_cache
                                int64_t block_size, float scale, float* out, int nthreads) {
   return prefill_attention(q, ldq, k_cache, v_cache, block_ids, num_computed, query_len, heads,
                            kv_heads, head_dim, block_size, scale, out, nthreads);
+}
+
+// Tasks a row of query_len queries splits into (rs_paged_prefill_attention_tasks's range).
+int64_t rs_prefill_attention_num_tasks(int64_t query_len, int64_t kv_heads) {
+#if defined(__AVX512F__)
+  return (query_len + kQB - 1) / kQB * kv_heads;
+#else
+  (void)query_len, (void)kv_heads;
+  return 0;
+#endif
+}
+
+// rs_paged_prefill_attention's tasks [t_begin, t_end) of the row, on the calling thread; a
+// pool of bf16 bits with kv_bf16. Every task writes its own part of out, whichever thread
+// runs it: the row's result is rs_paged_prefill_attention's bit for bit. Codes as there; 1
+// also for a task range outside [0, rs_prefill_attention_num_tasks).
+int rs_paged_prefill_attention_tasks(const float* q, int64_t ldq, const void* k_cache,
+                                     const void* v_cache, int kv_bf16, const int64_t* block_ids,
+                                     int64_t num_computed, int64_t query_len, int64_t heads,
+                                     int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                                     float scale, float* out, int64_t t_begin, int64_t t_end) {
+  if (kv_bf16) {
+    return prefill_attention_tasks(q, ldq, (const uint16_t*)k_cache, (const uint16_t*)v_cache,
+                                   block_ids, num_computed, query_len, heads, kv_heads,
+                                   head_dim, block_size, scale, out, t_begin, t_end);
+  }
+  return prefill_attention_tasks(q, ldq, (const float*)k_cache, (const float*)v_cache,
+                                 block_ids, num_computed, query_len, heads, kv_heads, head_dim,
+                                 block_size, scale, out, t_begin, t_end);
 }
 
 int rs_paged_prefill_attention_bf16(const float* q, int64_t ldq, const uint16_t* k_cache,

@@ -536,4 +536,23 @@ int rs_gemm_bf16_cols(int wtype, const uint8_t* w, int64_t n, int64_t k, const f
 #endif
 }
 
+// rs_gemm_bf16_cols over activations already rounded: xb [m, k] bf16 bits (rows of k, as
+// rs::fp32_to_bf16 rounds them), for a caller whose threads round a step's rows once between
+// them instead of each all of them (model_step.cpp); rows up to m rounded up to 32 readable
+// (zero past m) where AMX tiles may read them. The same results as rs_gemm_bf16_cols.
+int rs_gemm_bf16_cols_xb(int wtype, const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb,
+                         int64_t m, float* y, int64_t ldy, int64_t r_begin, int64_t r_end) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  if (k % QK != 0 || r_begin < 0 || r_end > n) return 1;
+  if (block_bytes(wtype) == 0) return 2;
+  return with_wtype(wtype, [&](auto t) {
+    gemm_bf16<decltype(t)::value>(w, n, k, xb, m, y, ldy, 1, r_begin, r_end);
+  });
+#else
+  (void)wtype, (void)w, (void)n, (void)k, (void)xb, (void)m, (void)y, (void)ldy, (void)r_begin,
+      (void)r_end;
+  return 3;
+#endif
+}
+
 }  // extern "C"

@@ -1,10 +1,11 @@
 """When a Llama step runs its decoder layers in one kernels_cpu call (kernels_cpu/model_step).
 
-The quantized CPU path's decode steps: every linear a QuantizedLinear (the GGUF blocks, or
+The quantized CPU path's steps: every linear a QuantizedLinear (the GGUF blocks, or
 --quantization int8/int4), fp32 activations, one process, the native attention backend,
-and a step whose attention rows are all single-query (decode rows, and the short rows of
-drafts that torch_paged.py splits per token) with at most GEMM_MAX_ROWS tokens (with bf16
-matmuls, fewer than the layers' bf16_min_rows: the call's GEMMs are the fp32 ones). The call
+and a step with at most GEMM_MAX_ROWS tokens (without the bf16 GEMM kernel, fewer than the
+layers' bf16_min_rows) whose attention rows are single-query (decode rows, and the short
+rows of drafts that torch_paged.py splits per token) or, where kernels_cpu's prefill
+attention takes the model's shape (an AVX-512 build), prefill rows as well. The call
 runs the same kernels as the layers' Python in the same order, so its hidden states are the
 Python path's bit for bit (tests/engine_core/worker/test_fused_step.py); it saves the
 interpreter and dispatch time around them (~30% of a single-stream step on this CPU).
@@ -69,7 +70,15 @@ def build(model: LlamaForCausalLM) -> LlamaLayers | None:
         bf16_min_rows=min_rows if bf16_kernel else 0,
     )
     plan.max_rows = min_rows - 1 if bf16 and not bf16_kernel else GEMM_MAX_ROWS
-    logger.info("decoder layers run as one kernels_cpu call on decode steps")
+    # Prefill rows too where kernels_cpu's prefill attention takes the shape (an AVX-512
+    # build), as the Python path's attention then runs it: both paths the same kernels.
+    plan.takes_prefills = ops.prefill_attention_supported(
+        first.num_heads, first.num_kv_heads, first.head_dim
+    )
+    logger.info(
+        "decoder layers run as one kernels_cpu call on decode steps%s",
+        " and prefill steps" if plan.takes_prefills else "",
+    )
     return plan
 
 
@@ -111,10 +120,10 @@ def _why_not(model: LlamaForCausalLM) -> str | None:
 def applies(meta: AttentionMetadata, h: torch.Tensor, plan: LlamaLayers) -> bool:
     """Whether this step's rows fit the one call (see the module's docstring)."""
     return (
-        not meta.prefills
-        and h.dtype == torch.float32
+        h.dtype == torch.float32
         and 0 < h.shape[0] <= plan.max_rows
         and h.is_contiguous()
+        and (not meta.prefills or plan.takes_prefills)
     )
 
 
@@ -127,4 +136,5 @@ def run(
 ) -> torch.Tensor:
     """The final norm's output for the step's embeddings h (overwritten)."""
     groups = [(g.start, g.end, g.block_ids, g.bias_rows) for g in meta.decode_groups]
-    return plan.run(h, kv_caches, meta.slot_mapping, rope[0], rope[1], groups)
+    prefills = [(p.query_start, p.query_len, p.num_computed, p.block_ids) for p in meta.prefills]
+    return plan.run(h, kv_caches, meta.slot_mapping, rope[0], rope[1], groups, prefills)

@@ -49,22 +49,35 @@ def hidden(model, kv, rows, fused: bool):
     return out, bool(calls)
 
 
+def takes_prefills(model) -> bool:
+    """Whether the one call runs steps with prefill rows for this model here: where
+    kernels_cpu's prefill attention takes its shape (an AVX-512 build)."""
+    attn = model.layers[0].self_attn
+    return ops.prefill_attention_supported(attn.num_heads, attn.num_kv_heads, attn.head_dim)
+
+
 def check_steps(model, steps) -> None:
-    """Run each step on two caches, fused and op by op: the same hidden states and caches."""
-    kv_fused, kv_ops = new_kv_cache(model, 96), new_kv_cache(model, 96)
-    for rows, expect_fused in steps:
+    """Run each step on two caches, fused and op by op: the same hidden states and caches.
+    A step's flag: True for single-query rows only (always fused), False for one with
+    prefill rows (fused where takes_prefills)."""
+    kv_fused, kv_ops = new_kv_cache(model, 128), new_kv_cache(model, 128)
+    prefills_fused = takes_prefills(model)
+    for rows, single_query in steps:
         got, ran = hidden(model, kv_fused, rows, fused=True)
         want, _ = hidden(model, kv_ops, rows, fused=False)
-        assert ran == expect_fused, [(len(t), c) for t, c, _ in rows]
+        assert ran == (single_query or prefills_fused), [(len(t), c) for t, c, _ in rows]
         assert torch.equal(got, want)
         assert torch.equal(kv_fused, kv_ops)
     assert torch.isfinite(got).all() and got.abs().max() > 0  # something real was computed
 
 
 def steps_over(rng, vocab: int):
-    """Prefills (op by op), then decode steps of 1 row (over 40 keys, and over 71: a single
-    row's keys split in two parts, merged) and of 11 rows (two decode groups), a verify step
-    (decode rows + a row of 1 + 5 drafts), and a step with a long prefill (op by op)."""
+    """Prefills, then decode steps of 1 row (over 40 keys, and over 71: a single row's keys
+    split in two parts, merged) and of 11 rows (two decode groups), a verify step (decode
+    rows + a row of 1 + 5 drafts), a step with a long prefill, a first chunk, and a step of
+    decode rows, that chunk's second one (after its 24 cached tokens), a short row of 4
+    drafts (attended as single-query rows) and a new prompt.
+    (rows, True) for a step of single-query rows, (rows, False) for one with prefill rows."""
 
     def seq(rng, n: int) -> list[int]:
         return [int(t) for t in rng.integers(0, vocab, n)]
@@ -88,6 +101,16 @@ def steps_over(rng, vocab: int):
     steps.append((verify, True))
     mixed = [(seq(rng, 1), a[1] + 3, blocks(a[0], a[1] + 4)), (seq(rng, 36), 0, blocks(60, 36))]
     steps.append((mixed, False))
+    d = blocks(70, 24 + 40)  # a prompt of 64 tokens in two chunks
+    steps.append(([(seq(rng, 24), 0, d)], False))
+    chunks = [
+        (seq(rng, 1), a[1] + 4, blocks(a[0], a[1] + 5)),
+        (seq(rng, 1), c[1] + 1, blocks(c[0], c[1] + 2)),
+        (seq(rng, 40), 24, d),
+        (seq(rng, 4), b[1] + 7, blocks(b[0], b[1] + 11)),  # a short row: a group after a prefill
+        (seq(rng, 50), 0, blocks(112, 50)),
+    ]
+    steps.append((chunks, False))
     return steps
 
 
@@ -132,9 +155,9 @@ def test_the_one_call_step_does_not_depend_on_the_thread_count():
     # and meet at barriers: every value is one thread's work, whichever thread.
     model = load()
     steps = steps_over(np.random.default_rng(1), model.config.vocab_size)
-    prefills = [rows for rows, fused in steps if not fused][:3]
-    decodes = [rows for rows, fused in steps if fused]
-    kv = new_kv_cache(model, 96)
+    prefills = [rows for rows, single_query in steps if not single_query][:3]
+    later = [rows for rows, _ in steps[3:]]
+    kv = new_kv_cache(model, 128)
     for rows in prefills:
         hidden(model, kv, rows, fused=True)
     threads = torch.get_num_threads()
@@ -143,10 +166,12 @@ def test_the_one_call_step_does_not_depend_on_the_thread_count():
         torch.set_num_threads(n)
         try:
             kv_n = kv.clone()
-            outs = [hidden(model, kv_n, rows, fused=True) for rows in decodes]
+            outs = [hidden(model, kv_n, rows, fused=True) for rows in later]
         finally:
             torch.set_num_threads(threads)
-        assert all(ran for _, ran in outs)
+        assert [ran for _, ran in outs] == [
+            single_query or takes_prefills(model) for _, single_query in steps[3:]
+        ]
         results.append(([h for h, _ in outs], kv_n))
     (one, kv_one), (many, kv_many) = results
     assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
@@ -169,10 +194,10 @@ def test_bf16_matmuls_and_a_bf16_cache_are_bit_identical(monkeypatch):
     steps.insert(-1, (wide, True))
     kv_fused = new_kv_cache(model, 128).bfloat16()
     kv_ops = kv_fused.clone()
-    for rows, expect_fused in steps:
+    for rows, single_query in steps:
         got, ran = hidden(model, kv_fused, rows, fused=True)
         want, _ = hidden(model, kv_ops, rows, fused=False)
-        assert ran == expect_fused
+        assert ran == (single_query or takes_prefills(model))
         assert torch.equal(got, want)
         assert torch.equal(kv_fused, kv_ops)
     assert kv_fused.float().abs().max() > 0
