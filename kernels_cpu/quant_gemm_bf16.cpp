@@ -515,31 +515,12 @@ int rs_gemm_bf16_q8_panels(const uint8_t* panels, int64_t n, int64_t k, const fl
 #endif
 }
 
-// The same product's output columns [r_begin, r_end) only, on the calling thread (which
-// rounds all of x for itself): for model_step.cpp's threads, each with its own columns.
-// Columns split in multiples of 32 give each thread whole panels, and the results of
-// rs_gemm_bf16 bit for bit.
-int rs_gemm_bf16_cols(int wtype, const uint8_t* w, int64_t n, int64_t k, const float* x,
-                      int64_t m, int64_t ldx, float* y, int64_t ldy, int64_t r_begin,
-                      int64_t r_end) {
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
-  if (k % QK != 0 || r_begin < 0 || r_end > n) return 1;
-  if (block_bytes(wtype) == 0) return 2;
-  uint16_t* xb = bf16_rows(x, m, k, ldx, 1);
-  return with_wtype(wtype, [&](auto t) {
-    gemm_bf16<decltype(t)::value>(w, n, k, xb, m, y, ldy, 1, r_begin, r_end);
-  });
-#else
-  (void)wtype, (void)w, (void)n, (void)k, (void)x, (void)m, (void)ldx, (void)y, (void)ldy,
-      (void)r_begin, (void)r_end;
-  return 3;
-#endif
-}
-
-// rs_gemm_bf16_cols over activations already rounded: xb [m, k] bf16 bits (rows of k, as
-// rs::fp32_to_bf16 rounds them), for a caller whose threads round a step's rows once between
-// them instead of each all of them (model_step.cpp); rows up to m rounded up to 32 readable
-// (zero past m) where AMX tiles may read them. The same results as rs_gemm_bf16_cols.
+// The same product's output columns [r_begin, r_end) only, on the calling thread, over
+// activations already rounded: xb [m, k] bf16 bits (rows of k, as rs::fp32_to_bf16 rounds
+// them; rows up to m rounded up to 32 readable, zero past m, where AMX tiles may read them).
+// For model_step.cpp, whose threads round a step's rows once between them and then each
+// take their own columns: split in multiples of 32, each thread has whole panels, and the
+// results are rs_gemm_bf16's bit for bit.
 int rs_gemm_bf16_cols_xb(int wtype, const uint8_t* w, int64_t n, int64_t k, const uint16_t* xb,
                          int64_t m, float* y, int64_t ldy, int64_t r_begin, int64_t r_end) {
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
