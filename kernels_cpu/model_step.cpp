@@ -175,9 +175,10 @@ inline void share(int64_t n, int64_t chunk, int t, int nth, int64_t& begin, int6
 extern "C" {
 
 // h [tokens, hidden]: the step's embeddings in, the final norm's output out (in place).
-// kv: [layers, 2, blocks, block_size, kv_heads, head_dim] fp32 (bf16 with m->kv_bf16); slots [tokens]; cos/sin
-// [tokens, head_dim / 2]; every token in one group or prefill row (the caller checks). 0 on success; -1 a bad shape, 2 a weight type the GEMM does not take
-// or a prefill shape the kernel does not (all checked before any work), 1 a kernel that
+// kv: [layers, 2, blocks, block_size, kv_heads, head_dim] fp32 (bf16 with m->kv_bf16);
+// slots [tokens]; cos/sin [tokens, head_dim / 2]; every token in one group or prefill row
+// (the caller checks). 0 on success; -1 a bad shape, 2 a weight type the GEMM does not take
+// or a build without the prefill kernel (both checked before any work), 1 a kernel that
 // refused its arguments.
 int rs_llama_layers(const Model* m, float* h, int64_t tokens, void* kv, int64_t kv_blocks,
                     const int64_t* slots, const float* cos, const float* sin, const Group* groups,

@@ -151,8 +151,9 @@ class LlamaLayers:
         self.hidden, self.kv_width = hidden, kv_heads * head_dim
         # Steps of more rows run op by op (engine_core/models/fused_step.py sets it).
         self.max_rows = 1 << 30
-        # Whether steps with prefill rows run here too (fused_step.py sets it).
-        self.takes_prefills = False
+        # Whether steps with prefill rows run here too: where kernels_cpu's prefill attention
+        # takes the model's shape (an AVX-512 build).
+        self.takes_prefills = ops.prefill_attention_supported(heads, kv_heads, head_dim)
         self.head_dim, self.num_layers, self.heads = head_dim, len(layers), heads
 
     def run(
@@ -198,9 +199,7 @@ class LlamaLayers:
                 raise ValueError(f"cos/sin must be contiguous [{tokens}, {self.head_dim // 2}].")
         block_size = self._model.block_size = kv.shape[3]
         self._model.kv_bf16 = int(bf16_kv)
-        if prefills and not ops.prefill_attention_supported(
-            self.heads, self.kv_width // self.head_dim, self.head_dim
-        ):
+        if prefills and not self.takes_prefills:
             raise ValueError("prefill rows need kernels_cpu's prefill attention for this shape.")
         rows = np.empty((len(groups), _GROUP_FIELDS), dtype=np.int64)
         spans = []  # every row's tokens [start, end): together they must be [0, T)

@@ -562,12 +562,17 @@ bool runs_on_tiles(const Args<T>& a) {
 }
 #endif
 
-// Task t of a row's (query_len + kQB - 1) / kQB * kv_heads: the later query blocks (more
-// keys) first, so that dynamic scheduling ends on the short ones. On tiles the calling
-// thread has loaded rs::load_tile_config.
+// Tasks of a row: a block of kQB queries of a KV head each.
+inline int64_t num_tasks(int64_t query_len, int64_t kv_heads) {
+  return (query_len + kQB - 1) / kQB * kv_heads;
+}
+
+// Task t of a row's num_tasks: the later query blocks (more keys) first, so that dynamic
+// scheduling ends on the short ones. On tiles the calling thread has loaded
+// rs::load_tile_config.
 template <class T>
 void run_task(const Args<T>& a, int64_t t) {
-  const int64_t qblocks = (a.query_len + kQB - 1) / kQB;
+  const int64_t qblocks = num_tasks(a.query_len, 1);
   const int64_t qb = qblocks - 1 - t / a.kv_heads, g = t % a.kv_heads;
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if constexpr (std::is_same_v<T, uint16_t>) {
@@ -612,7 +617,7 @@ int prefill_attention(const float* q, int64_t ldq, const T* k_cache, const T* v_
 #if defined(__AVX512F__)
   const Args<T> a{q,         ldq,        k_cache, v_cache, block_ids, num_computed, query_len,
                   heads,     kv_heads,   head_dim, block_size, scale, out};
-  const int64_t tasks = (query_len + kQB - 1) / kQB * kv_heads;
+  const int64_t tasks = num_tasks(query_len, kv_heads);
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
   const bool amx = runs_on_tiles(a);
 #endif
@@ -648,7 +653,7 @@ int prefill_attention_tasks(const float* q, int64_t ldq, const T* k_cache, const
 #if defined(__AVX512F__)
   const Args<T> a{q,         ldq,        k_cache, v_cache, block_ids, num_computed, query_len,
                   heads,     kv_heads,   head_dim, block_size, scale, out};
-  const int64_t tasks = (query_len + kQB - 1) / kQB * kv_heads;
+  const int64_t tasks = num_tasks(query_len, kv_heads);
   if (t_begin < 0 || t_end > tasks) return 1;
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
   const bool amx = runs_on_tiles(a);
@@ -716,7 +721,7 @@ int rs_paged_prefill_attention(const float* q, int64_t ldq, const float* k_cache
 // Tasks a row of query_len queries splits into (rs_paged_prefill_attention_tasks's range).
 int64_t rs_prefill_attention_num_tasks(int64_t query_len, int64_t kv_heads) {
 #if defined(__AVX512F__)
-  return (query_len + kQB - 1) / kQB * kv_heads;
+  return num_tasks(query_len, kv_heads);
 #else
   (void)query_len, (void)kv_heads;
   return 0;

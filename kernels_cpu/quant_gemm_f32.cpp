@@ -98,17 +98,13 @@ void dot_row_f32(const uint8_t* w, int64_t nb, const float* const* xs, const flo
       dequant_block8x4<WType>(w, b, q);
       for (int t = 0; t < MT; ++t) {
         const float* x = xs[t] + b * QK;
-        if constexpr (MT >= 6) {  // one chain a row: MT chains are enough, and fit
-          acc0[t] = _mm256_fmadd_ps(q[0], _mm256_loadu_ps(x), acc0[t]);
-          acc0[t] = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), acc0[t]);
-          acc0[t] = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), acc0[t]);
-          acc0[t] = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), acc0[t]);
-        } else {
-          acc0[t] = _mm256_fmadd_ps(q[0], _mm256_loadu_ps(x), acc0[t]);
-          acc1[t] = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), acc1[t]);
-          acc0[t] = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), acc0[t]);
-          acc1[t] = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), acc1[t]);
-        }
+        // From 6 rows one chain a row (MT chains are enough, and fit): the odd vectors go
+        // to the same accumulator.
+        __m256& odd = MT >= 6 ? acc0[t] : acc1[t];
+        acc0[t] = _mm256_fmadd_ps(q[0], _mm256_loadu_ps(x), acc0[t]);
+        odd = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), odd);
+        acc0[t] = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), acc0[t]);
+        odd = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), odd);
       }
     }
     for (int t = 0; t < MT; ++t) {

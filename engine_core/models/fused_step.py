@@ -70,11 +70,8 @@ def build(model: LlamaForCausalLM) -> LlamaLayers | None:
         bf16_min_rows=min_rows if bf16_kernel else 0,
     )
     plan.max_rows = min_rows - 1 if bf16 and not bf16_kernel else GEMM_MAX_ROWS
-    # Prefill rows too where kernels_cpu's prefill attention takes the shape (an AVX-512
-    # build), as the Python path's attention then runs it: both paths the same kernels.
-    plan.takes_prefills = ops.prefill_attention_supported(
-        first.num_heads, first.num_kv_heads, first.head_dim
-    )
+    # Steps with prefill rows too where kernels_cpu's prefill attention takes the shape
+    # (plan.takes_prefills), as the Python path's attention then runs it.
     logger.info(
         "decoder layers run as one kernels_cpu call on decode steps%s",
         " and prefill steps" if plan.takes_prefills else "",
